@@ -1,0 +1,45 @@
+# TrialSync developer entry points. `make demo` and `make test` are the README's Quick start.
+SHELL := /bin/bash
+VENV  ?= .venv
+BIN   := $(VENV)/bin
+# Python >= 3.12: .python-version selects 3.12 under pyenv; otherwise the first suitable interpreter.
+PYTHON ?= $(shell for p in python3.12 python3.13 python3 python; do \
+            if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; \
+            then command -v $$p; break; fi; done)
+SCALE ?= 0.01
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint stack-up stack-down clean bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@test -n "$(PYTHON)" || { echo "error: Python >= 3.12 not found (install it, or pyenv install 3.12)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	@touch $@
+
+demo: install
+	$(BIN)/trialsync demo --scale $(SCALE)
+
+test: install lint
+	@set +e; $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+lint: install
+	$(BIN)/ruff check .
+
+stack-up: install
+	$(BIN)/trialsync stack up
+
+stack-down: install
+	$(BIN)/trialsync stack down
+
+bench: install
+	$(BIN)/python -m bench.run
+
+clean:
+	-$(BIN)/trialsync stack down
+	rm -rf $(VENV) .trialsync .pytest_cache .ruff_cache

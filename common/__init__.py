@@ -1,0 +1,1 @@
+"""Shared plumbing every TrialSync process uses: config, db, kafka, stack, logging, metrics, cli."""

@@ -1,0 +1,245 @@
+"""The ``trialsync`` command: one typer app composed from each package's commands.
+
+Foundation commands live here (``stack``, ``db``, ``jobs``); each package registers its own
+(``producers/cli.py``: extract; ``consumers/cli.py``: load, replay, transform; ``simulator/cli.py``:
+simulator; ``orchestrator/cli.py``: run, retry, schedule, scheduler, status, history, demo, api,
+doctor). Expected failures (bad config, unknown job, database down...) print one line and exit
+non-zero; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.config import ConfigError, get_settings
+
+app = typer.Typer(
+    name="trialsync", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="TrialSync: Clinical Conductor -> Kafka-API topics -> PostgreSQL 16 warehouse.",
+)
+stack_app = typer.Typer(no_args_is_help=True, help="Embedded PostgreSQL 16 + Kafka-API broker for laptops and CI.")
+db_app = typer.Typer(no_args_is_help=True, help="Warehouse schema: migrations.")
+jobs_app = typer.Typer(no_args_is_help=True, help="The job catalog: sync to the database, list, show.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(db_app, name="db")
+app.add_typer(jobs_app, name="jobs")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class UserError(Exception):
+    """An expected failure: printed as one line, exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from common.db import DatabaseError
+    from common.stack import StackError
+    from schemas.jobs import CatalogError
+
+    return (ConfigError, CatalogError, StackError, DatabaseError, UserError)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+# -- stack ---------------------------------------------------------------------------------------
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start the embedded PostgreSQL and broker (idempotent); print where they listen."""
+    from common import stack
+
+    st = stack.up()
+    _print_stack(stack.status())
+    if st.pg_port is None and st.kafka_port is None:
+        console.print("nothing embedded to start: DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS point elsewhere")
+
+
+@stack_app.command("down")
+def stack_down(purge: Annotated[bool, typer.Option(help="also delete the state directory (all data)")] = False) -> None:
+    """Stop the embedded services."""
+    from common import stack
+
+    stack.down(purge=purge)
+    console.print("embedded stack stopped" + (" and purged" if purge else ""))
+
+
+@stack_app.command("status")
+def stack_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show whether the embedded services run, and where."""
+    from common import stack
+
+    st = stack.status()
+    if as_json:
+        print(json.dumps(st, indent=2))
+    else:
+        _print_stack(st)
+    embedded_down = [k for k, v in st.items() if v["embedded"] and not v["running"]]
+    if embedded_down:
+        raise typer.Exit(3)
+
+
+def _print_stack(st: dict[str, dict[str, object]]) -> None:
+    t = Table(title="TrialSync stack")
+    for col in ("service", "mode", "running", "where"):
+        t.add_column(col)
+    for name, info in st.items():
+        if info["embedded"]:
+            where = f"127.0.0.1:{info['port']}" if info.get("port") else "-"
+            t.add_row(name, "embedded", "yes" if info["running"] else "no", where)
+        else:
+            t.add_row(name, "external", "-", str(info.get("target")))
+    console.print(t)
+
+
+# -- db ------------------------------------------------------------------------------------------
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending migrations in order (safe to run twice or concurrently)."""
+    from common.db import migrate
+
+    applied = migrate()
+    if applied:
+        for m in applied:
+            console.print(f"applied {m.path.name}")
+    else:
+        console.print("database schema is up to date")
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """List migrations and whether each is applied."""
+    from common.db import migration_status
+
+    t = Table(title="migrations")
+    t.add_column("version")
+    t.add_column("name")
+    t.add_column("applied")
+    for m, done in migration_status():
+        t.add_row(f"{m.version:04d}", m.name, "yes" if done else "[yellow]pending[/]")
+    console.print(t)
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+@jobs_app.command("sync")
+def jobs_sync() -> None:
+    """Upsert the catalog (repo file + fixes + config/jobs.yaml) into etl.dw_etl_jobs in one transaction."""
+    from orchestrator.catalog import load_catalog, sync
+
+    catalog = load_catalog()
+    r = sync(catalog)
+    console.print(
+        f"jobs: {len(catalog)} in catalog, {len(catalog.runnable)} active and valid; "
+        f"{r.inserted} inserted, {r.updated} updated, {r.unchanged} unchanged; "
+        f"{len(r.staging_created)} staging tables created"
+    )
+
+
+@jobs_app.command("list")
+def jobs_list(
+    category: Annotated[str | None, typer.Option(help="only this category")] = None,
+    active: Annotated[bool, typer.Option("--active", help="only active and valid jobs")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List jobs from the catalog."""
+    from orchestrator.catalog import load_catalog
+
+    catalog = load_catalog()
+    jobs = catalog.by_category(category) if category else list(catalog)
+    if active:
+        jobs = [j for j in jobs if j.runnable]
+    if as_json:
+        print(json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
+        return
+    t = Table(title=f"{len(jobs)} jobs")
+    for col in ("id", "name", "category", "endpoint", "target table", "state", "params", "incr."):
+        t.add_column(col, overflow="fold")
+    for j in jobs:
+        state = "[green]active[/]" if j.runnable else ("[red]invalid[/]" if not j.is_valid else "[dim]disabled[/]")
+        t.add_row(str(j.id), j.name, j.category, j.endpoint, j.target_table, state,
+                  ",".join(j.parameters) or "-", "yes" if j.supports_incremental else "no")
+    console.print(t)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
+    """Show one job's full configuration, its dependencies and why it was corrected."""
+    from orchestrator.catalog import load_catalog
+
+    catalog = load_catalog()
+    job = catalog.get(job_id)
+    t = Table(title=f"job {job.id}: {job.name}", show_header=False)
+    t.add_column("field", style="bold")
+    t.add_column("value", overflow="fold")
+    for k, v in job.model_dump().items():
+        if v in (None, (), {}, []):
+            continue
+        t.add_row(k, ", ".join(map(str, v)) if isinstance(v, tuple | list) else str(v))
+    t.add_row("incremental (effective)", "yes" if job.supports_incremental else "no")
+    t.add_row("runs after", ", ".join(f"{p} ({catalog.get(p).name})" for p in catalog.parents(job)) or "-")
+    console.print(t)
+
+
+# -- composition ---------------------------------------------------------------------------------
+
+def _register_packages() -> None:
+    import importlib
+
+    for mod in ("simulator.cli", "producers.cli", "consumers.cli", "orchestrator.cli"):
+        module = importlib.import_module(mod)
+        module.register(app)
+
+
+_register_packages()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning expected errors into one red line and an exit code."""
+    from common.logging import setup_logging
+
+    errors = expected_errors()
+    try:
+        get_settings()
+        setup_logging("cli")
+        rv = app(args=argv, standalone_mode=False)
+        # with standalone_mode=False click returns a typer.Exit's code instead of raising it
+        return rv if isinstance(rv, int) else 0
+    except typer.Exit as e:
+        return int(e.exit_code or 0)
+    except errors as e:
+        from common.logging import scrub
+
+        code = getattr(e, "code", 2 if isinstance(e, ConfigError) else 1)
+        err_console.print(f"[bold red]error:[/] {scrub(str(e))}", highlight=False, soft_wrap=True)
+        return int(code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 130
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Database access: connections, a pool, the migrations runner and identifier helpers.
+
+Every table or column name that comes from configuration (a job's ``target_table``, a parameter
+source table) passes :func:`staging_table` / :func:`ident`, which validate it and return a
+``psycopg.sql.Identifier``; no configured name is ever formatted into SQL text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from common.config import Settings, get_settings
+from common.stack import database_dsn
+from schemas.jobs import check_identifier
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+MIGRATIONS_DIR = SQL_DIR / "migrations"
+BRONZE = "bronze"
+SILVER = "silver"
+GOLD = "gold"
+ETL = "etl"
+#: schema search path every TrialSync connection uses, so seed-style unqualified SQL
+#: (``SELECT * FROM dw_etl_jobs``) keeps working for operators.
+SEARCH_PATH = f"{ETL}, {BRONZE}, {SILVER}, {GOLD}, public"
+MIGRATION_LOCK_KEY = 0x7472_6961_6C73  # advisory lock id: 'trials'
+MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class DatabaseError(RuntimeError):
+    """The database is unreachable or refused an operation; the message says which and what to do."""
+
+
+def ident(name: str, what: str = "identifier") -> sql.Identifier:
+    return sql.Identifier(check_identifier(name, what))
+
+
+def staging_table(name: str) -> sql.Composed:
+    """``bronze.<name>`` as a safe, quoted identifier."""
+    return sql.SQL("{}.{}").format(sql.Identifier(BRONZE), ident(name, "staging table name"))
+
+
+def qualified(schema: str, name: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(ident(schema, "schema name"), ident(name, "table name"))
+
+
+def dsn(settings: Settings | None = None) -> str:
+    return database_dsn(settings)
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    conn.execute(sql.SQL("SET search_path TO {}").format(sql.SQL(SEARCH_PATH)))
+    if not conn.autocommit:
+        conn.commit()
+
+
+def connect(settings: Settings | None = None, autocommit: bool = False, connect_timeout: int = 5,
+            application_name: str = "trialsync") -> psycopg.Connection:
+    """One connection with the TrialSync search path; errors become a clear DatabaseError."""
+    try:
+        conn = psycopg.connect(dsn(settings), autocommit=autocommit, connect_timeout=connect_timeout,
+                               application_name=application_name)
+    except psycopg.OperationalError as e:
+        raise DatabaseError(describe_connect_error(e)) from None
+    _configure(conn)
+    return conn
+
+
+def describe_connect_error(e: Exception) -> str:
+    """One line for a failed connection, without the DSN (it may hold a password)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    msg = re.sub(r"postgres(ql)?://\S+", "<dsn>", msg)
+    return (f"cannot connect to PostgreSQL ({msg}): start it with `trialsync stack up`, "
+            "or check DATABASE_URL / DATABASE_HOST and that the server accepts connections")
+
+
+def make_pool(settings: Settings | None = None, min_size: int = 1, max_size: int | None = None,
+              name: str = "trialsync") -> ConnectionPool:
+    s = settings or get_settings()
+    pool = ConnectionPool(
+        dsn(s), min_size=min_size, max_size=max_size or s.database_pool_size, name=name,
+        configure=_configure, open=False, kwargs={"application_name": name},
+        reconnect_timeout=60,
+    )
+    pool.open(wait=False)
+    return pool
+
+
+@contextmanager
+def transaction(settings: Settings | None = None) -> Iterator[psycopg.Connection]:
+    conn = connect(settings)
+    try:
+        with conn.transaction():
+            yield conn
+    finally:
+        conn.close()
+
+
+# -- migrations ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+def discover_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    out: list[Migration] = []
+    seen: dict[int, str] = {}
+    for p in sorted(directory.glob("*.sql")):
+        m = MIGRATION_RE.match(p.name)
+        if not m:
+            raise DatabaseError(f"migration file {p.name} does not match NNNN_name.sql")
+        v = int(m.group(1))
+        if v in seen:
+            raise DatabaseError(f"two migrations share version {v:04d}: {seen[v]} and {p.name}")
+        seen[v] = p.name
+        out.append(Migration(v, m.group(2), p))
+    return out
+
+
+def migrate(settings: Settings | None = None, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """Apply pending migrations in order, each in its own transaction; return those applied.
+
+    Safe to run twice and concurrently: a session advisory lock serializes runners, and
+    ``etl.schema_migrations`` records what is applied (with a checksum, so an edited migration
+    is reported instead of silently skipped).
+    """
+    migrations = discover_migrations(directory)
+    applied: list[Migration] = []
+    with connect(settings, autocommit=True, application_name="trialsync-migrate") as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        try:
+            conn.execute("CREATE SCHEMA IF NOT EXISTS etl")
+            conn.execute(
+                """CREATE TABLE IF NOT EXISTS etl.schema_migrations (
+                        version integer PRIMARY KEY,
+                        name text NOT NULL,
+                        checksum text NOT NULL,
+                        applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            done = {v: c for v, c in conn.execute("SELECT version, checksum FROM etl.schema_migrations")}
+            for m in migrations:
+                if m.version in done:
+                    if done[m.version] != m.checksum:
+                        raise DatabaseError(
+                            f"migration {m.path.name} changed after it was applied: add a new migration instead of editing it"
+                        )
+                    continue
+                t0 = time.monotonic()
+                try:
+                    with conn.transaction():
+                        conn.execute(m.path.read_text(encoding="utf-8"))  # type: ignore[arg-type]  # trusted repo file
+                        conn.execute(
+                            "INSERT INTO etl.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                            (m.version, m.name, m.checksum),
+                        )
+                except psycopg.Error as e:
+                    raise DatabaseError(f"migration {m.path.name} failed: {str(e).strip().splitlines()[0]}") from None
+                _ = time.monotonic() - t0
+                applied.append(m)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+    return applied
+
+
+def migration_status(settings: Settings | None = None) -> list[tuple[Migration, bool]]:
+    migrations = discover_migrations()
+    with connect(settings, autocommit=True) as conn:
+        exists = conn.execute("SELECT to_regclass('etl.schema_migrations')").fetchone()[0]  # type: ignore[index]
+        done = set()
+        if exists:
+            done = {v for (v,) in conn.execute("SELECT version FROM etl.schema_migrations")}
+    return [(m, m.version in done) for m in migrations]
+
+
+def ensure_staging_tables(conn: psycopg.Connection, tables: list[str]) -> list[str]:
+    """Create missing staging tables (``etl.create_staging_table``); return the ones created."""
+    created = []
+    for t in tables:
+        check_identifier(t, "staging table name")
+        row = conn.execute("SELECT etl.create_staging_table(%s)", (t,)).fetchone()
+        if row and row[0]:
+            created.append(t)
+    return created

@@ -1,0 +1,175 @@
+"""Broker plumbing shared by producers and consumers: topic names, client configs, topic creation.
+
+Topic layout (prefix from KAFKA_TOPIC_PREFIX, default ``trialsync``):
+
+* ``<prefix>.bronze.<target_table>`` -- one per staging table, key = source_id, value = raw record
+  (orjson bytes), null value = tombstone;
+* ``<prefix>.control.runs`` -- ``run_started`` / ``run_finished`` (schemas/messages.py), key = run id;
+* ``<prefix>.state.watermarks`` -- compacted, key = ``<job_id>:<parent_key>``;
+* ``<prefix>.dlq.<target_table>`` -- records the loader could not load, error in headers.
+
+Note on the embedded tansu broker: ListOffsets (``get_watermark_offsets(cached=False)``) can
+report stale high watermarks; fetch responses (partition EOF, cached watermarks) are right. So the
+end of a run is the producer's own delivery reports (last offset per partition, carried in
+``run_finished``), never a ListOffsets call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from common.config import Settings, get_settings
+from common.stack import bootstrap_servers
+from schemas.jobs import check_identifier
+
+# -- record headers (bytes on the wire, names stable: dashboards and the DLQ depend on them) ------
+H_JOB_ID = "ts-job-id"
+H_RUN_ID = "ts-run-id"
+H_INSTANCE = "ts-instance-id"
+H_EXTRACTED_AT = "ts-extracted-at"
+H_PARAMS = "ts-params"
+H_MODIFIED_AT = "ts-modified-at"
+H_ERROR = "ts-error"
+H_ERROR_CLASS = "ts-error-class"
+H_SRC_TOPIC = "ts-src-topic"
+H_SRC_PARTITION = "ts-src-partition"
+H_SRC_OFFSET = "ts-src-offset"
+
+
+def topic_prefix(settings: Settings | None = None) -> str:
+    return (settings or get_settings()).kafka_topic_prefix
+
+
+def bronze_topic(table: str, settings: Settings | None = None) -> str:
+    return f"{topic_prefix(settings)}.bronze.{check_identifier(table, 'staging table name')}"
+
+
+def dlq_topic(table: str, settings: Settings | None = None) -> str:
+    return f"{topic_prefix(settings)}.dlq.{check_identifier(table, 'staging table name')}"
+
+
+def control_topic(settings: Settings | None = None) -> str:
+    return f"{topic_prefix(settings)}.control.runs"
+
+
+def watermark_topic(settings: Settings | None = None) -> str:
+    return f"{topic_prefix(settings)}.state.watermarks"
+
+
+def bronze_topic_regex(settings: Settings | None = None) -> str:
+    """Subscription regex (librdkafka: leading ^) matching every bronze topic."""
+    return "^" + re.escape(topic_prefix(settings) + ".bronze.") + r"[a-z_][a-z0-9_]*$"
+
+
+def table_of_topic(topic: str, settings: Settings | None = None) -> str | None:
+    """The staging table a bronze topic feeds, or None when the topic is not a bronze topic."""
+    pre = topic_prefix(settings) + ".bronze."
+    if not topic.startswith(pre):
+        return None
+    name = topic[len(pre):]
+    try:
+        return check_identifier(name)
+    except ValueError:
+        return None
+
+
+# -- client configs ------------------------------------------------------------------------------
+
+def _base(settings: Settings) -> dict[str, Any]:
+    return {"bootstrap.servers": bootstrap_servers(settings), "client.id": "trialsync"}
+
+
+def producer_config(settings: Settings | None = None, **extra: Any) -> dict[str, Any]:
+    """Idempotent, batched, compressed: retries never duplicate or reorder within a partition."""
+    s = settings or get_settings()
+    cfg = {
+        **_base(s),
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 20,
+        "batch.num.messages": 10000,
+        "batch.size": 1_000_000,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 500_000,
+        "queue.buffering.max.kbytes": 512 * 1024,
+        "message.timeout.ms": 300_000,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def consumer_config(group_id: str, settings: Settings | None = None, **extra: Any) -> dict[str, Any]:
+    """Manual commits only: offsets move after the database commit, never before."""
+    s = settings or get_settings()
+    cfg = {
+        **_base(s),
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": s.kafka_session_timeout_ms,
+        "heartbeat.interval.ms": max(500, s.kafka_session_timeout_ms // 3),
+        "max.poll.interval.ms": 300_000,
+        "fetch.max.bytes": 52_428_800,
+        "max.partition.fetch.bytes": 10_485_760,
+        "topic.metadata.refresh.interval.ms": 5000,
+        "partition.assignment.strategy": "cooperative-sticky",
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def admin_client(settings: Settings | None = None):  # -> AdminClient
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient(_base(settings or get_settings()))
+
+
+def ensure_topics(names: Iterable[str], settings: Settings | None = None, partitions: int | None = None,
+                  compacted: Iterable[str] = (), timeout: float = 15.0) -> list[str]:
+    """Create the topics that do not exist yet; return those created. Existing topics are left alone."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import NewTopic
+
+    s = settings or get_settings()
+    admin = admin_client(s)
+    wanted = sorted(set(names))
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    compacted = set(compacted)
+    new = [
+        NewTopic(
+            t,
+            num_partitions=1 if t in compacted else (partitions or s.kafka_partitions),
+            replication_factor=s.kafka_replication_factor,
+            config={"cleanup.policy": "compact"} if t in compacted else {},
+        )
+        for t in wanted if t not in existing
+    ]
+    if not new:
+        return []
+    created = []
+    for topic, fut in admin.create_topics(new, operation_timeout=timeout).items():
+        try:
+            fut.result()
+            created.append(topic)
+        except KafkaException as e:
+            if e.args and e.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise
+    return created
+
+
+def ensure_system_topics(settings: Settings | None = None) -> list[str]:
+    s = settings or get_settings()
+    return ensure_topics([control_topic(s), watermark_topic(s)], s, compacted=[watermark_topic(s)])
+
+
+def describe_broker_error(e: Exception, settings: Settings | None = None) -> str:
+    try:
+        where = bootstrap_servers(settings)
+    except Exception:  # noqa: BLE001 - best effort for an error message
+        where = "(not configured)"
+    return (f"broker at {where} is not reachable ({e}): start it with `trialsync stack up` "
+            "or check KAFKA_BOOTSTRAP_SERVERS")

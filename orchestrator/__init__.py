@@ -1,0 +1,1 @@
+"""Orchestration: catalog sync, dependency-aware runs, schedules, retries, status, alerts, the demo."""

@@ -1,0 +1,1 @@
+"""Pydantic models of jobs, messages and configuration files."""

@@ -1,0 +1,1 @@
+"""A spec-driven Clinical Conductor stand-in with faults on demand."""

@@ -1,0 +1,65 @@
+"""Settings only the orchestrator reads, beside the shared ones in ``common.config``.
+
+Why a separate model: the seed's ``ETL_*`` names (parallel jobs, retries, timeouts) are shared by
+every process and live in ``common.config``; the knobs below matter only to ``run``, the
+scheduler, alerting and the demo, so they stay here and do not grow the shared model. Same
+behaviour as the shared settings: environment / ``.env``, one-line error for a bad value.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.config import ConfigError
+
+
+class OrchestratorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      case_sensitive=False, validate_default=True)
+
+    #: how long a job's children wait for its records to be loaded before they are skipped
+    etl_load_timeout_seconds: float = Field(default=1800.0, gt=0)
+    #: ceiling of the exponential retry delay (ETL_RETRY_DELAY_SECONDS * 2^(attempt-1))
+    etl_retry_max_delay_seconds: float = Field(default=600.0, ge=0)
+    #: concurrent requests inside one parameterized (fan-out) job; 0 = ETL_PARALLEL_JOBS
+    etl_fanout_workers: int = Field(default=0, ge=0, le=256)
+    #: concurrent requests inside one plain job; 0 = ETL_PARALLEL_JOBS
+    etl_plain_workers: int = Field(default=2, ge=0, le=256)
+    #: extra seconds after a job's timeout before its process is killed (it gets the chance to
+    #: stop itself and record what it did first)
+    etl_timeout_grace_seconds: float = Field(default=15.0, ge=0, le=600)
+    #: scheduler: a fire time missed by at most this much (scheduler down, machine asleep) is run
+    #: once when the scheduler is back; older misses are skipped and logged
+    scheduler_misfire_grace_seconds: int = Field(default=3600, ge=1)
+    #: scheduler: cron expressions are evaluated in this time zone
+    scheduler_timezone: str = "UTC"
+    #: scheduler: how often schedules are re-read from etl.dw_etl_jobs (and alerts evaluated)
+    scheduler_refresh_seconds: float = Field(default=30.0, gt=0)
+    #: scheduler: fires arriving within this window are merged into one orchestration, so a
+    #: shared parent runs once
+    scheduler_coalesce_seconds: float = Field(default=2.0, ge=0)
+    #: alerts: seconds to wait for an SMTP server / Slack webhook
+    alert_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: alerts: prefix of every subject line
+    alert_subject_prefix: str = "[TrialSync]"
+
+
+def load_orchestrator_settings(**overrides: object) -> OrchestratorSettings:
+    try:
+        return OrchestratorSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]).upper() if err["loc"] else "settings"
+        raise ConfigError(f"invalid setting {name}={err.get('input')!r}: {err['msg']}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_orchestrator_settings() -> OrchestratorSettings:
+    return load_orchestrator_settings()
+
+
+def reset_orchestrator_settings() -> None:
+    get_orchestrator_settings.cache_clear()

@@ -242,4 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m common.cli`: run the copy imported as `common.cli`, whose error classes are the ones
+    # every package raises (this module's own `__main__` copy has distinct UserError/... classes)
+    from common.cli import main as _main
+
+    sys.exit(_main())

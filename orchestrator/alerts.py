@@ -260,55 +260,49 @@ def evaluate(conn: psycopg.Connection, channels: list[Channel], settings: Settin
     out: list[Delivery] = []
     for c in conds:
         with conn.transaction():
+            # make sure the row exists, then lock it: concurrent evaluators serialize on the lock
+            conn.execute(
+                """INSERT INTO etl.dw_alert_state (alert_key, kind, subject, state) VALUES (%s, %s, %s, 'ok')
+                   ON CONFLICT (alert_key) DO NOTHING""", (c.key, c.kind, c.subject[:255]))
             row = conn.execute(
                 """SELECT state, streak_started_at, failures, last_event, alerted_at, pending_kind, pending_channels
                      FROM etl.dw_alert_state WHERE alert_key = %s FOR UPDATE""", (c.key,)).fetchone()
+            assert row is not None
             msg: Message | None = None
             targets = [ch.name for ch in channels]
-            if row is None:
+            state, since, failures, last_event, alerted_at, pending_kind, pending = row
+            if c.failing and state == "ok":
                 conn.execute(
-                    """INSERT INTO etl.dw_alert_state (alert_key, kind, subject, state, streak_started_at, failures,
-                                                       last_event, last_error)
-                       VALUES (%s, %s, %s, %s, CASE WHEN %s THEN now() END, %s, %s, %s)
-                       ON CONFLICT (alert_key) DO NOTHING""",
-                    (c.key, c.kind, c.subject[:255], "failing" if c.failing else "ok", c.failing, int(c.failing),
-                     c.event[:100], clean(c.error, secrets) if c.failing else None))
-                if c.failing:
-                    msg = failure_message(c, o.alert_subject_prefix, secrets)
-            else:
-                state, since, failures, last_event, alerted_at, pending_kind, pending = row
-                if c.failing and state == "ok":
+                    """UPDATE etl.dw_alert_state SET state = 'failing', streak_started_at = now(), failures = 1,
+                              last_event = %s, last_error = %s, pending_kind = NULL, pending_channels = '{}',
+                              alerted_at = NULL, updated_at = now() WHERE alert_key = %s""",
+                    (c.event[:100], clean(c.error, secrets), c.key))
+                msg = failure_message(c, o.alert_subject_prefix, secrets)
+            elif c.failing:
+                if c.event != last_event:
                     conn.execute(
-                        """UPDATE etl.dw_alert_state SET state = 'failing', streak_started_at = now(), failures = 1,
-                                  last_event = %s, last_error = %s, pending_kind = NULL, pending_channels = '{}',
+                        """UPDATE etl.dw_alert_state SET failures = failures + 1, last_event = %s, last_error = %s,
                                   updated_at = now() WHERE alert_key = %s""",
                         (c.event[:100], clean(c.error, secrets), c.key))
+                if pending_kind == "failure" and pending:
                     msg = failure_message(c, o.alert_subject_prefix, secrets)
-                elif c.failing:
-                    if c.event != last_event:
-                        conn.execute(
-                            """UPDATE etl.dw_alert_state SET failures = failures + 1, last_event = %s, last_error = %s,
-                                      updated_at = now() WHERE alert_key = %s""",
-                            (c.event[:100], clean(c.error, secrets), c.key))
-                    if pending_kind == "failure" and pending:
-                        msg = failure_message(c, o.alert_subject_prefix, secrets)
-                        targets = [t for t in targets if t in pending]
-                elif state == "failing":
-                    conn.execute(
-                        """UPDATE etl.dw_alert_state SET state = 'ok', recovered_at = now(), last_event = %s,
-                                  last_error = NULL, pending_kind = NULL, pending_channels = '{}', updated_at = now()
-                           WHERE alert_key = %s""", (c.event[:100], c.key))
-                    if alerted_at is not None:
-                        msg = recovery_message(c, int(failures), since, o.alert_subject_prefix)
-                    else:
-                        log.info("alert_streak_ended_unsent", key=c.key)
+                    targets = [t for t in targets if t in pending]
+            elif state == "failing":
+                conn.execute(
+                    """UPDATE etl.dw_alert_state SET state = 'ok', recovered_at = now(), last_event = %s,
+                              last_error = NULL, pending_kind = NULL, pending_channels = '{}', updated_at = now()
+                       WHERE alert_key = %s""", (c.event[:100], c.key))
+                if alerted_at is not None:
+                    msg = recovery_message(c, int(failures), since, o.alert_subject_prefix)
                 else:
-                    if c.event != last_event:
-                        conn.execute("UPDATE etl.dw_alert_state SET last_event = %s, updated_at = now() "
-                                     "WHERE alert_key = %s", (c.event[:100], c.key))
-                    if pending_kind == "recovery" and pending:
-                        msg = recovery_message(c, int(failures), since, o.alert_subject_prefix)
-                        targets = [t for t in targets if t in pending]
+                    log.info("alert_streak_ended_unsent", key=c.key)
+            else:
+                if c.event != last_event:
+                    conn.execute("UPDATE etl.dw_alert_state SET last_event = %s, updated_at = now() "
+                                 "WHERE alert_key = %s", (c.event[:100], c.key))
+                if pending_kind == "recovery" and pending:
+                    msg = recovery_message(c, int(failures), since, o.alert_subject_prefix)
+                    targets = [t for t in targets if t in pending]
             if msg is None:
                 continue
             sent, failed = [], []

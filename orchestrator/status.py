@@ -125,20 +125,32 @@ def styled(status: str | None) -> str:
     return f"[{color}]{st}[/]" if color else st
 
 
-def status_table(rows: list[dict[str, Any]]) -> Table:
+def status_table(rows: list[dict[str, Any]], width: int = 200) -> Table:
+    """All jobs; on a narrow console (< 130 columns) without the start and next-fire times."""
+    wide = width >= 130
     t = Table(title=f"TrialSync jobs ({len(rows)})", title_justify="left")
-    for col, kw in (("job", {"justify": "right"}), ("name", {}), ("last run", {"justify": "right"}), ("state", {}),
-                    ("started (UTC)", {}), ("extracted", {"justify": "right"}), ("loaded", {"justify": "right"}),
-                    ("duration", {"justify": "right"}), ("lag", {"justify": "right"}), ("next fire (UTC)", {})):
+    cols: list[tuple[str, dict[str, Any]]] = [("job", {"justify": "right"}), ("name", {"no_wrap": True}),
+                                              ("last run", {"justify": "right"}), ("state", {"no_wrap": True})]
+    if wide:
+        cols.append(("started (UTC)", {}))
+    cols += [("extracted", {"justify": "right"}), ("loaded", {"justify": "right"}),
+             ("duration", {"justify": "right"}), ("lag", {"justify": "right"})]
+    if wide:
+        cols.append(("next fire (UTC)", {}))
+    for col, kw in cols:
         t.add_column(col, **kw)
     for r in rows:
         state = styled(r["state"])
         if r["state"] in ("success", "partial") and r["loaded"] is False:
             state += " [dim](loading)[/]"
-        t.add_row(str(r["job_id"]), r["name"], str(r["last_run_id"] or "-"), state, fmt_time(r["started_at"]),
-                  fmt_int(r["records_extracted"]), fmt_int(r["records_loaded"]), fmt_duration(r["duration_seconds"]),
-                  fmt_duration(r["lag_seconds"]) if r["lag_seconds"] is not None else "[dim]never[/]",
-                  fmt_time(r["next_fire_at"]) if r["next_fire_at"] else "-")
+        cells = [str(r["job_id"]), r["name"], str(r["last_run_id"] or "-"), state]
+        if wide:
+            cells.append(fmt_time(r["started_at"]))
+        cells += [fmt_int(r["records_extracted"]), fmt_int(r["records_loaded"]), fmt_duration(r["duration_seconds"]),
+                  fmt_duration(r["lag_seconds"]) if r["lag_seconds"] is not None else "[dim]never[/]"]
+        if wide:
+            cells.append(fmt_time(r["next_fire_at"]) if r["next_fire_at"] else "-")
+        t.add_row(*cells)
     return t
 
 
@@ -169,16 +181,20 @@ def job_detail_table(r: dict[str, Any]) -> Table:
 
 def history_table(job_id: int, name: str, rows: list[dict[str, Any]]) -> Table:
     t = Table(title=f"job {job_id} ({name}): last {len(rows)} runs", title_justify="left")
-    for col, kw in (("run", {"justify": "right"}), ("started (UTC)", {}), ("state", {}), ("mode", {}),
-                    ("trigger", {}), ("try", {"justify": "right"}), ("extracted", {"justify": "right"}),
-                    ("loaded", {"justify": "right"}), ("duration", {"justify": "right"}),
-                    ("error", {"overflow": "fold", "max_width": 60})):
+    for col, kw in (("run", {"justify": "right"}), ("started (UTC)", {}), ("state", {}),
+                    ("mode / trigger / try", {}), ("extracted", {"justify": "right"}),
+                    ("loaded", {"justify": "right"}), ("duration", {"justify": "right"})):
         t.add_column(col, **kw)
     for r in rows:
-        t.add_row(str(r["run_id"]), fmt_time(r["started_at"]), styled(r["status"]), r["mode"], r["trigger"],
-                  str(r["attempt"]), fmt_int(r["records_extracted"]), fmt_int(r["records_loaded"]),
-                  fmt_duration(r["duration_seconds"]), (r["error"] or "")[:300])
+        t.add_row(str(r["run_id"]), fmt_time(r["started_at"]), styled(r["status"]),
+                  f"{r['mode']} / {r['trigger']} / {r['attempt']}", fmt_int(r["records_extracted"]),
+                  fmt_int(r["records_loaded"]), fmt_duration(r["duration_seconds"]))
     return t
+
+
+def history_errors(rows: list[dict[str, Any]]) -> list[str]:
+    """The error of each shown run, in full, below the table (a table column would be cut)."""
+    return [f"run {r['run_id']} ({r['status']}): {r['error']}" for r in rows if r["error"]]
 
 
 def to_json(obj: Any) -> str:
@@ -200,7 +216,7 @@ def show_status(settings: Settings, job_id: int | None, as_json: bool, console: 
     elif job_id is not None:
         console.print(job_detail_table(rows[0]))
     else:
-        console.print(status_table(rows))
+        console.print(status_table(rows, console.width))
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["state"]] = counts.get(r["state"], 0) + 1
@@ -221,6 +237,8 @@ def show_history(settings: Settings, job_id: int, limit: int, as_json: bool, con
         print(to_json(rows))
     else:
         console.print(history_table(job_id, row[0], rows))
+        for line in history_errors(rows):
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
         if not rows:
             console.print(f"job {job_id} has never run: `trialsync run --job {job_id} --with-deps`")
     return 0

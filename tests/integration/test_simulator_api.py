@@ -212,3 +212,23 @@ def test_metrics_use_route_templates(cc_simulator):
     assert 'trialsync_sim_requests_total{route="/api/v1/studies/{studyId}/subjects/odata",status="200"}' in text
     assert "studies/10001" not in text
     assert sim.requests_to("/api/v1/studies/{studyId}/subjects/odata") >= 1
+
+
+def test_every_runnable_job_endpoint_answers_200_at_demo_scale():
+    """The issue's scale (0.01): one call per job endpoint with a parent that has records."""
+    import json
+
+    from simulator.testing import SimulatorProcess
+
+    with SimulatorProcess(scale=0.01, seed=3, api_key="demo-key") as sim:
+        for job in RUNNABLE:
+            params = {}
+            if job.requires_parameters:
+                with requests.get(f"{sim.admin_url}/expected", params={"endpoint": job.endpoint}, stream=True,
+                                  timeout=60) as r:
+                    line = next(r.iter_lines(), None)
+                params = json.loads(line)["params"] if line else sim.parents(job.endpoint)[0]
+            path = job.render_endpoint(params)
+            r = sim.get(path, params={"$top": "5"} if job.is_odata else None)
+            assert r.status_code == 200, (job.id, path, r.text[:200])
+        assert sim.stats()["total_requests"] == len(RUNNABLE)

@@ -125,3 +125,25 @@ def test_catalog_keys_exist_and_are_unique_per_parent(job_id):
             key.append(v)
         keys.add(tuple(key))
     assert len(keys) == len(idx), job_id
+
+
+@pytest.mark.slow
+def test_scale_one_model_stays_under_two_gib():
+    """The whole scale-1.0 model (≈6 M records), warmed and paged, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, numpy as np\n"
+        "from simulator.data import DataModel\nfrom simulator.model import ENTITIES\n"
+        "from simulator.spec import definitions\nfrom simulator.odata import QueryEngine, parse_query\n"
+        "m = DataModel(42, 1.0, definitions(), ENTITIES); m.warm()\n"
+        "e = m.entity('patient_visits'); eng = QueryEngine(m)\n"
+        "q = parse_query({'$filter': 'modifiedDate gt 2023-01-01T00:00:00Z', '$orderby': 'modifiedDate', '$top': '1000'}, e)\n"
+        "total, idx = eng.run(e, None, q); m.build(e, idx)\n"
+        "print(e.n_base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    n, maxrss_kib = map(int, out.stdout.split())
+    assert n == 2_297_271
+    assert maxrss_kib < 2 * 1024 * 1024, f"peak RSS {maxrss_kib / 1024:.0f} MiB"

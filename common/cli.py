@@ -242,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # `python -m common.cli`: run the copy imported as `common.cli`, whose error classes are the ones
-    # every package raises (this module's own `__main__` copy has distinct UserError/... classes)
+    # run the canonical module, not this __main__ copy: packages raise common.cli.UserError
     from common.cli import main as _main
 
     sys.exit(_main())

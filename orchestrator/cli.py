@@ -80,14 +80,17 @@ def _run_with_display(plan: Any, options: Any, title: str, as_json: bool, select
 
 
 def _finish(result: Any, as_json: bool) -> None:
-    from orchestrator.display import print_result_lines, summary_table
+    from orchestrator.display import print_result_lines, summary_notes, summary_table
     from orchestrator.status import to_json
 
     console = _console()
     if as_json:
         print(to_json(result.as_dict()))
     elif _interactive(False):
-        console.print(summary_table(result))
+        console.print(summary_table(result, width=console.width))
+        if console.width < 140:
+            for line in summary_notes(result):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
     else:
         print_result_lines(result, console)
     _evaluate_alerts()

@@ -58,26 +58,27 @@ class Plan:
                 stack.extend(self.children.get(j, ()))
         return out
 
-    def critical_path(self, durations: Mapping[int, float] | None = None, default: float = 1.0) -> dict[int, float]:
-        """Per job: its expected duration plus the longest chain of expected durations below it.
+    def critical_path(self, costs: Mapping[int, float] | None = None, default: float = 1.0) -> dict[int, float]:
+        """Per job: its expected cost plus the most expensive chain of expected costs below it.
 
         Starting the job with the longest remaining chain first (the classic critical-path /
         longest-processing-time rule) keeps the long fan-out chains (studies -> subjects ->
-        patient visits) from starting last. Durations come from each job's previous run; jobs
-        without history count ``default``.
+        patient visits) and the big fan-out jobs from starting last and running alone at the end.
+        Costs are API calls: from the job's previous run, or for a parameterized job about to
+        start, the number of rows in its parameter source table; ``default`` otherwise.
         """
-        durations = durations or {}
+        costs = costs or {}
         weight: dict[int, float] = {}
         for level in reversed(self.levels):
             for j in level:
                 below = max((weight[c] for c in self.children.get(j, ())), default=0.0)
-                weight[j] = max(float(durations.get(j, default)), 0.0) + below
+                weight[j] = max(float(costs.get(j, default)), 0.0) + below
         return weight
 
-    def start_order(self, durations: Mapping[int, float] | None = None) -> list[int]:
+    def start_order(self, costs: Mapping[int, float] | None = None) -> list[int]:
         """Preference among jobs ready at the same moment: operator priority (lower first), then
-        the longest remaining critical path, then the job id (deterministic)."""
-        cp = self.critical_path(durations)
+        the most expensive remaining critical path, then the job id (deterministic)."""
+        cp = self.critical_path(costs)
         return sorted(self.job_ids, key=lambda j: (self.job(j).priority, -cp[j], j))
 
 

@@ -222,13 +222,17 @@ def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = N
 
 def print_report(report: DemoReport, console: Console, settings: Settings | None = None) -> None:
     from common.stack import database_dsn, state_dir
-    from orchestrator.display import summary_table
+    from orchestrator.display import summary_notes, summary_table
 
     s = settings or get_settings()
     res = report.result
     console.print()
     console.print(summary_table(res, title=f"TrialSync demo ({report.mode} run): {res.status} -- "
-                                           f"{len(res.jobs)} jobs in {fmt_duration(res.duration)}"))
+                                           f"{len(res.jobs)} jobs in {fmt_duration(res.duration)}",
+                                width=console.width))
+    if console.width < 140:
+        for line in summary_notes(res):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     layers = Table(title="Silver / Gold", title_justify="left")
     layers.add_column("table / view")
     layers.add_column("rows", justify="right")

@@ -118,30 +118,51 @@ class LiveDisplay:
         return Group(head, bar, t)
 
 
-def summary_table(result: OrchestrationResult, title: str | None = None) -> Table:
-    """Every job of the run: status, records extracted/loaded, duration, note; totals in the footer."""
+def summary_table(result: OrchestrationResult, title: str | None = None, width: int = 200) -> Table:
+    """Every job of the run: status, records extracted/loaded, duration; totals in the footer.
+
+    On a wide console (>= 140 columns) API calls and each job's note (error, skip reason) are
+    columns; otherwise :func:`summary_notes` prints the notes below the table.
+    """
+    wide = width >= 140
     t = Table(title=title or f"run {result.orchestration_id[:8]}: {result.status} in {fmt_duration(result.duration)}",
               title_justify="left", show_footer=True)
     c = result.counts
     t.add_column("job", justify="right", footer="")
-    t.add_column("name", footer="total")
-    t.add_column("status", footer=f"{c['success']} ok / {c['partial']} partial / {c['failed']} failed / "
-                                  f"{c['skipped']} skipped")
+    t.add_column("name", footer="total", no_wrap=True, max_width=34, overflow="ellipsis")
+    t.add_column("status", footer=f"{c['success']}/{len(result.jobs)} ok", no_wrap=True)
     t.add_column("try", justify="right", footer="")
     t.add_column("extracted", justify="right", footer=fmt_int(c["records_extracted"]))
     t.add_column("loaded", justify="right", footer=fmt_int(c["records_loaded"]))
-    t.add_column("API calls", justify="right", footer=fmt_int(c["api_calls"]))
+    if wide:
+        t.add_column("API calls", justify="right", footer=fmt_int(c["api_calls"]))
     t.add_column("duration", justify="right", footer=fmt_duration(result.duration))
-    t.add_column("note", overflow="fold", max_width=60, footer="")
-    order = [j for level in result.plan.levels for j in level]
-    for j in order:
+    if wide:
+        t.add_column("note", overflow="fold", max_width=60, footer="")
+    for j in [j for level in result.plan.levels for j in level]:
         s = result.jobs[j]
-        note = s.error or s.reason or ""
-        if s.status in ("success", "partial") and s.loaded is False and not note:
-            note = "not loaded yet"
-        t.add_row(str(j), s.name, styled(s.status), str(s.attempt or "-"), fmt_int(s.records_extracted),
-                  fmt_int(s.records_loaded), fmt_int(s.api_calls), fmt_duration(s.duration), note[:240])
+        cells = [str(j), s.name, styled(s.status), str(s.attempt or "-"), fmt_int(s.records_extracted),
+                 fmt_int(s.records_loaded)]
+        if wide:
+            cells.append(fmt_int(s.api_calls))
+        cells.append(fmt_duration(s.duration))
+        if wide:
+            cells.append(_note(s)[:240])
+        t.add_row(*cells)
     return t
+
+
+def _note(s: Any) -> str:
+    note = s.error or s.reason or ""
+    if s.status in ("success", "partial") and s.loaded is False and not note:
+        note = "not loaded yet"
+    return note
+
+
+def summary_notes(result: OrchestrationResult) -> list[str]:
+    """Errors and skip reasons, one line per job that has one (for narrow consoles)."""
+    return [f"job {j} ({result.jobs[j].name}): {_note(result.jobs[j])}"
+            for level in result.plan.levels for j in level if _note(result.jobs[j])]
 
 
 def print_result_lines(result: OrchestrationResult, console: Console) -> None:

@@ -219,6 +219,7 @@ class Runner:
         self._last_load_poll = -1e9
         self._last_count_poll = -1e9
         self._order: list[int] = list(plan.job_ids)
+        self._costs: dict[int, float] = {}
         self.started_at = 0.0
         self.log = log.bind(orchestration_id=self.oid)
 
@@ -241,10 +242,10 @@ class Runner:
     def run(self) -> OrchestrationResult:
         self.started_at = self.wall()
         try:
-            durations = self.store.last_durations(list(self.plan.job_ids))
+            self._costs = dict(self.store.last_costs(list(self.plan.job_ids)))
         except Exception:  # noqa: BLE001 - ordering hint only
-            durations = {}
-        self._order = self.plan.start_order(durations)
+            self._costs = {}
+        self._order = self.plan.start_order(self._costs)
         self.store.begin_orchestration(self.oid, self.opt.trigger, self.selection, self.opt.mode, len(self.plan))
         self.log.info("orchestration_started", jobs=len(self.plan), parallel=self.opt.parallel, mode=self.opt.mode,
                       trigger=self.opt.trigger, levels=len(self.plan.levels))
@@ -347,7 +348,7 @@ class Runner:
                 s.child_error = {"error_class": "JobTimeout", "record": True, "message": (
                     f"job {s.job_id} ({s.name}) exceeded its timeout of {timeout} s and was stopped "
                     "(timeout_seconds in config/jobs.yaml, or ETL_TIMEOUT_SECONDS)")}
-                self.log.error("job_timeout_killed", job_id=s.job_id, timeout_s=timeout, pid=s.handle.pid)
+                self.log.error("job_timeout_killed", job_id=s.job_id, timeout_s=timeout, child_pid=s.handle.pid)
                 self._attempt_ended(s, now)
 
     def _apply_live(self, s: JobState) -> None:
@@ -538,6 +539,19 @@ class Runner:
                     changed = True
                 else:
                     s.status = "ready"
+                    self._estimate_cost(s)
+
+    def _estimate_cost(self, s: JobState) -> None:
+        """A parameterized job without history costs about one call per parent row: now that its
+        parents are loaded, count them and re-rank the start order."""
+        job = self.plan.job(s.job_id)
+        if s.job_id in self._costs or not job.requires_parameters or not job.parameter_source_table:
+            return
+        try:
+            self._costs[s.job_id] = float(self.store.count_rows(job.parameter_source_table))
+        except Exception:  # noqa: BLE001 - ordering hint only
+            return
+        self._order = self.plan.start_order(self._costs)
 
     def _skip(self, s: JobState, why: str) -> None:
         reason = f"skipped: {why}"
@@ -635,7 +649,7 @@ class Runner:
         s.phase = RUNNING
         s.deadline = now + timeout
         s.kill_at = now + timeout + self.opt.timeout_grace
-        self.log.info("attempt_started", job_id=s.job_id, attempt=s.attempt, pid=s.handle.pid, workers=workers,
+        self.log.info("attempt_started", job_id=s.job_id, attempt=s.attempt, child_pid=s.handle.pid, workers=workers,
                       only_parents=len(lr.only_parents) if lr.only_parents is not None else None,
                       timeout_s=timeout)
 

@@ -193,7 +193,7 @@ class Services:
         infos.pop(name, None)
         self._write(infos)
         if was:
-            log.info("service_stopped", service=name, pid=info.pid)
+            log.info("service_stopped", name=name, service_pid=info.pid)
         return was
 
     def stop_all(self) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 import psycopg
+from psycopg import sql
 
 from common.config import Settings, get_settings
 from common.db import connect
@@ -69,7 +70,9 @@ class RunStore(Protocol):
 
     def run_rows(self, run_ids: Sequence[int]) -> dict[int, RunRow]: ...
 
-    def last_durations(self, job_ids: Sequence[int]) -> dict[int, float]: ...
+    def last_costs(self, job_ids: Sequence[int]) -> dict[int, float]: ...
+
+    def count_rows(self, table: str) -> int: ...
 
     def recent_run(self, job_id: int, since: float, exclude_orchestration: str) -> tuple[int, str] | None: ...
 
@@ -253,12 +256,19 @@ class DbRunStore:
                ORDER BY started_at DESC, id DESC LIMIT 1""", (job_id, since, exclude_orchestration)).fetchone()
         return (int(row[0]), str(row[1])) if row else None
 
-    def last_durations(self, job_ids: Sequence[int]) -> dict[int, float]:
-        """Duration of each job's last successful run: the weights of the critical-path order."""
+    def last_costs(self, job_ids: Sequence[int]) -> dict[int, float]:
+        """API calls of each job's last successful run: the weights of the critical-path order."""
         if not job_ids:
             return {}
         rows = self._exec(
-            """SELECT DISTINCT ON (job_id) job_id, duration_seconds FROM etl.dw_etl_runs
-               WHERE job_id = ANY(%s) AND run_status IN ('success', 'partial') AND duration_seconds IS NOT NULL
+            """SELECT DISTINCT ON (job_id) job_id, api_calls FROM etl.dw_etl_runs
+               WHERE job_id = ANY(%s) AND run_status IN ('success', 'partial') AND mode IN ('full', 'incremental')
                ORDER BY job_id, started_at DESC""", (list(job_ids),)).fetchall()
-        return {int(j): float(d) for j, d in rows}
+        return {int(j): float(n) for j, n in rows if n}
+
+    def count_rows(self, table: str) -> int:
+        """Rows of a Bronze staging table (a parameterized job makes about one call per row)."""
+        from common.db import staging_table
+
+        row = self._exec(sql.SQL("SELECT count(*) FROM {} WHERE NOT is_deleted").format(staging_table(table))).fetchone()
+        return int(row[0]) if row else 0

@@ -105,6 +105,9 @@ class FakeWorld:
         self.orchestration: dict[str, Any] = {}
         #: job id -> (run id, status) another process ran (see recent_run)
         self.foreign_runs: dict[int, tuple[int, str]] = {}
+        #: ordering inputs: API calls of previous runs, rows of parameter source tables
+        self.history: dict[int, float] = {}
+        self.table_rows: dict[str, int] = {}
         #: job id -> virtual time at which the other process releases its lock
         self.release_at: dict[int, float] = {}
 
@@ -182,8 +185,11 @@ class FakeWorld:
             out[r] = RunRow(r, row["job_id"], row["status"], n, n, loaded)
         return out
 
-    def last_durations(self, job_ids: list[int]) -> dict[int, float]:
-        return {}
+    def last_costs(self, job_ids: list[int]) -> dict[int, float]:
+        return dict(self.history)
+
+    def count_rows(self, table: str) -> int:
+        return self.table_rows.get(table, 0)
 
     def recent_run(self, job_id: int, since: float, exclude_orchestration: str) -> tuple[int, str] | None:
         found = self.foreign_runs.get(job_id)

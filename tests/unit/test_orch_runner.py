@@ -253,3 +253,23 @@ def test_backoff_grows_exponentially_and_is_capped() -> None:
     pj = RetryPolicy(base_delay=10, jitter=0.1)
     assert 9 <= pj.delay(1, rng=lambda: 0.0) <= 11
     assert 9 <= pj.delay(1, rng=lambda: 1.0) <= 11
+
+
+def test_expensive_jobs_start_first() -> None:
+    """History (API calls of the last run) ranks independent jobs; row counts rank fan-out jobs."""
+    from tests.unit.orch_fakes import job
+
+    cat = JobCatalog([job(i, f"J{i}", f"t_{i}") for i in range(1, 5)])
+    clock = FakeClock()
+    world = FakeWorld(clock)
+    world.history = {4: 1000.0, 3: 500.0}
+    make_runner(cat, world, clock, parallel=1).run()
+    assert [r.job.id for r in world.launches] == [4, 3, 1, 2]
+
+    cat = JobCatalog([job(1, "P1", "t_1"), job(2, "P2", "t_2"),
+                      job(3, "C1", "c_1", parent_table="t_1"), job(4, "C2", "c_2", parent_table="t_2")])
+    clock = FakeClock()
+    world = FakeWorld(clock)
+    world.table_rows = {"t_1": 10, "t_2": 1000}
+    make_runner(cat, world, clock, parallel=2).run()
+    assert [r.job.id for r in world.launches] == [1, 2, 4, 3]

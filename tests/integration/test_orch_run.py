@@ -37,6 +37,7 @@ def run(job_refs: list[int], with_deps: bool = True, **opts: Any) -> Any:
     s = get_settings()
     catalog = load_catalog(s)
     plan = build_plan(catalog, select_jobs(catalog, job_refs=job_refs, with_deps=with_deps))
+    opts.setdefault("wait_all_loads", True)
     return catalog, run_plan(plan, options=RunnerOptions.from_settings(s, **opts), settings=s)
 
 

@@ -135,7 +135,8 @@ def test_failed_parent_skips_children_with_reason(pipeline: Pipeline) -> None:  
     assert [r["run_status"] for r in skipped] == ["skipped", "skipped"]
     for r in skipped:
         assert "parent job 2 (Studies) failed" in r["error_message"]
-    assert res.status == "failed"
+    # job 164 fills the same staging table from another endpoint: it ran, so the run is partial
+    assert res.jobs[164].status == "success" and res.status == "partial"
 
 
 def test_timeout_stops_the_job_and_marks_it_failed(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811

@@ -1,0 +1,136 @@
+"""`trialsync scheduler` as real processes: two replicas run one scheduled fire once (advisory lock +
+reuse), a fire brings its dependencies, SIGTERM shuts down gracefully (running jobs cancelled)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.orch_pipeline import (
+    REPO,
+    TRIALSYNC,
+    Pipeline,
+    pipeline,  # noqa: F401 - fixture
+    require_pipeline_modules,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+require_pipeline_modules()
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Any]:
+    from simulator.testing import SimulatorProcess
+
+    with SimulatorProcess(scale=0.002, seed=13, api_key="sched-test-key") as s:
+        yield s
+
+
+class Replica:
+    def __init__(self, p: Pipeline, name: str, grace: float = 30.0):
+        self.log = p.state_dir / f"scheduler-{name}.log"
+        env = {**p.env, "SCHEDULER_REFRESH_SECONDS": "1", "SCHEDULER_COALESCE_SECONDS": "0.5",
+               "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
+        self.out = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([TRIALSYNC, "scheduler", "--shutdown-grace", str(grace)], env=env, cwd=REPO,
+                                     stdout=self.out, stderr=subprocess.STDOUT)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.out.close()
+        return code
+
+    def text(self) -> str:
+        return Path(self.log).read_text(errors="replace")
+
+
+def schedule_missed_fire(p: Pipeline, job_id: int) -> datetime:
+    """Give ``job_id`` a daily schedule whose fire time was a minute ago (set before that): every
+    scheduler that starts now catches that fire up once; the next fire is tomorrow."""
+    now = datetime.now(UTC)
+    fire = (now - timedelta(minutes=1)).replace(second=0, microsecond=0)
+    with p.conn() as c:
+        c.execute("UPDATE etl.dw_etl_jobs SET schedule = NULL")
+        c.execute("UPDATE etl.dw_etl_jobs SET schedule = %s WHERE id = %s", (f"{fire.minute} {fire.hour} * * *", job_id))
+        c.execute("UPDATE etl.dw_etl_jobs SET schedule_updated_at = %s WHERE id = %s",
+                  (fire - timedelta(minutes=2), job_id))
+    return fire
+
+
+def fires(p: Pipeline, job_id: int) -> list[tuple[Any, ...]]:
+    with p.conn() as c:
+        return c.execute("""SELECT scheduled_for, kind, outcome, run_id, orchestration_id FROM etl.dw_scheduler_fires
+                             WHERE job_id = %s ORDER BY id""", (job_id,)).fetchall()
+
+
+def test_two_replicas_run_one_fire_once(pipeline: Pipeline) -> None:  # noqa: F811
+    pipeline.sim.set_faults("latency@/api/v1/sites,ms=3000")  # the run lasts a while: the replicas overlap
+    fire = schedule_missed_fire(pipeline, 1)
+    a, b = Replica(pipeline, "a"), Replica(pipeline, "b")
+    try:
+        wait_until(lambda: len([f for f in fires(pipeline, 1) if f[2] != "running"]) >= 2, 90,
+                   "both replicas to finish their fire")
+        time.sleep(2)  # nothing else may happen
+        got = fires(pipeline, 1)
+        assert len(got) == 2, got
+        assert {f[0] for f in got} == {fire} and {f[1] for f in got} == {"catch_up"}
+        assert sorted(f[2] for f in got) == ["reused", "success"], got
+        with pipeline.conn() as c:
+            runs = c.execute("""SELECT id, run_status, trigger FROM etl.dw_etl_runs WHERE job_id = 1""").fetchall()
+        assert len(runs) == 1 and runs[0][1:] == ("success", "scheduler"), runs  # extracted exactly once
+        assert {f[3] for f in got} == {runs[0][0]}  # the reusing replica points at that run
+        assert len({f[4] for f in got}) == 2  # two orchestrations, one per replica
+    finally:
+        codes = (a.stop(), b.stop())
+    assert codes == (0, 0), (a.text()[-2000:], b.text()[-2000:])
+    for r in (a, b):
+        assert '"event":"scheduler_stopped"' in r.text()
+
+
+def test_fire_runs_the_job_with_its_dependencies(pipeline: Pipeline) -> None:  # noqa: F811
+    schedule_missed_fire(pipeline, 10)
+    r = Replica(pipeline, "deps")
+    try:
+        wait_until(lambda: any(f[2] != "running" for f in fires(pipeline, 10)), 120, "the fire to finish")
+        (f,) = fires(pipeline, 10)
+        assert f[2] == "success", r.text()[-3000:]
+        with pipeline.conn() as c:
+            rows = {j: (started, loaded) for j, started, loaded in c.execute(
+                """SELECT job_id, started_at, load_completed_at FROM etl.dw_etl_runs
+                    WHERE orchestration_id = %s AND run_status = 'success'""", (f[4],)).fetchall()}
+        assert set(rows) == {2, 164, 10}  # Subjects and both jobs that fill its parameter table
+        assert rows[10][0] >= max(rows[2][1], rows[164][1])
+    finally:
+        assert r.stop() == 0
+
+
+def test_sigterm_cancels_a_running_orchestration_after_the_grace(pipeline: Pipeline) -> None:  # noqa: F811
+    pipeline.sim.set_faults("latency@/api/v1/sites,ms=120000")
+    schedule_missed_fire(pipeline, 1)
+    r = Replica(pipeline, "stop", grace=1)
+    with pipeline.conn() as c:
+        wait_until(lambda: c.execute("SELECT count(*) FROM etl.dw_etl_runs WHERE job_id = 1 AND run_status = 'running'")
+                   .fetchone()[0] == 1, 60, "the scheduled run to start")
+    t0 = time.monotonic()
+    code = r.stop(timeout=60)
+    assert code == 0, r.text()[-2000:]
+    assert time.monotonic() - t0 < 30
+    with pipeline.conn() as c:
+        status, error = c.execute("SELECT run_status, error_message FROM etl.dw_etl_runs WHERE job_id = 1").fetchone()
+    assert status == "cancelled" and "scheduler shut down" in error
+    (f,) = fires(pipeline, 1)
+    assert f[2] == "cancelled"

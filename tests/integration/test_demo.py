@@ -1,0 +1,152 @@
+"""`trialsync demo --scale 0.002` end to end, as a new user runs it: its own embedded stack,
+simulator, loader and transformer; all 72 jobs; Bronze reconciled exactly against the simulator's
+ground truth for every job; a second run is incremental and still exact; `--stop` ends it all."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+
+from tests.integration.orch_pipeline import REPO, TRIALSYNC, reconcile, require_pipeline_modules
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+require_pipeline_modules()
+SCALE = "0.002"
+
+
+class AdminClient:
+    """Ground truth from the demo's running simulator (its admin API, loopback only)."""
+
+    def __init__(self, admin_url: str):
+        self.admin_url = admin_url
+
+    def expected(self, endpoint_template: str | None = None, *, job: int | None = None) -> list[dict[str, Any]]:
+        params = {"job": job} if job is not None else {"endpoint": endpoint_template}
+        r = requests.get(f"{self.admin_url}/expected", params=params, timeout=120)
+        r.raise_for_status()
+        return [json.loads(line) for line in r.iter_lines() if line]
+
+
+@pytest.fixture(scope="module")
+def demo_env() -> Iterator[dict[str, str]]:
+    state = Path(tempfile.mkdtemp(prefix="trialsync-demo-test-"))
+    state.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "DATABASE_HOST", "KAFKA_BOOTSTRAP_SERVERS", "CC_API_KEY", "CC_API_BASE_URL",
+                        "KAFKA_TOPIC_PREFIX", "ENABLE_METRICS", "LOG_FORMAT")}
+    env.update({"TRIALSYNC_STATE_DIR": str(state), "COLUMNS": "160"})
+    try:
+        yield env
+    finally:
+        subprocess.run([TRIALSYNC, "demo", "--stop"], env=env, cwd=REPO, capture_output=True, timeout=180)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TRIALSYNC, "demo", "--scale", SCALE, *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=1200)
+
+
+def dsn(env: dict[str, str]) -> str:
+    st = json.loads((Path(env["TRIALSYNC_STATE_DIR"]) / "stack.json").read_text())
+    return f"postgresql://postgres@127.0.0.1:{st['pg_port']}/trialsync"
+
+
+def services(env: dict[str, str]) -> dict[str, Any]:
+    return json.loads((Path(env["TRIALSYNC_STATE_DIR"]) / "services.json").read_text())
+
+
+def check_exact(env: dict[str, str]) -> tuple[psycopg.Connection, Any]:
+    from schemas.jobs import JobCatalog
+
+    catalog = JobCatalog.load(overrides_path=REPO / "config" / "jobs.yaml")
+    conn = psycopg.connect(dsn(env), autocommit=True)
+    conn.execute("SET search_path TO etl, bronze, silver, gold, public")
+    sim = AdminClient(services(env)["simulator"]["urls"]["admin"])
+    ids = [j.id for j in catalog.runnable]
+    assert len(ids) == 72
+    problems = reconcile(conn, sim, catalog, ids)
+    assert problems == {}, problems
+    return conn, catalog
+
+
+def last_orchestration(conn: psycopg.Connection) -> tuple[Any, ...]:
+    row = conn.execute("""SELECT id, status, jobs_total, jobs_succeeded, records_extracted, records_loaded
+                            FROM etl.dw_orchestrations ORDER BY started_at DESC LIMIT 1""").fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def test_demo_end_to_end_then_incremental_then_stop(demo_env: dict[str, str]) -> None:
+    t0 = time.monotonic()
+    first = demo(demo_env)
+    first_s = time.monotonic() - t0
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    out = first.stdout
+    assert "TrialSync demo (full run): success -- 72 jobs" in out
+    assert "72 succeeded, 0 partial, 0 failed, 0 skipped" in out
+    for hint in ("trialsync status", "psql postgresql://postgres@127.0.0.1:", "/metrics", "trialsync demo --stop",
+                 "silver.dim_studies", "gold.v_study_enrollment_summary"):
+        assert hint in out, hint
+    conn, catalog = check_exact(demo_env)
+    try:
+        oid, status, total, ok, extracted, loaded = last_orchestration(conn)
+        assert (status, total, ok) == ("success", 72, 72)
+        assert extracted == loaded > 0
+        runs = conn.execute("SELECT count(*), count(*) FILTER (WHERE run_status = 'success' AND load_completed_at "
+                            "IS NOT NULL) FROM etl.dw_etl_runs WHERE orchestration_id = %s", (oid,)).fetchone()
+        assert runs == (72, 72)
+        silver = conn.execute("SELECT count(*) FROM silver.dim_studies WHERE is_current").fetchone()
+        bronze = conn.execute("SELECT count(*) FROM bronze.dim_studies_staging").fetchone()
+        assert silver and bronze and silver[0] == bronze[0] > 0
+        # the throwaway API key reached the children, never the screen, the logs or the state files
+        sim_pid = services(demo_env)["simulator"]["pid"]
+        key = dict(kv.split("=", 1) for kv in Path(f"/proc/{sim_pid}/environ").read_text().split("\0") if "=" in kv)[
+            "SIM_API_KEY"]
+        assert len(key) >= 24
+        assert key not in first.stdout + first.stderr
+        for f in Path(demo_env["TRIALSYNC_STATE_DIR"]).rglob("*"):
+            if f.is_file() and f.suffix in (".log", ".json"):
+                assert key.encode() not in f.read_bytes(), f
+
+        t1 = time.monotonic()
+        second = demo(demo_env)
+        second_s = time.monotonic() - t1
+        assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+        assert "TrialSync demo (incremental run): success -- 72 jobs" in second.stdout
+        conn2, _ = check_exact(demo_env)  # the restarted simulator (same seed) and Bronze still agree
+        conn2.close()
+        oid2, status2, _, ok2, extracted2, _ = last_orchestration(conn)
+        assert oid2 != oid and (status2, ok2) == ("success", 72)
+        assert extracted2 < extracted  # incremental: filtered by the watermarks
+        modes = dict(conn.execute("SELECT mode, count(*) FROM etl.dw_etl_runs WHERE orchestration_id = %s "
+                                  "GROUP BY mode", (oid2,)).fetchall())
+        assert modes.get("incremental", 0) > 0
+        status_json = subprocess.run([TRIALSYNC, "status", "--json"], env=demo_env, cwd=REPO, capture_output=True,
+                                     text=True, timeout=120)
+        assert status_json.returncode == 0
+        rows = json.loads(status_json.stdout)
+        assert len(rows) == 72 and {r["state"] for r in rows} == {"success"}
+    finally:
+        conn.close()
+    pids = [int(v["pid"]) for v in services(demo_env).values()]
+    stop = subprocess.run([TRIALSYNC, "demo", "--stop"], env=demo_env, cwd=REPO, capture_output=True, text=True,
+                          timeout=180)
+    assert stop.returncode == 0, stop.stderr
+    assert re.search(r"stopped: .*simulator", stop.stdout)
+    from common.stack import pid_alive
+
+    assert not any(pid_alive(p) for p in pids)
+    print(f"\ndemo --scale {SCALE}: first run {first_s:.1f} s, incremental re-run {second_s:.1f} s")

@@ -90,7 +90,9 @@ class LiveDisplay:
             + (f", {counts[LOCKWAIT]} locked elsewhere" if counts[LOCKWAIT] else "")
             + f"\nrecords extracted {fmt_int(extracted)} · loaded {fmt_int(loaded)} · API calls {fmt_int(calls)}"
             f" · {fmt_int(int(rate))} records/s")
-        bar = ProgressBar(total=max(total, 1), completed=len(done), width=60)
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(ProgressBar(total=max(total, 1), completed=len(done), width=60),
+                    f"{100 * len(done) // max(total, 1)}%")
         active = [s for s in states if s.phase in (RUNNING, LOCKWAIT, BACKOFF, LOADING)]
         active.sort(key=lambda s: (s.phase != RUNNING, s.started_at or 0))
         t = Table(expand=False, box=None, padding=(0, 1), show_edge=False)

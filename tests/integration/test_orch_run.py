@@ -156,3 +156,32 @@ def test_timeout_stops_the_job_and_marks_it_failed(pipeline: Pipeline, monkeypat
     assert row["error_class"] in ("JobTimeout", "TimeoutError")  # killed by the runner, or stopped itself
     assert elapsed < 45  # nowhere near the 60 s the API would have taken
     assert row["pid"] is None or not pid_alive(row["pid"])
+
+
+def test_csv_source_runs_through_extract_topic_load(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+                                                    tmp_path: Any) -> None:
+    """Seed 004's second kind of source: the clinical-trials CSV shipped in data/, as job 1001."""
+    import csv
+
+    from tests.integration.orch_pipeline import REPO
+
+    csv_path = REPO / "data" / "clinical_trials.csv"
+    jobs_file = tmp_path / "jobs.yaml"
+    jobs_file.write_text(
+        (REPO / "config" / "jobs.yaml").read_text(encoding="utf-8")
+        + "sources:\n  - id: 1001\n    name: Clinical Trials CSV\n    source_type: csv\n"
+        f"    path: {csv_path}\n    target_table: raw_clinical_trials_staging\n    key_column: nct_number\n"
+        "    delimiter: ','\n", encoding="utf-8")
+    set_env(monkeypatch, ETL_JOBS_FILE=str(jobs_file))
+    from orchestrator.catalog import load_catalog, sync
+
+    sync(load_catalog())
+    done = pipeline.cli("run", "--job", "1001", "--wait-load", "--json", extra_env={"ETL_JOBS_FILE": str(jobs_file)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        want = {f"cc1:{row['nct_number']}": row for row in csv.DictReader(f)}
+    with pipeline.conn() as c:
+        rows = c.execute("SELECT source_id, data FROM bronze.raw_clinical_trials_staging").fetchall()
+    assert {r[0] for r in rows} == set(want) and len(rows) == len(want) == 50
+    sid, data = rows[0]
+    assert data["title"] == want[sid]["title"] and data["enrollment"] == want[sid]["enrollment"]

@@ -183,3 +183,46 @@ def test_alerts_test_command(channels_env) -> None:  # type: ignore[no-untyped-d
     assert {(d.channel, d.ok) for d in out} == {("email", True), ("slack", True)}
     assert smtp.messages[0]["Subject"] == "[TrialSync] test alert"
     assert os.environ["SLACK_WEBHOOK_URL"] not in hook.raw[0].decode()
+
+
+def test_transform_and_quality_failures_alert_once_and_recover(warehouse: psycopg.Connection,  # type: ignore[no-untyped-def]
+                                                               channels_env) -> None:
+    smtp, hook = channels_env
+    conn = warehouse
+    if not conn.execute("SELECT to_regclass('etl.dw_transform_runs') IS NOT NULL "
+                        "AND to_regclass('etl.v_quality_latest') IS NOT NULL").fetchone()[0]:
+        pytest.skip("the transform migrations (0300-0304) are not on this branch yet")
+    check, table = conn.execute("SELECT check_name, target_table FROM etl.dw_quality_checks "
+                                "WHERE severity = 'error' AND is_active ORDER BY check_name LIMIT 1").fetchone()
+
+    def transform(status: str, error: str | None = None) -> None:
+        conn.execute("""INSERT INTO etl.dw_transform_runs (batch_id, procedure_name, status, error_message, finished_at)
+                        VALUES (%s, 'silver.load_dim_studies', %s, %s, now())""", (str(uuid.uuid4()), status, error))
+
+    def quality(status: str, failed_rows: int) -> None:
+        conn.execute("""INSERT INTO etl.dw_quality_results (check_name, target_table, severity, status, failed_rows)
+                        VALUES (%s, %s, 'error', %s, %s)""", (check, table, status, failed_rows))
+
+    transform("success")
+    quality("pass", 0)
+    assert evaluate() == []
+    transform("failed", f'duplicate key value violates unique constraint (key {API_KEY})')
+    quality("fail", 7)
+    sent = evaluate()
+    assert sorted((d.key, d.kind, d.channel) for d in sent) == [
+        (f"quality:{check}", "failure", "email"), (f"quality:{check}", "failure", "slack"),
+        ("transform:silver.load_dim_studies", "failure", "email"),
+        ("transform:silver.load_dim_studies", "failure", "slack")]
+    subjects = sorted(m["Subject"] for m in smtp.messages)
+    assert subjects == [f"[TrialSync] quality check {check} failing",
+                        "[TrialSync] transform silver.load_dim_studies failed"]
+    quality_mail = next(m for m in smtp.messages if "quality" in m["Subject"])
+    assert "7 row(s) fail it" in quality_mail.get_content()
+    transform("failed", "again")
+    quality("fail", 8)
+    assert evaluate() == []
+    transform("success")
+    quality("pass", 0)
+    assert sorted(d.kind for d in evaluate()) == ["recovery"] * 4
+    assert evaluate() == []
+    assert API_KEY not in everything_sent(smtp, hook, conn)

@@ -1,6 +1,7 @@
 """`trialsync demo --scale 0.002` end to end, as a new user runs it: its own embedded stack,
 simulator, loader and transformer; all 72 jobs; Bronze reconciled exactly against the simulator's
-ground truth for every job; a second run is incremental and still exact; `--stop` ends it all."""
+ground truth for every job; after `demo --stop` (the embedded broker loses its topics) a second
+run is incremental and still exact; `--stop` ends it all."""
 
 from __future__ import annotations
 
@@ -121,13 +122,17 @@ def test_demo_end_to_end_then_incremental_then_stop(demo_env: dict[str, str]) ->
             if f.is_file() and f.suffix in (".log", ".json"):
                 assert key.encode() not in f.read_bytes(), f
 
+        # the user stops everything (the embedded broker loses its topics) and runs the demo again
+        conn.close()
+        stopped = subprocess.run([TRIALSYNC, "demo", "--stop"], env=demo_env, cwd=REPO, capture_output=True,
+                                 text=True, timeout=180)
+        assert stopped.returncode == 0, stopped.stderr
         t1 = time.monotonic()
         second = demo(demo_env)
         second_s = time.monotonic() - t1
         assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
         assert "TrialSync demo (incremental run): success -- 72 jobs" in second.stdout
-        conn2, _ = check_exact(demo_env)  # the restarted simulator (same seed) and Bronze still agree
-        conn2.close()
+        conn, _ = check_exact(demo_env)  # the restarted simulator (same seed) and Bronze still agree
         oid2, status2, _, ok2, extracted2, _ = last_orchestration(conn)
         assert oid2 != oid and (status2, ok2) == ("success", 72)
         assert extracted2 < extracted  # incremental: filtered by the watermarks

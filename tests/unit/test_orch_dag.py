@@ -97,3 +97,36 @@ def test_real_catalog_plan() -> None:
     studies = cat.resolve("Studies").id
     subjects = cat.resolve("Subjects").id
     assert studies in plan.parents[subjects]
+
+
+def test_cli_refuses_a_cyclic_config_naming_the_cycle(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from common import config
+    from common.cli import main
+
+    f = tmp_path / "jobs.yaml"
+    f.write_text("jobs:\n  Studies:\n    depends_on: [Subjects]\n", encoding="utf-8")
+    monkeypatch.setenv("ETL_JOBS_FILE", str(f))
+    config.reset_settings()
+    try:
+        code = main(["run", "--all", "--dry-run"])
+    finally:
+        config.reset_settings()
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "dependency cycle:" in err and "2 (Studies)" in err and "10 (Subjects)" in err
+
+
+def test_cli_refuses_an_unknown_dependency(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from common import config
+    from common.cli import main
+
+    f = tmp_path / "jobs.yaml"
+    f.write_text("jobs:\n  Studies:\n    depends_on: [9999]\n", encoding="utf-8")
+    monkeypatch.setenv("ETL_JOBS_FILE", str(f))
+    config.reset_settings()
+    try:
+        code = main(["run", "--all", "--dry-run"])
+    finally:
+        config.reset_settings()
+    assert code != 0
+    assert "9999" in capsys.readouterr().err

@@ -8,7 +8,8 @@ exceeds its timeout can be killed. This compares, for a small plain job (job 1, 
 fan-out job (job 141, Study Arms), the wall time of one run
 
 * ``in_process``: ``producers.extractor.run_job`` called directly (no isolation);
-* ``forkserver``: through ``ProcessLauncher`` (what ``trialsync run`` does);
+* ``forkserver``: through ``ProcessLauncher`` (a fresh forkserver child per attempt);
+* ``pool``: through ``PoolLauncher`` (what ``trialsync run`` does: a warm worker per concurrent job);
 * ``subprocess``: ``trialsync extract --job N`` as a fresh interpreter (the alternative design);
 
 and reports the medians and the overhead of the two isolated variants over ``in_process``. The
@@ -65,16 +66,17 @@ def main() -> None:
             config.reset_settings()
             catalog = load_catalog()
             sync(catalog)
-            from orchestrator.launcher import LaunchRequest, ProcessLauncher
+            from orchestrator.launcher import LaunchRequest, PoolLauncher, ProcessLauncher
 
             run_job = _extractor()
             run_job(catalog.get(2), mode="full")  # studies: the parents of job 141
             _load_directly(catalog.get(2))  # no loader service here: drain the topic into Bronze once
             launcher = ProcessLauncher()
+            pool = PoolLauncher()
             exe = str(Path(sys.executable).parent / "trialsync")
             for job_id in (1, 141):
                 job = catalog.get(job_id)
-                times: dict[str, list[float]] = {"in_process": [], "forkserver": [], "subprocess": []}
+                times: dict[str, list[float]] = {"in_process": [], "forkserver": [], "pool": [], "subprocess": []}
                 first_msg: list[float] = []
                 for _ in range(args.reps):
                     t = time.perf_counter()
@@ -82,20 +84,11 @@ def main() -> None:
                     times["in_process"].append(time.perf_counter() - t)
                     assert r.status == "success", r.error
                     t = time.perf_counter()
-                    h = launcher.start(LaunchRequest(job=job, mode="full"))
-                    got_first = None
-                    result = None
-                    while result is None:
-                        for kind, payload in h.poll():
-                            if got_first is None:
-                                got_first = time.perf_counter() - t
-                            if kind in ("result", "error"):
-                                result = payload
-                        if result is None:
-                            time.sleep(0.002)
-                    h.join(10)
+                    first_msg.append(_attempt(launcher, LaunchRequest(job=job, mode="full")))
                     times["forkserver"].append(time.perf_counter() - t)
-                    first_msg.append(got_first or 0.0)
+                    t = time.perf_counter()
+                    _attempt(pool, LaunchRequest(job=job, mode="full"))
+                    times["pool"].append(time.perf_counter() - t)
                     t = time.perf_counter()
                     subprocess.run([exe, "extract", "--job", str(job_id), "--full", "--json"], check=True,
                                    capture_output=True, cwd=REPO)
@@ -104,13 +97,34 @@ def main() -> None:
                 out["jobs"][str(job_id)] = {
                     "name": job.name, "median_s": med,
                     "overhead_forkserver_s": round(med["forkserver"] - med["in_process"], 4),
+                    "overhead_pool_s": round(med["pool"] - med["in_process"], 4),
                     "overhead_subprocess_s": round(med["subprocess"] - med["in_process"], 4),
                     "forkserver_first_message_s": round(statistics.median(first_msg), 4),
                 }
+            pool.close()
     finally:
         stack.down()
         shutil.rmtree(state, ignore_errors=True)
     print(json.dumps(out, indent=2))
+
+
+def _attempt(launcher: Any, request: Any) -> float:
+    """Run one attempt through a launcher; return when its first message arrived (s after start)."""
+    t = time.perf_counter()
+    h = launcher.start(request)
+    first = None
+    result = None
+    while result is None:
+        for kind, payload in h.poll():
+            if first is None:
+                first = time.perf_counter() - t
+            if kind in ("result", "error"):
+                result = payload
+        if result is None:
+            time.sleep(0.002)
+    h.join(10)
+    assert result.get("status", "failed") == "success", result
+    return first or 0.0
 
 
 def _extractor() -> Any:

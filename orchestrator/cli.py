@@ -46,7 +46,7 @@ def _run_with_display(plan: Any, options: Any, title: str, as_json: bool, select
     from common.config import get_settings
     from common.stack import state_dir
     from orchestrator.display import LiveDisplay
-    from orchestrator.launcher import ProcessLauncher
+    from orchestrator.launcher import PoolLauncher
     from orchestrator.runner import run_plan
 
     s = get_settings()
@@ -70,13 +70,16 @@ def _run_with_display(plan: Any, options: Any, title: str, as_json: bool, select
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
 
-    launcher = ProcessLauncher(log_path=log_path)
-    if interactive:
-        with LiveDisplay(_console(), title) as display:
-            return run_plan(plan, options=options, launcher=launcher, on_tick=display.tick, runner_hook=hook,
-                            initial_requests=initial, selection=selection, settings=s)
-    return run_plan(plan, options=options, launcher=launcher, runner_hook=hook, initial_requests=initial,
-                    selection=selection, settings=s)
+    launcher = PoolLauncher(log_path=log_path)
+    try:
+        if interactive:
+            with LiveDisplay(_console(), title) as display:
+                return run_plan(plan, options=options, launcher=launcher, on_tick=display.tick, runner_hook=hook,
+                                initial_requests=initial, selection=selection, settings=s)
+        return run_plan(plan, options=options, launcher=launcher, runner_hook=hook, initial_requests=initial,
+                        selection=selection, settings=s)
+    finally:
+        launcher.close()
 
 
 def _finish(result: Any, as_json: bool) -> None:

@@ -138,7 +138,7 @@ def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = N
     from orchestrator.catalog import load_catalog, sync
     from orchestrator.dag import build_plan, select_jobs
     from orchestrator.display import LiveDisplay
-    from orchestrator.launcher import ProcessLauncher
+    from orchestrator.launcher import PoolLauncher
     from orchestrator.runner import RunnerOptions, run_plan
     from orchestrator.services import Services
 
@@ -193,15 +193,18 @@ def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = N
     step(f"run --all: {len(plan)} jobs in {len(plan.levels)} dependency levels, {mode_label} "
          f"({parallel or s.etl_parallel_jobs} in parallel)")
     options = RunnerOptions.from_settings(s, trigger="demo", mode=mode, wait_all_loads=True, parallel=parallel)
-    launcher = ProcessLauncher(log_path=str(log_dir / "extract.log"))
+    launcher = PoolLauncher(log_path=str(log_dir / "extract.log"))
     t2 = time.monotonic()
-    if tty:
-        with LiveDisplay(console, f"TrialSync demo · {mode_label}") as display:
-            result = run_plan(plan, options=options, launcher=launcher, on_tick=display.tick, settings=s,
+    try:
+        if tty:
+            with LiveDisplay(console, f"TrialSync demo · {mode_label}") as display:
+                result = run_plan(plan, options=options, launcher=launcher, on_tick=display.tick, settings=s,
+                                  selection={"all": True, "demo": True, "scale": scale})
+        else:
+            result = run_plan(plan, options=options, launcher=launcher, settings=s,
                               selection={"all": True, "demo": True, "scale": scale})
-    else:
-        result = run_plan(plan, options=options, launcher=launcher, settings=s,
-                          selection={"all": True, "demo": True, "scale": scale})
+    finally:
+        launcher.close()
     timings["run_s"] = time.monotonic() - t2
 
     t3 = time.monotonic()

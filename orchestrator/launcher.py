@@ -15,6 +15,10 @@ measured in ``bench/orch_overhead.py``) instead of a fresh interpreter and its i
   printed or written to disk;
 * reports over a pipe: ``("progress", counters)`` a few times a second, then ``("result",
   RunResult.to_dict())`` or ``("error", {error_class, message})`` when there was no run to record.
+
+Two launchers share that contract: :class:`ProcessLauncher` (one fresh child per attempt) and
+:class:`PoolLauncher` (the default: long-lived workers, one per concurrent job, that keep their
+Kafka producer warm between attempts; a worker that is killed is replaced).
 """
 
 from __future__ import annotations
@@ -120,24 +124,33 @@ def _redirect_output(log_path: str) -> None:
     os.close(fd)
 
 
-def child_main(request: LaunchRequest, env: dict[str, str], conn: multiprocessing.connection.Connection,
-               log_path: str | None) -> None:
-    """Entry point of the child process: run the attempt, report its result, exit."""
+def _prepare_process(log_path: str | None) -> None:
+    """Own process group (killable as a whole), die with the parent, logs to a file if asked."""
     with contextlib.suppress(OSError):
         os.setsid()
     _set_parent_death_signal()
     if log_path:
         _redirect_output(log_path)
-    os.environ.clear()
-    os.environ.update(env)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+
+
+def _apply_env(env: dict[str, str]) -> None:
+    """Take the orchestrator's environment of this launch (settings re-read when it changed)."""
+    if dict(os.environ) == env:
+        return
+    os.environ.clear()
+    os.environ.update(env)
     from common import config
     from common.logging import setup_logging
 
     config.reset_settings()
+    setup_logging("extractor")
+
+
+def _run_one(request: LaunchRequest, conn: multiprocessing.connection.Connection) -> None:
+    """One attempt: run_job, then ("result", ...) or ("error", ...) over the pipe."""
     try:
-        setup_logging("extractor")
         from producers.extractor import run_job
 
         result = run_job(request.job, mode=request.mode, only_parents=request.only_parents,  # type: ignore[arg-type]
@@ -145,16 +158,58 @@ def child_main(request: LaunchRequest, env: dict[str, str], conn: multiprocessin
                          orchestration_id=request.orchestration_id, attempt=request.attempt,
                          workers=request.workers, processes=request.processes)
         conn.send(("result", result.to_dict()))
-    except KeyboardInterrupt:
-        with contextlib.suppress(OSError, ValueError):
-            conn.send(("error", {"error_class": "Interrupted", "message": "the extraction was interrupted"}))
     except Exception as e:  # noqa: BLE001 - reported to the orchestrator, which records it
         from common.logging import scrub
 
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         with contextlib.suppress(OSError, ValueError):
             conn.send(("error", {"error_class": type(e).__name__, "message": scrub(text)}))
+
+
+def child_main(request: LaunchRequest, env: dict[str, str], conn: multiprocessing.connection.Connection,
+               log_path: str | None) -> None:
+    """Entry point of a one-shot child process: run the attempt, report its result, exit."""
+    _prepare_process(log_path)
+    os.environ.clear()
+    _apply_env(env)
+    try:
+        _run_one(request, conn)
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("error", {"error_class": "Interrupted", "message": "the extraction was interrupted"}))
     finally:
+        with contextlib.suppress(OSError):
+            conn.close()
+
+
+def worker_main(conn: multiprocessing.connection.Connection, log_path: str | None) -> None:
+    """Entry point of a pooled worker: run attempts one after the other until told to exit.
+
+    The process keeps its Kafka producer, database driver and imports warm between attempts, which
+    is most of what a fresh process pays (~1 s, see bench/orch_overhead.py). It is still a process
+    of its own: a timeout kills it (and its group) and the pool starts a fresh one.
+    """
+    _prepare_process(log_path)
+    os.environ.clear()
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return
+            if msg[0] != "run":
+                return
+            _, request, env = msg
+            _apply_env(env)
+            _run_one(request, conn)
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("error", {"error_class": "Interrupted", "message": "the extraction was interrupted"}))
+    finally:
+        with contextlib.suppress(Exception):
+            from producers.publisher import reset_publishers
+
+            reset_publishers()
         with contextlib.suppress(OSError):
             conn.close()
 
@@ -235,6 +290,147 @@ class ProcessLauncher:
 
     def close(self) -> None:
         return
+
+
+class _Worker:
+    def __init__(self, proc: multiprocessing.process.BaseProcess, conn: multiprocessing.connection.Connection):
+        self.proc = proc
+        self.conn = conn
+        self.runs = 0
+        self.busy = False
+        self.dead = False
+
+
+class PoolHandle:
+    """An attempt running in a pooled worker; the worker returns to the pool with the result."""
+
+    def __init__(self, job_id: int, worker: _Worker, pool: PoolLauncher):
+        self.job_id = job_id
+        self.worker = worker
+        self.pool = pool
+        self.pid = worker.proc.pid
+        self._done = False
+
+    def poll(self) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        if self._done or self.worker.dead:
+            return out
+        try:
+            while self.worker.conn.poll():
+                msg = self.worker.conn.recv()
+                out.append(msg)
+                if msg[0] in ("result", "error"):
+                    self._done = True
+                    self.pool._release(self.worker)
+                    break
+        except (EOFError, OSError):
+            self.worker.dead = True
+        return out
+
+    def is_alive(self) -> bool:
+        return not self.worker.dead and self.worker.proc.is_alive()
+
+    def exitcode(self) -> int | None:
+        return self.worker.proc.exitcode
+
+    def kill(self) -> None:
+        """SIGKILL the worker's process group; the pool replaces it at the next launch."""
+        self.worker.dead = True
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signal.SIGKILL)
+        self.pool._discard(self.worker)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._done and not self.worker.dead:
+            return  # the worker lives on in the pool
+        self.worker.proc.join(timeout)
+        if not self.worker.proc.is_alive():
+            self.worker.dead = True
+            self.pool._discard(self.worker)
+
+    def wait_objects(self) -> list[Any]:
+        return [] if (self._done or self.worker.dead) else [self.worker.conn, self.worker.proc.sentinel]
+
+
+class PoolLauncher:
+    """Attempts in long-lived forkserver workers (one per concurrent job), replaced when killed.
+
+    Why: a fresh extraction process spends ~1 s on its Kafka producer and first delivery before the
+    first API call; over a 72-job run at 5 in parallel that is ~15 s of wall time. A worker is
+    recycled after ``max_runs`` attempts so nothing accumulates forever.
+    """
+
+    def __init__(self, log_path: str | None = None, max_runs: int = 200):
+        self.log_path = log_path
+        self.max_runs = max_runs
+        multiprocessing.set_forkserver_preload(_PRELOAD + _optional_preload())
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.idle: list[_Worker] = []
+        self.all: list[_Worker] = []
+
+    def _spawn(self) -> _Worker:
+        parent, child = self.ctx.Pipe(duplex=True)
+        proc = self.ctx.Process(target=worker_main, args=(child, self.log_path), name="trialsync-extract-worker",
+                                daemon=False)
+        proc.start()
+        child.close()
+        w = _Worker(proc, parent)
+        self.all.append(w)
+        return w
+
+    def start(self, request: LaunchRequest) -> PoolHandle:
+        w = None
+        while self.idle:
+            cand = self.idle.pop()
+            if not cand.dead and cand.proc.is_alive():
+                w = cand
+                break
+            self._discard(cand)
+        if w is None:
+            w = self._spawn()
+        w.busy = True
+        w.runs += 1
+        w.conn.send(("run", request, dict(os.environ)))
+        return PoolHandle(request.job.id, w, self)
+
+    def _release(self, w: _Worker) -> None:
+        w.busy = False
+        if w.runs >= self.max_runs:
+            self._retire(w)
+        elif not w.dead:
+            self.idle.append(w)
+
+    def _retire(self, w: _Worker) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            w.conn.send(("exit",))
+        w.proc.join(10)
+        if w.proc.is_alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(w.proc.pid, signal.SIGKILL)
+            w.proc.join(5)
+        self._discard(w)
+
+    def _discard(self, w: _Worker) -> None:
+        w.dead = True
+        if w in self.idle:
+            self.idle.remove(w)
+        if w in self.all:
+            self.all.remove(w)
+        with contextlib.suppress(OSError):
+            w.conn.close()
+
+    def close(self) -> None:
+        for w in list(self.all):
+            if w.busy and w.proc.is_alive():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(w.proc.pid, signal.SIGKILL)
+                w.proc.join(5)
+                self._discard(w)
+            else:
+                self._retire(w)
 
 
 def _optional_preload() -> list[str]:

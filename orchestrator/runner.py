@@ -711,13 +711,13 @@ def run_plan(plan: Plan, *, options: RunnerOptions, launcher: Launcher | None = 
              selection: dict[str, Any] | None = None, settings: Settings | None = None,
              runner_hook: Callable[[Runner], None] | None = None) -> OrchestrationResult:
     """Run ``plan`` with the real store and launcher (unless given); always closes what it opened."""
-    from orchestrator.launcher import ProcessLauncher
+    from orchestrator.launcher import PoolLauncher
     from orchestrator.store import DbRunStore
 
     own_store = store is None
     own_launcher = launcher is None
     store = store or DbRunStore(settings)
-    launcher = launcher or ProcessLauncher()
+    launcher = launcher or PoolLauncher()
     try:
         runner = Runner(plan, store, launcher, options, on_tick=on_tick, initial_requests=initial_requests,
                         selection=selection)

@@ -276,11 +276,25 @@ def scheduler(
     shutdown_grace: Annotated[float, typer.Option(help="seconds a running orchestration gets after SIGTERM")] = 60.0,
 ) -> None:
     """Run the scheduler service: fire jobs (with dependencies) on their cron schedules until SIGTERM."""
+    import os
+    import shutil
+    import tempfile
+
+    # extractions run in worker processes: prometheus_client's multiprocess mode lets this process's
+    # /metrics show their job and record counters too. It must be set before prometheus_client loads.
+    own_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own_dir = tempfile.mkdtemp(prefix="trialsync-scheduler-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
     from common.logging import setup_logging
     from orchestrator.scheduler import serve
 
     setup_logging("scheduler")
-    serve(metrics_port=metrics_port, shutdown_grace=shutdown_grace)
+    try:
+        serve(metrics_port=metrics_port, shutdown_grace=shutdown_grace)
+    finally:
+        if own_dir:
+            shutil.rmtree(own_dir, ignore_errors=True)
 
 
 # -- status / history ------------------------------------------------------------------------------

@@ -414,6 +414,8 @@ class PoolLauncher:
         self._discard(w)
 
     def _discard(self, w: _Worker) -> None:
+        if not w.dead or w in self.all:
+            _mark_metrics_dead(w.proc.pid)
         w.dead = True
         if w in self.idle:
             self.idle.remove(w)
@@ -431,6 +433,15 @@ class PoolLauncher:
                 self._discard(w)
             else:
                 self._retire(w)
+
+
+def _mark_metrics_dead(pid: int | None) -> None:
+    """prometheus_client multiprocess mode: drop a gone worker's live gauges (counters stay)."""
+    if pid and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        with contextlib.suppress(Exception):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)
 
 
 def _optional_preload() -> list[str]:

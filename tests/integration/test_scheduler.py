@@ -36,9 +36,13 @@ def sim() -> Iterator[Any]:
 
 class Replica:
     def __init__(self, p: Pipeline, name: str, grace: float = 30.0):
+        from common.stack import free_port
+
         self.log = p.state_dir / f"scheduler-{name}.log"
+        self.metrics_port = free_port()
         env = {**p.env, "SCHEDULER_REFRESH_SECONDS": "1", "SCHEDULER_COALESCE_SECONDS": "0.5",
-               "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
+               "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "ENABLE_METRICS": "true",
+               "METRICS_PORT": str(self.metrics_port)}
         self.out = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([TRIALSYNC, "scheduler", "--shutdown-grace", str(grace)], env=env, cwd=REPO,
                                      stdout=self.out, stderr=subprocess.STDOUT)
@@ -114,6 +118,13 @@ def test_fire_runs_the_job_with_its_dependencies(pipeline: Pipeline) -> None:  #
                     WHERE orchestration_id = %s AND run_status = 'success'""", (f[4],)).fetchall()}
         assert set(rows) == {2, 164, 10}  # Subjects and both jobs that fill its parameter table
         assert rows[10][0] >= max(rows[2][1], rows[164][1])
+        # the scheduler's /metrics shows its own families and its extraction workers' (multiprocess)
+        import requests
+
+        text = requests.get(f"http://127.0.0.1:{r.metrics_port}/metrics", timeout=10).text
+        assert 'trialsync_scheduler_fires_total{job_id="10",outcome="success"} 1.0' in text
+        assert 'trialsync_job_runs_total{job_id="10",status="success"} 1.0' in text
+        assert 'trialsync_scheduler_next_fire_timestamp_seconds{job_id="10"}' in text
     finally:
         assert r.stop() == 0
 

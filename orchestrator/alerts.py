@@ -339,9 +339,11 @@ def evaluate(conn: psycopg.Connection, channels: list[Channel], settings: Settin
 def evaluate_and_notify(settings: Settings | None = None) -> list[Delivery]:
     """One evaluation with the configured channels (the scheduler and ``run`` call this)."""
     from common.db import connect
+    from orchestrator.store import mark_stale_orchestrations
 
     s = settings or get_settings()
     with connect(s, autocommit=True, application_name="trialsync-alerts") as conn:
+        mark_stale_orchestrations(conn)
         return evaluate(conn, configured_channels(s), s)
 
 

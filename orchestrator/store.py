@@ -79,6 +79,32 @@ class RunStore(Protocol):
     def close(self) -> None: ...
 
 
+def mark_stale_orchestrations(conn: psycopg.Connection) -> list[str]:
+    """Orchestrations left 'running' by an orchestrator process that died on this host -> failed.
+
+    Their extraction runs are found stale by the extractor (``producers.runs``); this closes the
+    orchestration itself, so alerting stops waiting for retries that will never come.
+    """
+    from common.stack import pid_alive
+
+    out = []
+    rows = conn.execute("""SELECT id::text, pid FROM etl.dw_orchestrations
+                            WHERE status = 'running' AND host = %s AND pid IS NOT NULL""", (HOST,)).fetchall()
+    for oid, pid in rows:
+        if pid == os.getpid() or pid_alive(int(pid)):
+            continue
+        conn.execute(
+            """UPDATE etl.dw_orchestrations SET status = 'failed', completed_at = now(),
+                      duration_seconds = round(extract(epoch FROM now() - started_at)::numeric, 3),
+                      error_message = %s
+                WHERE id = %s AND status = 'running'""",
+            (f"the orchestrator process {pid} on {HOST} died before finishing", oid))
+        out.append(oid)
+    if out:
+        log.warning("stale_orchestrations_closed", orchestration_ids=out)
+    return out
+
+
 def _json(obj: Any) -> str:
     return orjson.dumps(obj, default=str).decode()
 
@@ -119,6 +145,10 @@ class DbRunStore:
     # -- orchestrations ------------------------------------------------------------------------
     def begin_orchestration(self, oid: str, trigger: str, selection: dict[str, Any], mode: str,
                             jobs_total: int) -> None:
+        try:
+            mark_stale_orchestrations(self.conn)
+        except psycopg.Error as e:
+            log.warning("stale_orchestration_check_failed", error=str(e).splitlines()[0] if str(e) else "")
         self._exec(
             """INSERT INTO etl.dw_orchestrations (id, trigger, selection, mode, jobs_total, host, pid)
                VALUES (%s, %s, %s::jsonb, %s, %s, %s, %s)""",

@@ -147,6 +147,23 @@ def test_failed_attempt_of_a_running_orchestration_waits_for_its_retries(  # typ
     assert smtp.messages == []
 
 
+def test_failed_run_of_a_dead_orchestrator_alerts(warehouse: psycopg.Connection, channels_env) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from orchestrator.store import HOST
+
+    smtp, _ = channels_env
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    oid = str(uuid.uuid4())
+    warehouse.execute("INSERT INTO etl.dw_orchestrations (id, status, host, pid) VALUES (%s, 'running', %s, %s)",
+                      (oid, HOST, gone.pid))
+    insert_run(warehouse, 2, "failed", error="HTTP 503", error_class="ServerError", orchestration_id=oid)
+    assert [d.kind for d in evaluate()] == ["failure", "failure"]
+    row = warehouse.execute("SELECT status, error_message FROM etl.dw_orchestrations WHERE id = %s", (oid,)).fetchone()
+    assert row[0] == "failed" and "died before finishing" in row[1]
+
+
 def test_concurrent_evaluations_send_once(warehouse: psycopg.Connection, channels_env) -> None:  # type: ignore[no-untyped-def]
     import threading
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.config import ConfigError
@@ -46,6 +46,17 @@ class OrchestratorSettings(BaseSettings):
     #: alerts: prefix of every subject line
     alert_subject_prefix: str = "[TrialSync]"
 
+    @field_validator("scheduler_timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not an IANA time zone name (e.g. UTC, Europe/Berlin, America/New_York)") from None
+        return v
+
 
 def load_orchestrator_settings(**overrides: object) -> OrchestratorSettings:
     try:
@@ -53,7 +64,8 @@ def load_orchestrator_settings(**overrides: object) -> OrchestratorSettings:
     except ValidationError as e:
         err = e.errors()[0]
         name = str(err["loc"][0]).upper() if err["loc"] else "settings"
-        raise ConfigError(f"invalid setting {name}={err.get('input')!r}: {err['msg']}") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"invalid setting {name}={err.get('input')!r}: {msg}") from None
 
 
 @functools.lru_cache(maxsize=1)

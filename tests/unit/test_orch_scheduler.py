@@ -219,3 +219,10 @@ def test_fires_are_ignored_once_stopping(clock: FakeNow) -> None:
     svc.stopping.set()
     svc.on_fire(2, clock.t, "on_time")
     assert svc.queue.empty()
+
+
+def test_bad_timezone_is_a_clear_config_error() -> None:
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"SCHEDULER_TIMEZONE='Mars/Olympus'.*IANA time zone"):
+        load_orchestrator_settings(scheduler_timezone="Mars/Olympus")

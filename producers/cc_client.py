@@ -82,6 +82,64 @@ def parse_retry_after(value: str | None, now: Callable[[], datetime] = lambda: d
     return min(MAX_RETRY_AFTER, max(0.0, (when - now()).total_seconds()))
 
 
+def page_from_response(status: int, header: Callable[[str], str | None], body: bytes, *, url: str, endpoint: str,
+                       key_header: str) -> Page:
+    """Turn one HTTP answer into a :class:`Page` or raise the matching :class:`ApiError`.
+
+    Shared by the requests-based client and the asyncio engine so both classify identically.
+    """
+    if status >= 300:
+        retry_after = parse_retry_after(header("Retry-After")) if status in (429, 503) else None
+        if status == 429:
+            API_RATE_LIMITED.labels(endpoint).inc()
+        hint = _body_hint(body)
+        if status == 503 and retry_after is not None:
+            raise RateLimitedError("the API is overloaded and asked us to wait", retry_after=retry_after,
+                                   url=url, status=status, endpoint=endpoint, detail=hint)
+        raise error_for_status(status, url=url, endpoint=endpoint, detail=hint, retry_after=retry_after,
+                               key_header=key_header)
+    if status == 204 or (not body and status != 200):
+        return Page([], shape="empty")
+    if not body:
+        raise MalformedResponseError("the API sent an empty body where JSON was expected", url=url,
+                                     status=status, endpoint=endpoint)
+    try:
+        return parse_page(body)
+    except orjson.JSONDecodeError as e:
+        raise MalformedResponseError("the response is not valid JSON", url=url, status=status,
+                                     endpoint=endpoint, detail=str(e)) from None
+
+
+class RetryPolicy:
+    """How many times and how long to wait: shared by both HTTP engines.
+
+    Transient errors get ``max_retries`` retries with exponential backoff and "equal jitter"
+    (half fixed, half random); 429s honour Retry-After and have their own, larger budget.
+    """
+
+    def __init__(self, max_retries: int = 3, retry_delay: float = 5.0, max_rate_limited: int = MAX_RATE_LIMITED,
+                 rng: random.Random | None = None):
+        self.max_retries = max_retries
+        self.retry_delay = retry_delay
+        self.max_rate_limited = max_rate_limited
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
+
+    def backoff(self, attempt: int) -> float:
+        d = min(MAX_BACKOFF, self.retry_delay * (2 ** (attempt - 1)))
+        return d / 2 + self.rng.uniform(0, d / 2)
+
+    def next_delay(self, err: ApiError, attempt: int, limited: int) -> float | None:
+        """Seconds to wait before retrying ``err`` (None: give up). ``attempt``/``limited`` count
+        the transient failures and 429s so far, including this one."""
+        if isinstance(err, RateLimitedError):
+            if limited > self.max_rate_limited:
+                return None
+            return err.retry_after if err.retry_after is not None else self.backoff(limited)
+        if isinstance(err, TransientApiError):
+            return None if attempt > self.max_retries else self.backoff(attempt)
+        return None
+
+
 def build_query(params: dict[str, Any] | None) -> str:
     """``$top=1000&$filter=modifiedDate%20gt%20...`` -- OData names keep their ``$`` (readable URLs)."""
     if not params:
@@ -104,14 +162,11 @@ class CCClient:
         self._origin = _origin(self.base_url)
         self.key_header = key_header
         self.limiter: Limiter = limiter or RateLimiter(0)
-        self.max_retries = max_retries
-        self.retry_delay = retry_delay
-        self.max_rate_limited = max_rate_limited
+        self.policy = RetryPolicy(max_retries, retry_delay, max_rate_limited, rng)
         self.timeout = (min(10.0, timeout), timeout)
         #: set by the run to stop waiting: backoff sleeps end early and the pending error is raised
         self.cancel = cancel or threading.Event()
         self._sleep = sleep or self.cancel.wait
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self._calls_lock = threading.Lock()
         self.api_calls = 0
         self.retries = 0
@@ -170,36 +225,24 @@ class CCClient:
         while True:
             try:
                 return self._attempt(url, endpoint)
-            except RateLimitedError as e:
-                limited += 1
-                if limited > self.max_rate_limited:
-                    e.attempts = attempt + limited
-                    raise
-                delay = e.retry_after if e.retry_after is not None else self._backoff(limited)
-                # the limit is per key: hold every worker of this instance, not only this one
-                self.limiter.pause(delay)
-                self._count_retry(endpoint, e.reason)
-                log.debug("api_rate_limited", endpoint=endpoint, retry_after=delay)
-                self._sleep(delay)
-                if self.cancel.is_set():
-                    raise
             except TransientApiError as e:
-                attempt += 1
-                if attempt > self.max_retries:
+                if isinstance(e, RateLimitedError):
+                    limited += 1
+                else:
+                    attempt += 1
+                delay = self.policy.next_delay(e, attempt, limited)
+                if delay is None:
                     e.attempts = attempt + limited
                     raise
-                delay = self._backoff(attempt)
+                if isinstance(e, RateLimitedError):
+                    # the limit is per key: hold every worker of this instance, not only this one
+                    self.limiter.pause(delay)
                 self._count_retry(endpoint, e.reason)
-                log.info("api_retry", endpoint=endpoint, reason=e.reason, status=e.status, attempt=attempt,
+                log.info("api_retry", endpoint=endpoint, reason=e.reason, status=e.status, attempt=attempt + limited,
                          delay_s=round(delay, 3))
                 self._sleep(delay)
                 if self.cancel.is_set():
                     raise
-
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with "equal jitter": half fixed, half random, capped."""
-        d = min(MAX_BACKOFF, self.retry_delay * (2 ** (attempt - 1)))
-        return d / 2 + self._rng.uniform(0, d / 2)
 
     def _count_retry(self, endpoint: str, reason: str) -> None:
         with self._calls_lock:
@@ -241,26 +284,8 @@ class CCClient:
             self._observe(endpoint, None, t0)
             raise ApiConnectionError("the request failed", url=shown, endpoint=endpoint, detail=_short(e)) from None
         self._observe(endpoint, status, t0)
-        if status >= 300:
-            retry_after = parse_retry_after(resp.headers.get("Retry-After")) if status in (429, 503) else None
-            if status == 429:
-                API_RATE_LIMITED.labels(endpoint).inc()
-            err = error_for_status(status, url=shown, endpoint=endpoint, detail=_body_hint(body),
-                                   retry_after=retry_after, key_header=self.key_header)
-            if status == 503 and retry_after is not None:
-                err = RateLimitedError("the API is overloaded and asked us to wait", retry_after=retry_after,
-                                       url=shown, status=status, endpoint=endpoint, detail=_body_hint(body))
-            raise err
-        if status == 204 or (not body and status != 200):
-            return Page([], shape="empty")
-        if not body:
-            raise MalformedResponseError("the API sent an empty body where JSON was expected", url=shown,
-                                         status=status, endpoint=endpoint)
-        try:
-            return parse_page(body)
-        except orjson.JSONDecodeError as e:
-            raise MalformedResponseError("the response is not valid JSON", url=shown, status=status,
-                                         endpoint=endpoint, detail=str(e)) from None
+        return page_from_response(status, resp.headers.get, body, url=shown, endpoint=endpoint,
+                                  key_header=self.key_header)
 
     def _observe(self, endpoint: str, status: int | None, t0: float) -> None:
         cls = status_class(status)

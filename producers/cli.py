@@ -29,6 +29,10 @@ def extract(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the requests it would make; publish nothing")] = False,
     limit: Annotated[int | None, typer.Option(min=1, help="stop after N records (watermarks are not advanced)")] = None,
     workers: Annotated[int | None, typer.Option(min=1, max=64, help="concurrent requests (default ETL_PARALLEL_JOBS)")] = None,
+    processes: Annotated[int, typer.Option(min=0, max=64, help="fan parents out over N worker processes "
+                                           "(0 = threads in this process, the default)")] = 0,
+    engine: Annotated[str | None, typer.Option(help="HTTP engine: async (uvloop) | threads (requests); "
+                                               "default ETL_HTTP_ENGINE (auto)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print each run's result as JSON")] = False,
 ) -> None:
     """Extract jobs from Clinical Conductor into their Bronze topics."""
@@ -59,7 +63,8 @@ def extract(
         progress = _RichProgress() if tty and not dry_run else None
         try:
             r = run_job(j, mode="full" if full else "incremental", dry_run=dry_run, limit=limit, settings=settings,
-                        trigger="cli", progress=progress, workers=workers)
+                        trigger="cli", progress=progress, workers=workers, processes=processes,
+                        engine=engine)
         except JobNotRunnable as e:
             if len(jobs) == 1:
                 raise UserError(str(e), code=2) from None

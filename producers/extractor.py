@@ -73,6 +73,7 @@ from common.metrics import (
 from producers import parents as parents_mod
 from producers import runs as runs_mod
 from producers import watermarks as wm_mod
+from producers.async_fanout import AsyncFanout
 from producers.cc_client import CCClient
 from producers.errors import (
     ApiError,
@@ -82,7 +83,7 @@ from producers.errors import (
     NotImplementedApiError,
     UnsafeLinkError,
 )
-from producers.fanout import DONE, FAIL, PAGE, Stream, ThreadFanout
+from producers.fanout import Stream, ThreadFanout, drive
 from producers.keys import key_builder, parent_key
 from producers.publisher import DeliveryTracker, Publisher, PublishError, get_publisher, record_headers
 from schemas.jobs import Job
@@ -167,10 +168,27 @@ def stable_orderby(job: Job) -> str | None:
     return None
 
 
+def choose_engine(settings: Settings, requested: str | None = None) -> str:
+    """``async`` (uvloop, the default) or ``threads`` (requests); ``auto`` picks threads only when an
+    HTTP(S) proxy applies to the API, which the asyncio client does not support."""
+    eng = requested or settings.etl_http_engine
+    if eng not in ("auto", "async", "threads"):
+        raise ConfigError(f"HTTP engine must be auto, async or threads, not {eng!r}")
+    if eng != "auto":
+        return eng
+    if settings.cc_api_base_url:
+        from requests.utils import get_environ_proxies
+
+        if get_environ_proxies(settings.cc_api_base_url):
+            return "threads"
+    return "async"
+
+
 def run_job(job: Job, *, mode: Mode = "incremental", only_parents: list[dict[str, Any]] | None = None,
             limit: int | None = None, dry_run: bool = False, settings: Settings | None = None,
             trigger: str = "cli", progress: ProgressSink | None = None, parent_run_id: int | None = None,
-            orchestration_id: str | None = None, attempt: int = 1, workers: int | None = None) -> RunResult:
+            orchestration_id: str | None = None, attempt: int = 1, workers: int | None = None,
+            processes: int | None = None, engine: str | None = None) -> RunResult:
     """Run ``job`` once (see the module docstring); return its :class:`RunResult`."""
     s = settings or get_settings()
     check_runnable(job)
@@ -183,7 +201,8 @@ def run_job(job: Job, *, mode: Mode = "incremental", only_parents: list[dict[str
                           "(or at `trialsync simulator serve`)")
     ex = _Extraction(job, s, mode=mode, only_parents=only_parents, limit=limit, trigger=trigger,
                      progress=progress, parent_run_id=parent_run_id, orchestration_id=orchestration_id,
-                     attempt=attempt, workers=workers or s.etl_parallel_jobs)
+                     attempt=attempt, workers=workers or s.etl_parallel_jobs, processes=processes or 0,
+                     engine=choose_engine(s, engine))
     if dry_run:
         return ex.dry_run()
     return ex.run()
@@ -194,7 +213,8 @@ class _Extraction:
 
     def __init__(self, job: Job, settings: Settings, *, mode: Mode, only_parents: list[dict[str, Any]] | None,
                  limit: int | None, trigger: str, progress: ProgressSink | None, parent_run_id: int | None,
-                 orchestration_id: str | None, attempt: int, workers: int):
+                 orchestration_id: str | None, attempt: int, workers: int, processes: int = 0,
+                 engine: str = "async"):
         self.job = job
         self.s = settings
         self.requested_mode = mode
@@ -208,6 +228,17 @@ class _Extraction:
         self.orchestration_id = orchestration_id
         self.attempt = attempt
         self.workers = max(1, workers)
+        #: >0: fan out over worker processes (parameterized API jobs without --limit), see procfanout
+        self.processes = processes if (processes and job.requires_parameters and job.source_type == "cc_api"
+                                       and limit is None) else 0
+        self.engine = engine
+        self._proc_api_calls = 0
+        self._deadline = float("inf")
+        self._probe = ENDPOINT_PROBE_PARENTS
+        self._publisher: Publisher | None = None
+        self._extracted_metric = RECORDS_EXTRACTED.labels(job.target_table)
+        self._proc_delivered = 0
+        self._proc_retries = 0
         self.topic = K.bronze_topic(job.target_table, settings)
         self.table = job.target_table
         self.log = log.bind(job_id=job.id, table=self.table)
@@ -351,6 +382,8 @@ class _Extraction:
                     self.log.warning("no_parents", parent_table=job.parameter_source_table)
                 elif job.source_type == "csv":
                     self._fetch_csv(publisher)
+                elif self.processes:
+                    self._fetch_api_processes(publisher)
                 else:
                     self._fetch_api(publisher)
                 publisher.wait(self.tracker, progress=self._publish_progress)
@@ -377,8 +410,8 @@ class _Extraction:
         ok, failed = len(self.stream_ok), len(self.stream_failed)
         return {
             "records_extracted": self.records_extracted,
-            "records_published": self.tracker.delivered,
-            "api_calls": self.client.api_calls if self.client else 0,
+            "records_published": max(self.tracker.delivered, self._proc_delivered),
+            "api_calls": self.client.api_calls if self.client else self._proc_api_calls,
             "parents_total": self.parents_total,
             "parents_done": ok + failed if self.job.requires_parameters else None,
             "parents_failed": failed if self.job.requires_parameters else None,
@@ -394,34 +427,94 @@ class _Extraction:
     def _fetch_api(self, publisher: Publisher) -> None:
         job = self.job
         self.client = CCClient.from_settings(self.s, pool_size=self.workers + 2, cancel=self.stop)
-        fan = ThreadFanout(self.client, self.streams, endpoint=job.endpoint, odata=job.is_odata,
-                           page_size=job.page_size, orderby=stable_orderby(job), workers=self.workers,
-                           stop=self.stop).start()
-        deadline = time.monotonic() + (job.timeout_seconds or self.s.etl_timeout_seconds)
+        self._deadline = time.monotonic() + (job.timeout_seconds or self.s.etl_timeout_seconds)
+        self._probe = min(ENDPOINT_PROBE_PARENTS, len(self.streams))
+        self._extracted_metric = RECORDS_EXTRACTED.labels(self.table)
+        self._publisher = publisher
+        common = {"endpoint": job.endpoint, "odata": job.is_odata, "page_size": job.page_size,
+                  "orderby": stable_orderby(job), "stop": self.stop}
+        try:
+            if self.engine == "async":
+                AsyncFanout(self.client, self.streams, concurrency=self.workers, on_page=self._on_page,
+                            on_done=self.stream_ok.add, on_fail=self._on_fail, on_tick=self._on_tick,
+                            **common).run()
+            else:
+                fan = ThreadFanout(self.client, self.streams, workers=self.workers, **common).start()
+                try:
+                    drive(fan, on_page=self._on_page, on_done=self.stream_ok.add, on_fail=self._on_fail,
+                          on_tick=self._on_tick)
+                finally:
+                    self.stop.set()
+                    fan.join(timeout=5)
+        finally:
+            self.stop.set()
+        self._on_tick()
+        if self.fatal is not None:
+            raise self.fatal
+
+    def _on_page(self, idx: int, url: str, page: Any) -> None:
+        if self.fatal is not None:
+            return  # the run is failing: pages still in flight are not published
+        self._extracted_metric.inc(self._publish(self._publisher, self.streams[idx], page))
+
+    def _on_fail(self, idx: int, err: BaseException) -> None:
+        self._stream_failed(idx, err, self._probe)
+
+    def _on_tick(self) -> None:
+        self._tick_progress()
+        self._publish_progress()
+        if time.monotonic() > self._deadline and self.fatal is None:
+            limit_s = self.job.timeout_seconds or self.s.etl_timeout_seconds
+            self.fatal = TimeoutError(
+                f"the run exceeded its timeout of {limit_s} s (timeout_seconds in config/jobs.yaml, "
+                "or ETL_TIMEOUT_SECONDS)")
+            self.stop.set()
+
+    def _fetch_api_processes(self, publisher: Publisher) -> None:
+        from producers.procfanout import ProcessFanout
+
+        threads = max(1, self.workers // self.processes)
+        pf = ProcessFanout(self.s, self.job, self.run_id or 0, self.streams, processes=self.processes,
+                           threads=threads, tracks_watermarks=self.tracks_watermarks, engine=self.engine).start()
+        deadline = time.monotonic() + (self.job.timeout_seconds or self.s.etl_timeout_seconds)
         probe = min(ENDPOINT_PROBE_PARENTS, len(self.streams))
         extracted_metric = RECORDS_EXTRACTED.labels(self.table)
         try:
-            for item in fan.results():
-                if item is not None:
-                    kind, idx, payload = item
-                    if kind == PAGE:
-                        if not self.stop.is_set() or self.fatal is None:
-                            n = self._publish(publisher, self.streams[idx], payload[1])
-                            extracted_metric.inc(n)
-                    elif kind == DONE:
+            for msg in pf.messages():
+                if msg is not None:
+                    kind = msg[0]
+                    if kind == "done":
+                        _, idx, n, mt = msg
                         self.stream_ok.add(idx)
-                    elif kind == FAIL:
-                        self._stream_failed(idx, payload, probe)
-                    self._tick_progress()
+                        self.stream_records[idx] = n
+                        if mt is not None:
+                            self.stream_max[idx] = mt
+                    elif kind == "fail":
+                        self._stream_failed(msg[1], msg[2], probe)
+                    elif kind == "final":
+                        snap, missing, retries = msg[2], msg[5], msg[7]
+                        self.tracker.merge(snap["per_partition"], snap["last_offset"], snap["delivered"],
+                                           snap["failed"], snap["first_error"])
+                        self.records_missing_key += missing
+                        self._proc_retries += retries
+                    elif kind == "died" and self.fatal is None:
+                        self.fatal = RuntimeError(f"extract worker process {msg[1]} died (exit code {msg[2]})")
+                        self.stop.set()
+                records, pages, calls, delivered = pf.totals()
+                if records > self.records_extracted:
+                    extracted_metric.inc(records - self.records_extracted)
+                self.records_extracted, self.pages = records, pages
+                self._proc_api_calls, self._proc_delivered = calls, delivered
+                self._tick_progress()
                 if time.monotonic() > deadline and self.fatal is None:
-                    limit_s = job.timeout_seconds or self.s.etl_timeout_seconds
-                    self.fatal = TimeoutError(
-                        f"the run exceeded its timeout of {limit_s} s (timeout_seconds in config/jobs.yaml, "
-                        "or ETL_TIMEOUT_SECONDS)")
+                    self.fatal = TimeoutError(f"the run exceeded its timeout of "
+                                              f"{self.job.timeout_seconds or self.s.etl_timeout_seconds} s")
                     self.stop.set()
+                if self.stop.is_set():
+                    pf.stop.set()
         finally:
-            self.stop.set()
-            fan.join(timeout=5)
+            pf.stop.set()
+            pf.join()
         if self.fatal is not None:
             raise self.fatal
 
@@ -562,7 +655,8 @@ class _Extraction:
             "parents_not_attempted": not_attempted,
             "records_missing_key": self.records_missing_key,
             "pages": self.pages,
-            "retries": self.client.retries if self.client else 0,
+            "retries": self.client.retries if self.client else self._proc_retries,
+            "processes": self.processes,
             "warnings": self.warnings,
             "watermarks_committed": len(new_wm),
         }

@@ -15,7 +15,10 @@ Scheduling:
   and no next link, the remaining pages are known (``$skip`` = k x records on the first page) and
   become *page tasks* any worker can take, so one big entity is fetched by all workers at once;
   page tasks go before new streams, which bounds the streams in flight;
-* when the server sends next links, that stream is followed link by link by one worker;
+* when the server sends next links, they are followed link by link by one worker -- unless the
+  link is exactly our query with ``$skip`` advanced (plain ``$skip`` paging), in which case the
+  parallel ``$skip`` plan fetches the very same pages; a ``$skiptoken`` or any other link is
+  always followed as given;
 * the worker that takes the last planned page of a stream keeps paging sequentially if that page
   was full (the entity grew during the run), so nothing added meanwhile is missed.
 
@@ -28,9 +31,10 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from common.logging import get_logger
 from producers.cc_client import MAX_PAGE_SIZE, CCClient
@@ -53,6 +57,38 @@ class Stream:
     parent_key: str = ""
 
 
+def is_plain_skip_link(client: CCClient, endpoint: str, link: str, url: str, skip: int) -> bool:
+    """True when the server's next link is our own query with ``$skip`` advanced: then pages
+    requested by ``$skip`` in parallel are exactly the pages the links would give. Any other link
+    (``$skiptoken``, other filters, another path) is followed as given."""
+    try:
+        nxt = client.resolve_link(link, url, endpoint)
+    except ApiError:
+        return False
+    a, b = urlsplit(nxt), urlsplit(url)
+    if a.path.rstrip("/") != b.path.rstrip("/"):
+        return False
+    qa = {k.lower(): v for k, v in parse_qsl(a.query, keep_blank_values=True)}
+    qb = {k.lower(): v for k, v in parse_qsl(b.query, keep_blank_values=True)}
+    if "$skiptoken" in qa or qa.get("$skip") != str(skip):
+        return False
+    for q in (qa, qb):
+        q.pop("$skip", None)
+        q.pop("$count", None)
+    return qa == qb
+
+
+def split_plan(client: CCClient, endpoint: str, url: str, page: Page) -> list[int] | None:
+    """The ``$skip`` values of the remaining pages when they can be fetched in parallel, else None
+    (count unknown, a single page, or server-driven links that are not plain ``$skip``)."""
+    n = len(page.records)
+    if page.count is None or not 0 < n < page.count:
+        return None
+    if page.next_link and not is_plain_skip_link(client, endpoint, page.next_link, url, n):
+        return None
+    return list(range(n, page.count, n))
+
+
 class Cancelled(Exception):
     """The run was stopped (limit reached, fatal error, timeout) while a worker waited."""
 
@@ -60,7 +96,8 @@ class Cancelled(Exception):
 class ThreadFanout:
     def __init__(self, client: CCClient, streams: Sequence[Stream], *, endpoint: str, odata: bool,
                  page_size: int = MAX_PAGE_SIZE, orderby: str | None = None, workers: int = 4,
-                 stop: threading.Event | None = None, split_pages: bool = True, queue_pages: int | None = None):
+                 stop: threading.Event | None = None, split_pages: bool = True, queue_pages: int | None = None,
+                 claim: Callable[[], int | None] | None = None):
         self.client = client
         self.streams = streams
         self.endpoint = endpoint
@@ -77,7 +114,11 @@ class ThreadFanout:
         self._active = 0
         self._pending: dict[int, int] = {}
         self._failed: set[int] = set()
+        self._incomplete: set[int] = set()
         self._threads: list[threading.Thread] = []
+        #: where stream indices come from: a local counter, or (worker processes) a shared one
+        self._claim = claim
+        self._claim_exhausted = False
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> ThreadFanout:
@@ -114,7 +155,14 @@ class ThreadFanout:
                 if self._page_tasks:
                     self._active += 1
                     return ("page", *self._page_tasks.popleft())
-                if self._next_stream < len(self.streams):
+                if self._claim is not None:
+                    if not self._claim_exhausted:
+                        i = self._claim()
+                        if i is not None and i < len(self.streams):
+                            self._active += 1
+                            return ("stream", i)
+                        self._claim_exhausted = True
+                elif self._next_stream < len(self.streams):
                     i = self._next_stream
                     self._next_stream += 1
                     self._active += 1
@@ -185,9 +233,8 @@ class ThreadFanout:
             return
         self._put((PAGE, idx, (url, page)))
         n = len(page.records)
-        if (self.split_pages and self.odata and not page.next_link and page.count is not None
-                and 0 < n < page.count):
-            skips = list(range(n, page.count, n))
+        skips = split_plan(self.client, self.endpoint, url, page) if self.split_pages and self.odata else None
+        if skips:
             with self._cond:
                 self._pending[idx] = len(skips)
                 # page tasks go first: finish streams already started before opening new ones
@@ -212,10 +259,14 @@ class ThreadFanout:
             if last and len(page.records) >= step:
                 # the entity grew since the count: keep going until a short page
                 self._continue(idx, url, page, skip=skip + len(page.records), count=None, post_done=False)
+        except Cancelled:
+            with self._cond:
+                self._incomplete.add(idx)  # stopped before this page: the stream is not complete
+            raise
         finally:
             with self._cond:
                 self._pending[idx] -= 1
-                finished = self._pending[idx] == 0 and idx not in self._failed
+                finished = self._pending[idx] == 0 and idx not in self._failed and idx not in self._incomplete
             if finished:
                 self._put((DONE, idx, None))
 
@@ -250,3 +301,25 @@ class ThreadFanout:
             return
         if post_done:
             self._put((DONE, idx, None))
+
+
+def drive(fan: ThreadFanout, *, on_page: Callable[[int, str, Page], None], on_done: Callable[[int], None],
+          on_fail: Callable[[int, BaseException], None], on_tick: Callable[[], None]) -> None:
+    """Consume a thread fan-out's queue on the calling thread with the same callbacks the asyncio
+    engine uses (the calling thread is the only one that publishes)."""
+    last = 0.0
+    import time
+
+    for item in fan.results():
+        if item is not None:
+            kind, idx, payload = item
+            if kind == PAGE:
+                on_page(idx, payload[0], payload[1])
+            elif kind == DONE:
+                on_done(idx)
+            elif kind == FAIL:
+                on_fail(idx, payload)
+        now = time.monotonic()
+        if item is None or now - last > 0.25:
+            last = now
+            on_tick()

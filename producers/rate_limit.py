@@ -29,6 +29,8 @@ from typing import Any, Protocol
 class Limiter(Protocol):
     rate: float
 
+    def reserve(self) -> float: ...
+
     def acquire(self) -> float: ...
 
     def pause(self, seconds: float) -> None: ...
@@ -61,18 +63,23 @@ class RateLimiter:
         self._next = 0.0
         self._paused_until = 0.0
 
-    def acquire(self) -> float:
-        """Wait for a slot; return the seconds waited."""
+    def reserve(self) -> float:
+        """Book the next slot without waiting; return how long the caller must wait before sending
+        (the asyncio engine awaits it, threads sleep it)."""
         with self._lock:
             now = self._clock()
             if self.rate <= 0:
                 start = max(now, self._paused_until)
             else:
                 start, self._next = _Slots.reserve(now, self._next, self._paused_until, self.interval, self.burst)
-        wait = start - now
+        return max(0.0, start - now)
+
+    def acquire(self) -> float:
+        """Wait for a slot; return the seconds waited."""
+        wait = self.reserve()
         if wait > 0:
             self._sleep(wait)
-        return max(0.0, wait)
+        return wait
 
     def pause(self, seconds: float) -> None:
         """Hold every worker for ``seconds`` (a 429's Retry-After)."""
@@ -93,7 +100,7 @@ class SharedRateLimiter:
         self.interval = 1.0 / self.rate if self.rate > 0 else 0.0
         self._state = ctx.Array("d", [0.0, 0.0], lock=True)  # next_free, paused_until
 
-    def acquire(self) -> float:
+    def reserve(self) -> float:
         with self._state.get_lock():
             now = time.monotonic()
             st = self._state.get_obj()
@@ -101,10 +108,13 @@ class SharedRateLimiter:
                 start = max(now, st[1])
             else:
                 start, st[0] = _Slots.reserve(now, st[0], st[1], self.interval, self.burst)
-        wait = start - now
+        return max(0.0, start - now)
+
+    def acquire(self) -> float:
+        wait = self.reserve()
         if wait > 0:
             time.sleep(wait)
-        return max(0.0, wait)
+        return wait
 
     def pause(self, seconds: float) -> None:
         with self._state.get_lock():

@@ -106,7 +106,8 @@ def load_from_topic(settings: Settings, job_id: int, timeout: float = 20.0) -> d
 
     topic = K.watermark_topic(settings)
     cfg = K.consumer_config(f"trialsync-wm-reader-{uuid.uuid4().hex[:8]}", settings,
-                            **{"enable.partition.eof": True, "partition.assignment.strategy": "range"})
+                            **{"enable.partition.eof": True, "partition.assignment.strategy": "range",
+                               "fetch.wait.max.ms": 10})
     c = Consumer(cfg)
     try:
         md = c.list_topics(topic, timeout=10)
@@ -123,7 +124,7 @@ def load_from_topic(settings: Settings, job_id: int, timeout: float = 20.0) -> d
             if time.monotonic() > deadline:
                 log.warning("watermark_topic_read_timeout", job_id=job_id, topic=topic, timeout_s=timeout)
                 return out or None
-            msgs = c.consume(10000, 0.5)
+            msgs = c.consume(10000, 0.05)
             for m in msgs:
                 err = m.error()
                 if err is not None:

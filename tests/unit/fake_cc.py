@@ -31,7 +31,8 @@ class Reply:
     status: int = 200
     body: bytes | object = b""
     headers: dict[str, str] = field(default_factory=dict)
-    #: "reset" closes the socket without answering; "truncate" promises more bytes than it sends
+    #: "reset" closes the socket without answering; "truncate" promises more bytes than it sends;
+    #: "chunked", "gzip", "close" (close-delimited body) exercise the other framings
     action: str | None = None
     delay: float = 0.0
 
@@ -68,6 +69,25 @@ class FakeCC:
                 self.send_response(rep.status)
                 for k, v in rep.headers.items():
                     self.send_header(k, v)
+                if rep.action == "chunked":
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(0, len(body), 7):
+                        part = body[i:i + 7]
+                        self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
+                if rep.action == "gzip":
+                    import gzip
+
+                    body = gzip.compress(body)
+                    self.send_header("Content-Encoding", "gzip")
+                if rep.action == "close":  # no length: the body ends when the connection does
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(body)
+                    self.close_connection = True
+                    return
                 if rep.action == "truncate":
                     self.send_header("Content-Length", str(len(body) + 100))
                     self.end_headers()

@@ -35,7 +35,7 @@ from producers.errors import (
     RateLimitedError,
     TransientApiError,
 )
-from producers.fanout import Stream, split_plan
+from producers.fanout import Stream, advance, split_plan
 from producers.http_async import AsyncHttpClient, HttpProtocolError
 from producers.pages import Page
 
@@ -73,6 +73,7 @@ class AsyncFanout:
         self._incomplete: set[int] = set()
         self._active = 0
         self._wake: asyncio.Event | None = None
+        self._gate: asyncio.Lock | None = None
         self._http: AsyncHttpClient | None = None
         self._metric: dict[str, Any] = {}
 
@@ -90,6 +91,7 @@ class AsyncFanout:
         self._http = AsyncHttpClient(headers, timeout=c.timeout[1], connect_timeout=c.timeout[0],
                                      max_idle=self.concurrency + 4, verify=verify)
         self._wake = asyncio.Event()
+        self._gate = asyncio.Lock()
         ticker = asyncio.create_task(self._ticker()) if self.on_tick else None
         try:
             await asyncio.gather(*(self._worker() for _ in range(self.concurrency)))
@@ -192,9 +194,20 @@ class AsyncFanout:
 
     async def _attempt(self, url: str) -> Page:
         c = self.client
-        wait = c.limiter.reserve()
-        if wait > 0:
-            await self._sleep(wait)
+        lim = c.limiter
+        if lim.rate > 0:
+            assert self._gate is not None
+            async with self._gate:  # one sender at a time: spacing holds between actual sends
+                wait = lim.reserve()
+                if wait > 0:
+                    await self._sleep(wait)
+                lim.confirm()
+        else:
+            wait = lim.reserve()  # only a 429 pause can make us wait
+            if wait > 0:
+                await self._sleep(wait)
+        if self.stop.is_set():
+            raise _Cancelled()
         c.api_calls += 1
         t0 = time.perf_counter()
         assert self._http is not None
@@ -242,16 +255,17 @@ class AsyncFanout:
             self._fail(idx, e)
             return
         self.on_page(idx, url, page)
-        skips = split_plan(self.client, self.endpoint, url, page) if self.split_pages and self.odata else None
+        skips = split_plan(self.client, self.endpoint, url, page, self.page_size) \
+            if self.split_pages and self.odata else None
         if skips:
-            n = len(page.records)
+            n = advance(page, self.page_size)
             self._pending[idx] = len(skips)
             for k, sk in enumerate(skips):
                 self._page_tasks.append((idx, sk, k == len(skips) - 1, n))
             assert self._wake is not None
             self._wake.set()
             return
-        await self._continue(idx, url, page, skip=len(page.records), count=page.count)
+        await self._continue(idx, url, page, skip=advance(page, self.page_size), count=page.count)
 
     async def _run_page(self, idx: int, skip: int, last: bool, step: int) -> None:
         try:
@@ -265,7 +279,8 @@ class AsyncFanout:
                 return
             self.on_page(idx, url, page)
             if last and len(page.records) >= step:
-                await self._continue(idx, url, page, skip=skip + len(page.records), count=None, post_done=False)
+                await self._continue(idx, url, page, skip=skip + advance(page, self.page_size), count=None,
+                                     post_done=False)
         except _Cancelled:
             self._incomplete.add(idx)  # stopped before this page: the stream is not complete
             raise
@@ -298,7 +313,7 @@ class AsyncFanout:
                     url = self._url(s, skip=skip)
                 page = await self._get(url)
                 self.on_page(idx, url, page)
-                skip += len(page.records)
+                skip += advance(page, self.page_size)
         except ApiError as e:
             self._fail(idx, e)
             return

@@ -340,7 +340,7 @@ class CCClient:
                 return
             if not odata:
                 return  # a wrapped page from a non-OData endpoint without a next link: that is all
-            skip += n
+            skip += min(n, page_size)  # never past $top: a page may repeat a record
             if count is not None:
                 if skip >= count:
                     return

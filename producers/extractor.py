@@ -137,6 +137,8 @@ class RunResult:
     error: str | None = None
     error_class: str | None = None
     duration_s: float = 0.0
+    #: seconds from the first request to the last delivery report (the run's steady-state work)
+    fetch_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)
 
@@ -249,6 +251,8 @@ class _Extraction:
         self.run_id: int | None = None
         self.records_extracted = 0
         self.records_missing_key = 0
+        self.records_repeated = 0
+        self.fetch_seconds = 0.0
         self.pages = 0
         self.parents_total: int | None = None
         self.streams: list[Stream] = []
@@ -380,12 +384,18 @@ class _Extraction:
                            f"(run and load the parent job first)")
                     self.warnings.append(msg)
                     self.log.warning("no_parents", parent_table=job.parameter_source_table)
-                elif job.source_type == "csv":
-                    self._fetch_csv(publisher)
-                elif self.processes:
-                    self._fetch_api_processes(publisher)
                 else:
-                    self._fetch_api(publisher)
+                    t_fetch = time.monotonic()
+                    try:
+                        if job.source_type == "csv":
+                            self._fetch_csv(publisher)
+                        elif self.processes:
+                            self._fetch_api_processes(publisher)
+                        else:
+                            self._fetch_api(publisher)
+                        publisher.wait(self.tracker, progress=self._publish_progress)
+                    finally:
+                        self.fetch_seconds = time.monotonic() - t_fetch
                 publisher.wait(self.tracker, progress=self._publish_progress)
                 status, error, error_class = self._outcome()
             except Exception as e:  # noqa: BLE001 - the run is recorded as failed with the reason
@@ -549,10 +559,11 @@ class _Extraction:
                 recs = recs[:room]
                 self.stop.set()
         headers = record_headers(self.job.id, self.run_id or 0, self.s.cc_instance_id, datetime.now(UTC), st.params)
-        n, missing, stamps = publisher.publish_page(self.topic, recs, self.keyfn, st.params, headers, self.tracker,
+        n, missing, stamps, repeats = publisher.publish_page(self.topic, recs, self.keyfn, st.params, headers, self.tracker,
                                                     self.ts_field)
-        self.records_extracted += n
+        self.records_extracted += n + repeats
         self.records_missing_key += missing
+        self.records_repeated += repeats
         self.stream_records[st.idx] = self.stream_records.get(st.idx, 0) + n
         if stamps and self.tracks_watermarks:
             mt = wm_mod.max_timestamp(stamps)
@@ -560,7 +571,7 @@ class _Extraction:
                 cur = self.stream_max.get(st.idx)
                 if cur is None or mt > cur:
                     self.stream_max[st.idx] = mt
-        return n
+        return n + repeats
 
     def _fetch_csv(self, publisher: Publisher) -> None:
         from producers.csv_source import read_pages
@@ -654,6 +665,8 @@ class _Extraction:
             ],
             "parents_not_attempted": not_attempted,
             "records_missing_key": self.records_missing_key,
+            "records_repeated_in_page": self.records_repeated,
+            "fetch_seconds": round(self.fetch_seconds, 3),
             "pages": self.pages,
             "retries": self.client.retries if self.client else self._proc_retries,
             "processes": self.processes,
@@ -706,6 +719,7 @@ class _Extraction:
         res.error = scrub(error) if error else None
         res.error_class = error_class
         res.duration_s = round(duration, 3)
+        res.fetch_s = round(self.fetch_seconds, 3)
         level = self.log.info if status == "success" else (self.log.warning if status == "partial" else self.log.error)
         level("run_finished", status=status, records_extracted=res.records_extracted,
               records_published=res.records_published, api_calls=res.api_calls, pages=self.pages,

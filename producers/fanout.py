@@ -78,10 +78,17 @@ def is_plain_skip_link(client: CCClient, endpoint: str, link: str, url: str, ski
     return qa == qb
 
 
-def split_plan(client: CCClient, endpoint: str, url: str, page: Page) -> list[int] | None:
+def advance(page: Page, page_size: int) -> int:
+    """How far ``$skip`` moves after ``page``: the records received, but never more than ``$top``
+    (a server that capped ``$top`` lower sends fewer; a page that repeats a record sends more,
+    and skipping by its length would jump over the next page's first record)."""
+    return min(len(page.records), page_size)
+
+
+def split_plan(client: CCClient, endpoint: str, url: str, page: Page, page_size: int) -> list[int] | None:
     """The ``$skip`` values of the remaining pages when they can be fetched in parallel, else None
     (count unknown, a single page, or server-driven links that are not plain ``$skip``)."""
-    n = len(page.records)
+    n = advance(page, page_size)
     if page.count is None or not 0 < n < page.count:
         return None
     if page.next_link and not is_plain_skip_link(client, endpoint, page.next_link, url, n):
@@ -232,8 +239,9 @@ class ThreadFanout:
             self._fail(idx, e)
             return
         self._put((PAGE, idx, (url, page)))
-        n = len(page.records)
-        skips = split_plan(self.client, self.endpoint, url, page) if self.split_pages and self.odata else None
+        n = advance(page, self.page_size)
+        skips = split_plan(self.client, self.endpoint, url, page, self.page_size) \
+            if self.split_pages and self.odata else None
         if skips:
             with self._cond:
                 self._pending[idx] = len(skips)
@@ -258,7 +266,8 @@ class ThreadFanout:
             self._put((PAGE, idx, (url, page)))
             if last and len(page.records) >= step:
                 # the entity grew since the count: keep going until a short page
-                self._continue(idx, url, page, skip=skip + len(page.records), count=None, post_done=False)
+                self._continue(idx, url, page, skip=skip + advance(page, self.page_size), count=None,
+                               post_done=False)
         except Cancelled:
             with self._cond:
                 self._incomplete.add(idx)  # stopped before this page: the stream is not complete
@@ -295,7 +304,7 @@ class ThreadFanout:
                     url = self._url(s, skip=skip)
                 page = self._get(url)
                 self._put((PAGE, idx, (url, page)))
-                skip += len(page.records)
+                skip += advance(page, self.page_size)
         except ApiError as e:
             self._fail(idx, e)
             return

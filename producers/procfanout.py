@@ -76,7 +76,7 @@ def worker_main(worker: int, settings: Any, job: Any, run_id: int, streams: list
     def on_page(idx: int, url: str, page: Any) -> None:
         st = streams[idx]
         headers = record_headers(job.id, run_id, settings.cc_instance_id, datetime.now(UTC), st.params)
-        n, miss, stamps = publisher.publish_page(topic, page.records, keyfn, st.params, headers, tracker, ts_field)
+        n, miss, stamps, _rep = publisher.publish_page(topic, page.records, keyfn, st.params, headers, tracker, ts_field)
         totals["records"] += n
         totals["missing"] += miss
         totals["pages"] += 1

@@ -125,8 +125,13 @@ class Publisher:
     # -- records ---------------------------------------------------------------------------------
     def publish_page(self, topic: str, records: list[Any], keyfn: KeyFn, params: Mapping[str, Any] | None,
                      base_headers: list[tuple[str, bytes]], tracker: DeliveryTracker,
-                     ts_field: str | None = None) -> tuple[int, int, list[Any]]:
-        """Produce one page of records in a single pass; return (produced, without key, timestamps).
+                     ts_field: str | None = None) -> tuple[int, int, list[Any], int]:
+        """Produce one page of records in a single pass; return (produced, without key, timestamps,
+        repeats skipped).
+
+        A record whose key already appeared on the same page is not published again (APIs
+        occasionally repeat a record across a page boundary or within a page; the loader would
+        collapse it anyway, and "each record exactly once per run" is easier to check this way).
 
         Value = ``orjson.dumps(record)`` (the raw record); key = ``keyfn(record, params)`` (None =
         null key, the loader dead-letters it); the record's ``ts_field`` value, when present,
@@ -138,13 +143,19 @@ class Publisher:
         dumps = orjson.dumps
         h_mod = K.H_MODIFIED_AT
         stamps: list[Any] = []
-        missing = 0
+        seen: set[str] = set()
+        missing = repeats = 0
         n = 0
         try:
             for rec in records:
                 key = keyfn(rec, params)
                 if key is None:
                     missing += 1
+                elif key in seen:
+                    repeats += 1
+                    continue
+                else:
+                    seen.add(key)
                 headers = base_headers
                 if ts_field is not None and type(rec) is dict:
                     ts = rec.get(ts_field)
@@ -162,7 +173,7 @@ class Publisher:
         finally:
             tracker.produced += n
         poll(0)
-        return n, missing, stamps
+        return n, missing, stamps, repeats
 
     def publish_values(self, topic: str, items: Iterable[tuple[bytes | str | None, bytes | None]],
                        headers: list[tuple[str, bytes]] | None, tracker: DeliveryTracker) -> int:

@@ -31,6 +31,8 @@ class Limiter(Protocol):
 
     def reserve(self) -> float: ...
 
+    def confirm(self) -> None: ...
+
     def acquire(self) -> float: ...
 
     def pause(self, seconds: float) -> None: ...
@@ -60,6 +62,9 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
+        #: senders pass one at a time while a rate applies, so the spacing holds between *actual*
+        #: send times (a late wake-up pushes the next slot back instead of squeezing two together)
+        self._gate = threading.Lock()
         self._next = 0.0
         self._paused_until = 0.0
 
@@ -74,11 +79,24 @@ class RateLimiter:
                 start, self._next = _Slots.reserve(now, self._next, self._paused_until, self.interval, self.burst)
         return max(0.0, start - now)
 
+    def confirm(self) -> None:
+        """Call right after sending: the next slot is at least one interval after *now*."""
+        if self.rate > 0:
+            with self._lock:
+                self._next = max(self._next, self._clock() + self.interval - self.interval * (self.burst - 1))
+
     def acquire(self) -> float:
         """Wait for a slot; return the seconds waited."""
-        wait = self.reserve()
-        if wait > 0:
-            self._sleep(wait)
+        if self.rate <= 0:
+            wait = self.reserve()
+            if wait > 0:
+                self._sleep(wait)
+            return wait
+        with self._gate:
+            wait = self.reserve()
+            if wait > 0:
+                self._sleep(wait)
+            self.confirm()
         return wait
 
     def pause(self, seconds: float) -> None:
@@ -110,10 +128,26 @@ class SharedRateLimiter:
                 start, st[0] = _Slots.reserve(now, st[0], st[1], self.interval, self.burst)
         return max(0.0, start - now)
 
+    def confirm(self) -> None:
+        if self.rate > 0:
+            with self._state.get_lock():
+                st = self._state.get_obj()
+                st[0] = max(st[0], time.monotonic() + self.interval - self.interval * (self.burst - 1))
+
     def acquire(self) -> float:
-        wait = self.reserve()
-        if wait > 0:
-            time.sleep(wait)
+        """Wait for a slot while holding the shared lock (the cross-process gate)."""
+        with self._state.get_lock():
+            now = time.monotonic()
+            st = self._state.get_obj()
+            if self.rate <= 0:
+                start = max(now, st[1])
+            else:
+                start, st[0] = _Slots.reserve(now, st[0], st[1], self.interval, self.burst)
+            wait = max(0.0, start - now)
+            if wait > 0:
+                time.sleep(wait)
+            if self.rate > 0:
+                st[0] = max(st[0], time.monotonic() + self.interval - self.interval * (self.burst - 1))
         return wait
 
     def pause(self, seconds: float) -> None:

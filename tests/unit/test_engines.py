@@ -318,3 +318,23 @@ def test_big_stream_is_split_across_workers(fake_cc: FakeCC, engine: str) -> Non
     out = fetch(engine, fake_cc, page_size=37, workers=4)
     assert out.ids == list(range(1, 1001))
     assert sorted(int(r.query["$skip"]) for r in fake_cc.requests) == list(range(0, 1000, 37))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("links", [False, True])
+def test_page_with_a_repeated_record_does_not_shift_skip(fake_cc: FakeCC, engine: str, links: bool) -> None:
+    data = recs(95)
+    inner = odata_entity(data, next_links=links)
+
+    def handler(req):  # every page repeats its first record: $top + 1 records
+        rep = inner(req)
+        import orjson
+
+        doc = orjson.loads(rep.body)
+        doc["value"] = doc["value"][:1] + doc["value"]
+        return json_reply(doc)
+
+    fake_cc.handler = handler
+    out = fetch(engine, fake_cc, page_size=10)
+    assert sorted(set(out.ids)) == list(range(1, 96))
+    assert sorted(int(r.query["$skip"]) for r in fake_cc.requests) == list(range(0, 95, 10))

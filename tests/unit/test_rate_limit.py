@@ -120,3 +120,20 @@ def test_limiter_for_is_one_per_instance() -> None:
     a = limiter_for("inst-a", 5)
     assert limiter_for("inst-a", 5) is a
     assert limiter_for("inst-b", 5) is not a
+
+
+def test_late_wakeups_never_squeeze_requests_together() -> None:
+    clk = FakeClock()
+    late = iter([0.05, 0.0, 0.08, 0.0, 0.0, 0.03] * 10)
+
+    def oversleep(s: float) -> None:  # the OS wakes us up later than asked, now and then
+        clk.sleep(s + next(late))
+
+    lim = RateLimiter(10, clock=clk, sleep=oversleep)
+    sent = []
+    for _ in range(40):
+        lim.acquire()
+        sent.append(clk.t)
+    gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+    assert min(gaps) >= 0.1 - 1e-9
+    assert max_in_window(sent, 1.0) <= 10

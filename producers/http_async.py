@@ -142,6 +142,8 @@ class _Origin:
     port: int
     host_header: str
     ssl: ssl.SSLContext | None
+    #: the request's bytes after the target: "Host: ...", the static headers, the blank line
+    prefix: bytes = b""
 
 
 class AsyncHttpClient:
@@ -170,10 +172,13 @@ class AsyncHttpClient:
         return self._ssl
 
     def _origin(self, url: str) -> tuple[_Origin, str]:
-        u = urlsplit(url)
-        key = f"{u.scheme}://{u.netloc}"
+        # fast path: "scheme://netloc" is everything before the first '/' after the '//'
+        cut = url.find("/", url.find("//") + 2)
+        key = url if cut < 0 else url[:cut]
+        target = "/" if cut < 0 else url[cut:]
         o = self._origins.get(key)
         if o is None:
+            u = urlsplit(url)
             if u.scheme not in ("http", "https") or not u.hostname:
                 raise ValueError(f"not an http(s) URL: {url}")
             port = u.port or (443 if u.scheme == "https" else 80)
@@ -182,8 +187,10 @@ class AsyncHttpClient:
             if ":" in (u.hostname or "") and not hh.startswith("["):
                 hh = f"[{u.hostname}]" + ("" if default else f":{port}")
             o = _Origin(u.scheme, u.hostname, port, hh, self._ssl_context() if u.scheme == "https" else None)
+            o.prefix = b"\r\nHost: " + hh.encode("idna") + b"\r\n" + self._static + b"\r\n"
             self._origins[key] = o
-        target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        if "#" in target:
+            target = target.split("#", 1)[0]
         return o, target
 
     async def _connect(self, o: _Origin) -> _Conn:
@@ -196,8 +203,7 @@ class AsyncHttpClient:
     async def get(self, url: str) -> HttpResponse:
         """GET ``url``; raises ``TimeoutError``, ``OSError``/``ConnectionError`` or ``HttpProtocolError``."""
         o, target = self._origin(url)
-        req = b"GET " + target.encode("ascii") + b" HTTP/1.1\r\nHost: " + o.host_header.encode("idna") + \
-            b"\r\n" + self._static + b"\r\n"
+        req = b"GET " + target.encode("ascii") + b" HTTP/1.1" + o.prefix
         pool = self._idle.setdefault((o.scheme, o.host, o.port), [])
         for attempt in (0, 1):
             conn = None

@@ -85,8 +85,11 @@ def max_timestamp(values: Iterable[Any]) -> datetime | None:
 
 
 def odata_literal(dt: datetime) -> str:
-    """OData DateTimeOffset literal, UTC, whole seconds (rounded down: more overlap, never less)."""
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """OData DateTimeOffset literal in UTC with milliseconds, rounded down (never less overlap):
+    ``2025-12-01T20:30:52.179Z``. Milliseconds matter: with whole seconds, every incremental run
+    would fetch again the records of the watermark's own second."""
+    dt = dt.astimezone(UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{dt.microsecond // 1000:03d}Z"
 
 
 def filter_expression(field: str, watermark: datetime, overlap_seconds: float) -> str:

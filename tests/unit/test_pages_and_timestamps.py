@@ -55,7 +55,8 @@ def test_max_timestamp_mixed_formats() -> None:
     assert max_timestamp([]) is None
 
 
-def test_filter_expression_applies_overlap_and_rounds_down() -> None:
+def test_filter_expression_applies_overlap_and_keeps_milliseconds() -> None:
     wm = datetime(2025, 12, 1, 20, 30, 52, 900000, tzinfo=UTC)
-    assert filter_expression("modifiedDate", wm, 300) == "modifiedDate gt 2025-12-01T20:25:52Z"
-    assert odata_literal(wm + timedelta(hours=1)) == "2025-12-01T21:30:52Z"
+    assert filter_expression("modifiedDate", wm, 300) == "modifiedDate gt 2025-12-01T20:25:52.900Z"
+    assert odata_literal(wm + timedelta(hours=1, microseconds=99)) == "2025-12-01T21:30:52.900Z"
+    assert odata_literal(datetime(2025, 1, 1, 1, 0, 0, 999999, tzinfo=UTC)) == "2025-01-01T01:00:00.999Z"

@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -52,11 +50,18 @@ class Sim:
         import requests
 
         self.proc = None
+        self.port: int | None = None
         if url is None:
+            from bench.simulator_bench import KEY, _pin, _pin_tree
             from simulator.testing import SimulatorProcess
 
-            self.proc = SimulatorProcess(scale=scale, seed=42, api_key="bench-key", startup_timeout=600).start()
+            self.proc = SimulatorProcess(scale=scale, seed=42, api_key=KEY, startup_timeout=600).start()
             url, key, header = self.proc.base_url, self.proc.api_key, self.proc.key_header
+            self.port = self.proc.port
+            # as in bench/simulator_bench.py: the simulator on CPU 0, the extractor (this process) on CPU 1
+            _pin_tree(self.proc.pid, 0)
+            for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+                _pin(int(task.name), 1)
         self.base_url = url.rstrip("/")
         self.key = key or ""
         self.header = header
@@ -113,46 +118,24 @@ def run(job_id: int, **kw: Any) -> dict[str, Any]:
             "requests_per_s": round(r.api_calls / fetch) if fetch else None, "error": r.error}
 
 
-def _hammer_proc(base: str, key: str, header: str, paths: list[str], seconds: float, threads: int, q: Any) -> None:
-    import http.client
+def sim_capacity(sim: Sim, paths: list[str], seconds: float = 5.0) -> dict[str, Any]:
+    """The simulator's request capacity on the fan-out endpoint, measured like
+    bench/simulator_bench.py does (keep-alive ``http.client`` threads on the other CPU, bodies read,
+    not parsed): the reference the fan-out share is computed against."""
     from urllib.parse import urlsplit
 
-    u = urlsplit(base)
-    counts = [0] * threads
+    from bench.simulator_bench import python_load
 
-    def worker(k: int) -> None:
-        c = http.client.HTTPConnection(u.hostname, u.port)
-        end, i, n = time.monotonic() + seconds, k, 0
-        while time.monotonic() < end:
-            c.request("GET", u.path + paths[i % len(paths)], headers={header: key})
-            c.getresponse().read()
-            n, i = n + 1, i + threads
-        counts[k] = n
-
-    ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    q.put(sum(counts))
-
-
-def sim_capacity(sim: Sim, paths: list[str], seconds: float = 5.0) -> dict[str, Any]:
-    """Best request rate of a lean raw-socket load (no JSON parsing, no publishing)."""
+    if sim.key != "bench-key":
+        return {"skipped": "external simulator: its key is not the bench key"}
+    u = urlsplit(sim.base_url)
+    full = [u.path + p for p in paths]
+    python_load(u.port or 80, full[:200], 1.0, 4, False)  # warm-up
     best: dict[str, Any] = {}
-    for procs, threads in ((1, 4), (2, 4), (3, 4)):
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        ps = [ctx.Process(target=_hammer_proc, args=(sim.base_url, sim.key, sim.header, paths, seconds, threads, q))
-              for _ in range(procs)]
-        for p in ps:
-            p.start()
-        total = sum(q.get(timeout=seconds + 60) for _ in ps)
-        for p in ps:
-            p.join()
-        rate = round(total / seconds)
-        if rate > best.get("requests_per_s", 0):
-            best = {"requests_per_s": rate, "client_processes": procs, "threads_each": threads}
+    for threads in (4, 8, 16):
+        r = python_load(u.port or 80, full, seconds, threads, False)
+        if r["requests_per_s"] > best.get("requests_per_s", 0):
+            best = r
     return best
 
 

@@ -385,7 +385,8 @@ class _Extraction:
                 trigger=self.trigger, parent_run_id=self.parent_run_id, orchestration_id=self.orchestration_id,
                 attempt=self.attempt,
                 context={"topic": self.topic, "instance_id": self.s.cc_instance_id, "fetch_mode": self.mode,
-                         "requested_mode": self.requested_mode, "limit": self.limit, "workers": self.workers},
+                         "requested_mode": self.requested_mode, "limit": self.limit, "workers": self.workers,
+                         "engine": "processes" if self.processes else self.engine},
             )
             self.log = self.log.bind(run_id=self.run_id)
             JOB_RUNS_STARTED.labels(str(job.id)).inc()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -208,11 +207,11 @@ class Heartbeat:
     """Background thread: ``update_progress`` every ``interval`` seconds on its own connection."""
 
     def __init__(self, settings: Settings, run_id: int, counters: Callable[[], dict[str, Any]],
-                 interval: float = HEARTBEAT_SECONDS):
+                 interval: float | None = None):
         self.settings = settings
         self.run_id = run_id
         self.counters = counters
-        self.interval = interval
+        self.interval = interval or HEARTBEAT_SECONDS
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{run_id}", daemon=True)
 
@@ -259,6 +258,3 @@ def _counter_defaults(c: dict[str, Any]) -> dict[str, Any]:
 def _json(obj: Any) -> str:
     return orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
-
-def monotonic() -> float:
-    return time.monotonic()

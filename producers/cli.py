@@ -57,6 +57,7 @@ def extract(
         levels = catalog.topological_order([j.id for j in pool])
         jobs = [catalog.get(i) for level in levels for i in level]
     _start_metrics()
+    _terminate_as_interrupt()
     tty = sys.stderr.isatty() and not as_json
     results = []
     for j in jobs:
@@ -99,6 +100,31 @@ def _print_result(r: Any, console: Any, err_console: Any) -> None:
                           "for the loader to dead-letter", highlight=False)
     if r.error:
         err_console.print(f"[bold red]error:[/] {r.error}", highlight=False, soft_wrap=True)
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (systemd, the orchestrator's timeout) and a first Ctrl-C stop the runs cleanly: no new
+    requests, published records acknowledged, the run recorded ``failed`` ("interrupted") instead
+    of being left ``running`` until the next start finds it stale. A second Ctrl-C aborts at once."""
+    import signal
+    import threading
+
+    from producers.extractor import request_stop
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    pressed = {"n": 0}
+
+    def on_term(signum: int, frame: object) -> None:
+        request_stop("terminated (SIGTERM) before the run finished")
+
+    def on_int(signum: int, frame: object) -> None:
+        pressed["n"] += 1
+        if pressed["n"] > 1 or not request_stop("interrupted (Ctrl-C) before the run finished"):
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_int)
 
 
 def _start_metrics() -> None:

@@ -102,6 +102,30 @@ MAX_ERROR_DETAILS = 200
 DRY_RUN_SAMPLE = 5
 
 
+class Interrupted(Exception):
+    """The run was asked to stop (SIGTERM, Ctrl-C): recorded as failed with this reason."""
+
+
+_ACTIVE: set[_Extraction] = set()
+_ACTIVE_LOCK = threading.Lock()
+
+
+def request_stop(reason: str = "interrupted") -> int:
+    """Ask every run of this process to stop now (safe from a signal handler: sets flags only).
+
+    Each run stops issuing requests, waits for the broker to acknowledge what it published, and
+    records itself ``failed`` with ``reason`` (and its end offsets), instead of being left
+    ``running``. Returns the number of runs asked.
+    """
+    with _ACTIVE_LOCK:
+        runs = list(_ACTIVE)
+    for ex in runs:
+        if ex.fatal is None:
+            ex.fatal = Interrupted(reason)
+        ex.stop.set()
+    return len(runs)
+
+
 class JobNotRunnable(ValueError):
     """The job is disabled or its endpoint is invalid; the message says how to enable it."""
 
@@ -375,6 +399,8 @@ class _Extraction:
         t0 = time.monotonic()
         job = self.job
         conn = connect(self.s, autocommit=True, application_name="trialsync-extract")
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(self)
         publisher: Publisher | None = None
         heartbeat: runs_mod.Heartbeat | None = None
         status, error, error_class = "failed", None, None
@@ -410,6 +436,8 @@ class _Extraction:
                            f"(run and load the parent job first)")
                     self.warnings.append(msg)
                     self.log.warning("no_parents", parent_table=job.parameter_source_table)
+                elif self.fatal is not None:
+                    raise self.fatal
                 else:
                     t_fetch = time.monotonic()
                     try:
@@ -423,6 +451,8 @@ class _Extraction:
                     finally:
                         self.fetch_seconds = time.monotonic() - t_fetch
                 publisher.wait(self.tracker, progress=self._publish_progress)
+                if isinstance(self.fatal, Interrupted):
+                    raise self.fatal
                 status, error, error_class = self._outcome()
             except Exception as e:  # noqa: BLE001 - the run is recorded as failed with the reason
                 status, error, error_class = "failed", _describe(e), type(e).__name__
@@ -433,12 +463,15 @@ class _Extraction:
                     except Exception:  # noqa: BLE001
                         pass
             except KeyboardInterrupt:
-                status, error, error_class = "failed", "interrupted (SIGINT)", "Interrupted"
+                status, error, error_class = "failed", "interrupted (SIGINT/SIGTERM) before the run finished", \
+                    "Interrupted"
                 self.stop.set()
                 raise
             finally:
                 result = self._finish(conn, publisher, heartbeat, status, error, error_class, t0)
         finally:
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(self)
             conn.close()
         return result
 

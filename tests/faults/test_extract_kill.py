@@ -95,3 +95,27 @@ def test_kill_9_midway_is_detected_on_next_start_and_the_rerun_completes(env: Se
         # the killed run committed no watermark
         assert conn.execute("SELECT count(*) FROM etl.dw_etl_watermarks WHERE run_id = %s",
                             (killed_id,)).fetchone()[0] == 0
+
+
+def test_sigterm_records_the_run_as_failed_at_once(env: Settings, sim: SimulatorProcess) -> None:
+    job = load_catalog(env).get(10)
+    truncate(env, "dim_studies_staging")
+    seed_parents_from_sim(env, sim, 2, "dim_studies_staging")
+    sim.reset_stats()
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "extract", "--job", "10", "--full", "--workers", "2"],
+                            cwd=REPO, env={**os.environ, "LOG_FORMAT": "json"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while sim.requests_to(job.endpoint) < 40:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (run_id, status), = running_rows(env)
+    row = run_row(env, run_id)
+    assert status == "failed" and row["error_class"] == "Interrupted"
+    assert row["run_context"]["end_offsets"]  # what it did publish is accounted for

@@ -241,3 +241,17 @@ def test_csv_source_goes_through_the_same_path(env: Settings, tmp_path: Path) ->
     assert m.key == f"cc1:{m.value['nct_number']}"
     assert m.headers[K.H_JOB_ID] == "1001" and m.headers[K.H_MODIFIED_AT] == m.value["last_update_posted"]
     assert run_row(s, r.run_id)["run_status"] == "success"
+
+
+def test_cli_category_runs_in_order_and_invalid_job_is_refused(env: Settings) -> None:
+    p = cli(env, "extract", "--category", "system", "--dry-run")
+    assert p.returncode == 0, p.stderr
+    catalog = load_catalog(env)
+    system = [j for j in catalog.by_category("system") if j.runnable]
+    heads = [line for line in p.stdout.splitlines() if line.startswith("job ")]
+    assert [int(h.split()[1]) for h in heads] == [i for lvl in catalog.topological_order([j.id for j in system])
+                                                 for i in lvl]
+    p = cli(env, "extract", "--job", "14")
+    assert p.returncode == 2 and "cannot run: endpoint answers HTTP 404" in p.stderr
+    p = cli(env, "extract")
+    assert p.returncode == 2 and "choose what to extract" in p.stderr

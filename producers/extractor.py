@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -208,6 +208,59 @@ def endpoint_renderer(job: Job) -> Callable[[dict[str, Any]], str]:
     return render
 
 
+class StreamPlan(Sequence[Stream]):
+    """The run's streams, built on access from compact parent tuples.
+
+    A patient-visit fan-out has ~2.3 M parents: as tuples they cost ~120 bytes each; as Stream
+    objects with a rendered path, a parameter dict and a parent key, ~4x that. Recently used
+    streams are cached (each is touched a few times while its pages are fetched and published).
+    Picklable (worker processes receive it).
+    """
+
+    def __init__(self, job: Job, values: list[tuple[str, ...]] | None, names: list[str],
+                 watermarks: dict[str, datetime] | None = None, overlap_seconds: float = 0.0):
+        self.job, self.values, self.names = job, values, names
+        self.watermarks, self.overlap = watermarks or None, overlap_seconds
+        self._setup()
+
+    def _setup(self) -> None:
+        self._render = endpoint_renderer(self.job)
+        self._cache: dict[int, Stream] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_render", "_cache")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    def _filter(self, pk: str) -> str | None:
+        wm = self.watermarks.get(pk) if self.watermarks else None
+        return None if wm is None else wm_mod.filter_expression(self.job.timestamp_field, wm, self.overlap)
+
+    def __len__(self) -> int:
+        return 1 if self.values is None else len(self.values)
+
+    def __getitem__(self, i: int | slice) -> Any:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        st = self._cache.get(i)
+        if st is not None:
+            return st
+        if self.values is None:
+            if i != 0:
+                raise IndexError(i)
+            st = Stream(0, self.job.endpoint, None, self._filter(""), "")
+        else:
+            params = dict(zip(self.names, self.values[i], strict=True))
+            pk = parent_key(params)
+            st = Stream(i, self._render(params), params, self._filter(pk), pk)
+        if len(self._cache) >= 4096:
+            self._cache.clear()
+        self._cache[i] = st
+        return st
+
+
 def stable_orderby(job: Job) -> str | None:
     """``$orderby`` that keeps ``$skip`` paging stable: the key, when it is one top-level field."""
     if job.is_odata and len(job.primary_key) == 1 and not job.primary_key[0].startswith("$") \
@@ -303,13 +356,14 @@ class _Extraction:
         self._hdr_time = 0.0
         self.pages = 0
         self.parents_total: int | None = None
-        self.streams: list[Stream] = []
+        self.streams: Sequence[Stream] = []
         self.stream_ok: set[int] = set()
         self.stream_failed: dict[int, ApiError | BaseException] = {}
         self.stream_max: dict[int, datetime] = {}
         self.stream_records: dict[int, int] = {}
         self.previous_wm: dict[str, datetime] = {}
         self.used_wm: list[datetime] = []
+        self.filtered_streams = 0
         self.warnings: list[str] = []
         self.client: CCClient | None = None
         self.tracker = DeliveryTracker(self.topic)
@@ -320,34 +374,32 @@ class _Extraction:
     # -- planning -------------------------------------------------------------------------------
     def _plan(self, conn: psycopg.Connection) -> None:
         job = self.job
+        values: list[tuple[str, ...]] | None = None
+        names = job.placeholders or list(job.parameters)
         if job.requires_parameters:
             if self.only_parents is not None:
-                names = job.placeholders or list(job.parameters)
-                plist = []
+                values = []
                 for p in self.only_parents:
                     missing = [n for n in names if n not in p]
                     if missing:
                         raise ConfigError(f"parent {p} for job {job.id} lacks parameters {missing}")
-                    plist.append({n: str(p[n]) for n in names})
+                    values.append(tuple(str(p[n]) for n in names))
             else:
-                plist = parents_mod.load_parents(conn, job)
-            self.parents_total = len(plist)
-        else:
-            plist = [None]  # type: ignore[list-item]
+                values = parents_mod.load_parent_values(conn, job)
+            self.parents_total = len(values)
         if self.tracks_watermarks:
             self.previous_wm = wm_mod.load(conn, self.s, job.id)
-        self.streams = []
-        render = endpoint_renderer(job)
-        for i, params in enumerate(plist):
-            pk = parent_key(params)
-            flt = None
-            if self.incremental:
-                wm = self.previous_wm.get(pk)
-                if wm is not None:
-                    flt = wm_mod.filter_expression(job.timestamp_field, wm, self.s.cc_incremental_overlap_seconds)
-                    self.used_wm.append(wm)
-            path = render(params) if params else job.endpoint
-            self.streams.append(Stream(i, path, params, flt, pk))
+        if self.incremental and self.previous_wm:
+            wms = self.previous_wm
+            if values is None or self.only_parents is not None:
+                used = [wms[pk] for pk in (parent_key(dict(zip(names, v, strict=True))) for v in (values or [()]))
+                        if pk in wms]
+            else:
+                used = list(wms.values())
+            self.used_wm = [min(used)] if used else []
+            self.filtered_streams = len(used)
+        self.streams = StreamPlan(job, values, names, self.previous_wm if self.incremental else None,
+                                  self.s.cc_incremental_overlap_seconds)
 
     # -- dry run --------------------------------------------------------------------------------
     def dry_run(self) -> RunResult:
@@ -373,8 +425,8 @@ class _Extraction:
                 if not self.streams:
                     plan.append("no parents: the run would finish with 0 records (load the parent job first)")
             if self.tracks_watermarks:
-                with_wm = sum(1 for st in self.streams if st.filter_expr)
-                plan.append(f"watermarks: {len(self.previous_wm)} stored; {with_wm} of {len(self.streams)} "
+                plan.append(f"watermarks: {len(self.previous_wm)} stored; {self.filtered_streams} of "
+                            f"{len(self.streams)} "
                             "requests would be filtered")
             plan.append(f"workers: {self.workers}, page size: {job.page_size}, "
                         f"rate limit: {self.s.cc_rate_limit_rps or 'none'} req/s")
@@ -428,7 +480,7 @@ class _Extraction:
                     instance_id=self.s.cc_instance_id, mode="retry" if self.only_parents is not None else self.mode,
                     parents_total=self.parents_total))
                 self.log.info("run_started", mode=self.mode, parents_total=self.parents_total,
-                              filtered_streams=len(self.used_wm), workers=self.workers)
+                              filtered_streams=self.filtered_streams, workers=self.workers, engine=self.engine)
                 if self.progress is not None:
                     self.progress.start(job, self.parents_total)
                 if job.requires_parameters and not self.streams:

@@ -51,16 +51,21 @@ def parent_query(job: Job) -> tuple[sql.Composed, dict[str, Any]]:
     return q, params
 
 
-def load_parents(conn: psycopg.Connection, job: Job) -> list[dict[str, str]]:
-    """Every distinct parameter dict for ``job``, ordered (``[]`` when the parent table is empty)."""
+def load_parent_values(conn: psycopg.Connection, job: Job) -> list[tuple[str, ...]]:
+    """Every distinct parameter tuple for ``job`` (in placeholder order), ordered; ``[]`` when the
+    parent table is empty. Tuples, not dicts: a patient-visit fan-out has millions of parents."""
     q, params = parent_query(job)
-    names = job.placeholders or list(job.parameters)
     try:
         with conn.cursor() as cur:
             cur.execute(q, params)
-            rows = cur.fetchall()
+            return cur.fetchall()
     except psycopg.errors.UndefinedTable:
         raise ParentsError(
             f"parent table bronze.{job.parameter_source_table} of job {job.id} does not exist: "
             "run `trialsync jobs sync` (creates staging tables), then the parent job") from None
-    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+def load_parents(conn: psycopg.Connection, job: Job) -> list[dict[str, str]]:
+    """Every distinct parameter dict for ``job``, ordered (``[]`` when the parent table is empty)."""
+    names = job.placeholders or list(job.parameters)
+    return [dict(zip(names, row, strict=True)) for row in load_parent_values(conn, job)]

@@ -59,3 +59,25 @@ def test_catalog_keys_compile() -> None:
 
     for job in JobCatalog.load():
         key_builder(job.primary_key, "cc1")
+
+
+def test_stream_plan_builds_streams_on_access_and_pickles() -> None:
+    import pickle
+    from datetime import UTC, datetime
+
+    from producers.extractor import StreamPlan, endpoint_renderer
+    from schemas.jobs import JobCatalog
+
+    job = JobCatalog.load().get(175)
+    wm = {parent_key({"studyId": "1", "visitId": "2"}): datetime(2025, 1, 1, tzinfo=UTC)}
+    plan = StreamPlan(job, [("1", "2"), ("1", "a b")], ["studyId", "visitId"], wm, 60)
+    assert len(plan) == 2
+    s0, s1 = plan[0], plan[1]
+    assert s0.path == "/api/v1/studies/1/visits/2/elements/odata" and s0.params == {"studyId": "1", "visitId": "2"}
+    assert s0.filter_expr == "modifiedDate gt 2024-12-31T23:59:00.000Z" and s1.filter_expr is None
+    assert s1.path == job.render_endpoint({"studyId": "1", "visitId": "a b"}) == endpoint_renderer(job)(s1.params)
+    assert [s.idx for s in plan[:5]] == [0, 1]
+    clone = pickle.loads(pickle.dumps(plan))
+    assert clone[1].path == s1.path and clone[0].filter_expr == s0.filter_expr
+    plain = StreamPlan(JobCatalog.load().get(9), None, [])
+    assert len(plain) == 1 and plain[0].path == "/api/v1/patient-visits/odata" and plain[0].params is None

@@ -175,8 +175,10 @@ class _RichProgress:
 
     def finish(self, result: Any) -> None:
         if self.task is not None:
+            parents = "" if result.parents_total is None else f"parents {result.parents_done}/{result.parents_total}"
             self.progress.update(self.task, completed=result.parents_done or 0, records=result.records_extracted,
-                                 pages=result.pages, rate=int(result.records_extracted / max(1e-6, result.duration_s)))
+                                 pages=result.pages, parents=parents,
+                                 rate=int(result.records_extracted / max(1e-6, result.duration_s)))
 
     def close(self) -> None:
         self.progress.stop()

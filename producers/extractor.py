@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
+import orjson
 import psycopg
 
 from common import kafka as K
@@ -250,11 +251,10 @@ class StreamPlan(Sequence[Stream]):
         if self.values is None:
             if i != 0:
                 raise IndexError(i)
-            st = Stream(0, self.job.endpoint, None, self._filter(""), "")
+            st = Stream(0, self.job.endpoint, None, self._filter(""))
         else:
             params = dict(zip(self.names, self.values[i], strict=True))
-            pk = parent_key(params)
-            st = Stream(i, self._render(params), params, self._filter(pk), pk)
+            st = Stream(i, self._render(params), params, self._filter(parent_key(params)) if self.watermarks else None)
         if len(self._cache) >= 4096:
             self._cache.clear()
         self._cache[i] = st
@@ -352,7 +352,7 @@ class _Extraction:
         self.records_missing_key = 0
         self.records_repeated = 0
         self.fetch_seconds = 0.0
-        self._hdr_cache: dict[int, list[tuple[str, bytes]]] = {}
+        self._hdr_base: list[tuple[str, bytes]] | None = None
         self._hdr_time = 0.0
         self.pages = 0
         self.parents_total: int | None = None
@@ -685,18 +685,16 @@ class _Extraction:
         return n + repeats
 
     def _headers_for(self, st: Stream) -> list[tuple[str, bytes]]:
-        """Record headers of a page: built once per stream; ``ts-extracted-at`` refreshed every
-        tick (0.25 s) rather than per page -- per-page work on fan-out jobs adds up."""
+        """Record headers of a page. The run-wide part is rebuilt once per tick (``ts-extracted-at``
+        to 0.25 s), the parameters once per stream: per-page work adds up on fan-out jobs."""
         now = time.monotonic()
-        if now - self._hdr_time > 0.25:
+        if now - self._hdr_time > 0.25 or self._hdr_base is None:
             self._hdr_time = now
-            self._hdr_cache.clear()
-        h = self._hdr_cache.get(st.idx)
-        if h is None:
-            h = record_headers(self.job.id, self.run_id or 0, self.s.cc_instance_id, datetime.now(UTC), st.params)
-            if len(self._hdr_cache) < 10_000:
-                self._hdr_cache[st.idx] = h
-        return h
+            self._hdr_base = record_headers(self.job.id, self.run_id or 0, self.s.cc_instance_id,
+                                            datetime.now(UTC), None)
+        if st.params is None:
+            return self._hdr_base
+        return [*self._hdr_base, (K.H_PARAMS, orjson.dumps(st.params))]
 
     def _fetch_csv(self, publisher: Publisher) -> None:
         from producers.csv_source import read_pages

@@ -54,7 +54,14 @@ class Stream:
     path: str
     params: dict[str, str] | None = None
     filter_expr: str | None = None
-    parent_key: str = ""
+
+    @property
+    def parent_key(self) -> str:
+        """Canonical JSON of ``params`` ('' for plain jobs): the per-parent watermark key. Computed
+        on demand -- only incremental-capable jobs ever need it."""
+        from producers.keys import parent_key
+
+        return parent_key(self.params)
 
 
 def is_plain_skip_link(client: CCClient, endpoint: str, link: str, url: str, skip: int) -> bool:

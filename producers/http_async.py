@@ -36,11 +36,12 @@ class HttpProtocolError(Exception):
 @dataclass(slots=True)
 class HttpResponse:
     status: int
-    headers: dict[str, str]  # lower-case names
+    headers: dict[bytes, bytes]  # lower-case names, raw values (decoded on demand)
     body: bytes
 
     def header(self, name: str) -> str | None:
-        return self.headers.get(name.lower())
+        v = self.headers.get(name.lower().encode("latin-1"))
+        return None if v is None else v.decode("latin-1")
 
 
 class _Conn(asyncio.Protocol):
@@ -52,7 +53,7 @@ class _Conn(asyncio.Protocol):
         self.waiter: asyncio.Future[HttpResponse] | None = None
         self.parser: httptools.HttpResponseParser | None = None
         self.status = 0
-        self.headers: dict[str, str] = {}
+        self.headers: dict[bytes, bytes] = {}
         self.body: list[bytes] = []
         self.closed = False
         self.keep_alive = True
@@ -79,8 +80,8 @@ class _Conn(asyncio.Protocol):
         if w is None or w.done():
             return
         # a body delimited by the end of the connection (no Content-Length, not chunked) is complete
-        if (self.headers_done and "content-length" not in self.headers
-                and "chunked" not in self.headers.get("transfer-encoding", "").lower()):
+        if (self.headers_done and b"content-length" not in self.headers
+                and b"chunked" not in self.headers.get(b"transfer-encoding", b"").lower()):
             self.keep_alive = False
             self._complete()
             return
@@ -91,7 +92,7 @@ class _Conn(asyncio.Protocol):
 
     # -- httptools callbacks ------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        self.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
         assert self.parser is not None
@@ -232,9 +233,9 @@ class AsyncHttpClient:
                 pool.append(conn)
             else:
                 conn.abort()
-            enc = resp.headers.get("content-encoding", "").lower()
-            if enc and enc != "identity":
-                resp.body = _decode(resp.body, enc)
+            enc = resp.headers.get(b"content-encoding")
+            if enc and enc.lower() != b"identity":
+                resp.body = _decode(resp.body, enc.decode("latin-1").lower())
             return resp
         raise ConnectionResetError("unreachable")  # pragma: no cover
 

@@ -13,10 +13,10 @@ Where it lives:
   incremental state", readable by any consumer;
 * the table ``etl.dw_etl_watermarks``, written in the same step.
 
-Reading merges both, keeping the later value per key. The embedded broker keeps topics in memory
-only, so after a broker restart the topic is empty: **the database mirror is then the source of
-truth** and the next commit re-publishes the state. Taking the maximum is safe because both
-stores only ever receive values of flushed runs.
+Reading uses the database mirror (indexed, never ahead of the topic); the topic is read only when
+the mirror has nothing for the job. The embedded broker keeps topics in memory only, so after a
+broker restart the topic is empty: **the database mirror is then the source of truth** and the
+next commit re-publishes the state.
 
 The next incremental request filters ``<timestamp_field> gt <watermark - overlap>``
 (``CC_INCREMENTAL_OVERLAP_SECONDS``): records committed late with an earlier timestamp, or
@@ -152,20 +152,26 @@ def load_from_topic(settings: Settings, job_id: int, timeout: float = 20.0) -> d
 
 
 def load(conn: psycopg.Connection, settings: Settings, job_id: int, *, use_topic: bool = True) -> dict[str, datetime]:
-    """The job's watermarks: database mirror and topic merged, later value wins per key."""
+    """The job's watermarks.
+
+    The database mirror is read first: an indexed lookup, written in the same step as the topic
+    and never ahead of it (a crash between the two leaves the mirror *older*, which only widens
+    the next filter). The compacted topic is read only when the mirror has nothing for the job --
+    a new warehouse database next to an existing broker -- because reading it means scanning every
+    job's keys to the end. With the embedded broker the topic is memory-only, so after a broker
+    restart the mirror is the source of truth.
+    """
     merged = load_from_db(conn, job_id)
-    if use_topic:
-        try:
-            from_topic = load_from_topic(settings, job_id)
-        except Exception as e:  # noqa: BLE001 - the DB mirror is the fallback by design
-            log.warning("watermark_topic_unreadable", job_id=job_id, error=str(e))
-            from_topic = None
-        if from_topic is None and merged:
-            log.info("watermark_topic_empty_using_db", job_id=job_id, keys=len(merged))
-        for pk, v in (from_topic or {}).items():
-            if pk not in merged or v > merged[pk]:
-                merged[pk] = v
-    return merged
+    if merged or not use_topic:
+        return merged
+    try:
+        from_topic = load_from_topic(settings, job_id)
+    except Exception as e:  # noqa: BLE001 - no state at all means a full fetch, never a wrong one
+        log.warning("watermark_topic_unreadable", job_id=job_id, error=str(e))
+        return merged
+    if from_topic:
+        log.info("watermarks_restored_from_topic", job_id=job_id, keys=len(from_topic))
+    return from_topic or {}
 
 
 # -- writing -------------------------------------------------------------------------------------

@@ -162,3 +162,14 @@ def test_failed_parent_keeps_its_old_watermark(env: Settings, sim: SimulatorProc
     retry = run_job(job, mode="incremental", settings=env, only_parents=inc.failed_parents)
     assert retry.status == "success" and retry.records_published >= 1
     assert watermarks(env, 10)[pk] > before[pk]
+
+
+def test_topic_restores_watermarks_when_the_database_mirror_is_empty(env: Settings, sim: SimulatorProcess) -> None:
+    job = load_catalog(env).get(9)
+    assert run_job(job, mode="full", settings=env).status == "success"
+    change = sim.mutate("patient_visits", modify_count=4)
+    with connect(env, autocommit=True) as conn:  # e.g. a new warehouse database, same broker
+        conn.execute("DELETE FROM etl.dw_etl_watermarks WHERE job_id = 9")
+    inc = run_job(job, mode="incremental", settings=env)
+    assert sorted(run_keys(env, job.target_table, inc.run_id)) == sorted(f"cc1:{i}" for i in change["modified"])
+    assert watermarks(env, 9)[""] == inc.watermark_to

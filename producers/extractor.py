@@ -67,6 +67,7 @@ from common.metrics import (
     JOB_LAST_SUCCESS,
     JOB_RUNS,
     JOB_RUNS_STARTED,
+    JOB_TIMEOUT,
     RECORDS_EXTRACTED,
     RECORDS_PUBLISHED,
     RUNS_IN_PROGRESS,
@@ -468,6 +469,7 @@ class _Extraction:
             )
             self.log = self.log.bind(run_id=self.run_id)
             JOB_RUNS_STARTED.labels(str(job.id)).inc()
+            JOB_TIMEOUT.labels(str(job.id)).set(job.timeout_seconds or self.s.etl_timeout_seconds)
             RUNS_IN_PROGRESS.inc()
             heartbeat = runs_mod.Heartbeat(self.s, self.run_id, self.counters).start()
             try:

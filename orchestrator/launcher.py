@@ -68,6 +68,8 @@ class JobHandle(Protocol):
 
     def kill(self) -> None: ...
 
+    def terminate(self) -> None: ...
+
     def join(self, timeout: float | None = None) -> None: ...
 
     def wait_objects(self) -> list[Any]: ...
@@ -214,8 +216,19 @@ def worker_main(conn: multiprocessing.connection.Connection, log_path: str | Non
             conn.close()
 
 
+#: the reason a run stopped by the orchestrator's SIGTERM records (the runner then marks it cancelled)
+STOP_REASON = "stopped by the orchestrator"
+
+
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    """SIGTERM: ask the running extraction to stop cleanly (it records itself with its end offsets);
+    with nothing running, leave the process."""
+    try:
+        from producers.extractor import request_stop
+    except ImportError:  # pragma: no cover - extractor not installed
+        raise KeyboardInterrupt from None
+    if request_stop(STOP_REASON) == 0:
+        raise KeyboardInterrupt
 
 
 # -- the parent side -----------------------------------------------------------------------------
@@ -256,9 +269,10 @@ class ProcessHandle:
             os.kill(self.pid, signal.SIGKILL)
 
     def terminate(self) -> None:
+        """SIGTERM the child: its extraction stops cleanly and reports (see _sigterm_as_interrupt)."""
         if self.pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGTERM)
+                os.kill(self.pid, signal.SIGTERM)
 
     def join(self, timeout: float | None = None) -> None:
         self.proc.join(timeout)
@@ -332,6 +346,12 @@ class PoolHandle:
 
     def exitcode(self) -> int | None:
         return self.worker.proc.exitcode
+
+    def terminate(self) -> None:
+        """SIGTERM the worker: its extraction stops cleanly and reports (see _sigterm_as_interrupt)."""
+        if self.pid is not None and not self.worker.dead:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL the worker's process group; the pool replaces it at the next launch."""

@@ -168,6 +168,8 @@ class RunnerOptions:
     plain_workers: int | None = None
     #: check loads at most this often (seconds)
     load_poll: float = 0.5
+    #: seconds a cancelled extraction gets to stop cleanly before it is killed
+    cancel_grace: float = 10.0
     #: reuse a complete run another process started at/after this epoch time (None = this
     #: orchestration's start); reuse is off for --full runs
     reuse_since: float | None = None
@@ -678,23 +680,47 @@ class Runner:
 
     # -- cancellation --------------------------------------------------------------------------------
     def _cancel_all(self, now: float) -> None:
+        """Stop everything: running extractions get SIGTERM (they stop cleanly and record their end
+        offsets) and ``opt.cancel_grace`` seconds, then SIGKILL; every stopped run is ``cancelled``."""
         reason = self._cancel_reason or "cancelled"
-        for s in self.states.values():
-            if s.phase == RUNNING and s.handle is not None:
+        running = [s for s in self.states.values() if s.phase == RUNNING and s.handle is not None]
+        for s in running:
+            s.handle.terminate()  # type: ignore[union-attr]
+        deadline = self.clock() + self.opt.cancel_grace
+        pending = list(running)
+        while pending and self.clock() < deadline:
+            for s in list(pending):
+                assert s.handle is not None
+                for kind, payload in s.handle.poll():
+                    if kind == "result":
+                        s.result = payload
+                    elif kind == "error":
+                        s.child_error = payload
+                if s.result is not None or s.child_error is not None or not s.handle.is_alive():
+                    pending.remove(s)
+            if pending:
+                self._wait([o for s in pending if s.handle is not None for o in s.handle.wait_objects()], 0.1)
+        for s in running:
+            assert s.handle is not None
+            rid = (s.result or {}).get("run_id")
+            if s.result is None:
                 s.handle.kill()
                 s.handle.join(timeout=10)
-                s.result = None
-                s.child_error = {"error_class": "Cancelled", "message": reason, "record": True}
-                s.statuses.append("cancelled")
-                try:
+            try:
+                if rid is not None:
+                    self.store.mark_cancelled(int(rid), reason)
+                else:
                     rid = self.store.mark_failed(s.job_id, self.oid, s.attempt, self.opt.trigger, "Cancelled", reason,
                                                  status="cancelled")
-                    s.run_ids.append(rid)
-                except Exception:  # noqa: BLE001
-                    pass
-                s.handle = None
-                self._done(s, "cancelled", reason)
-            elif s.phase in (WAITING, LOCKWAIT, BACKOFF, LOADING):
+                s.run_ids.append(int(rid))
+            except Exception as e:  # noqa: BLE001
+                self.log.warning("cancel_not_recorded", job_id=s.job_id, error=str(e).splitlines()[0] if str(e) else "")
+            s.statuses.append("cancelled")
+            s.result = s.child_error = None
+            s.handle = None
+            self._done(s, "cancelled", reason)
+        for s in self.states.values():
+            if s.phase in (WAITING, LOCKWAIT, BACKOFF, LOADING):
                 self._done(s, "cancelled" if s.phase != LOADING else (s.status or "success"),
                            None if s.phase == LOADING else reason)
 

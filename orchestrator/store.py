@@ -62,6 +62,8 @@ class RunStore(Protocol):
     def mark_failed(self, job_id: int, oid: str, attempt: int, trigger: str, error_class: str, message: str,
                     parent_run_id: int | None = None, status: str = "failed") -> int: ...
 
+    def mark_cancelled(self, run_id: int, reason: str) -> None: ...
+
     def try_lock(self, job_id: int) -> bool: ...
 
     def unlock(self, job_id: int) -> None: ...
@@ -214,6 +216,20 @@ class DbRunStore:
             self._exec("""UPDATE etl.dw_etl_jobs SET last_run_id = %s, last_run_at = now(), last_run_status = %s
                           WHERE id = %s""", (run_id, status, job_id))
         return run_id
+
+    def mark_cancelled(self, run_id: int, reason: str) -> None:
+        """A run stopped on purpose (it recorded itself failed/interrupted, or is still running): cancelled."""
+        with self.conn.transaction():
+            row = self._exec(
+                """UPDATE etl.dw_etl_runs SET run_status = 'cancelled', error_class = 'Cancelled',
+                          error_message = %s, completed_at = coalesce(completed_at, now()),
+                          duration_seconds = coalesce(duration_seconds,
+                                                      round(extract(epoch FROM now() - started_at)::numeric, 3))
+                    WHERE id = %s AND run_status IN ('running', 'failed') RETURNING job_id""",
+                (reason, run_id)).fetchone()
+            if row is not None:
+                self._exec("""UPDATE etl.dw_etl_jobs SET last_run_status = 'cancelled'
+                               WHERE id = %s AND last_run_id = %s""", (row[0], run_id))
 
     # -- locks ---------------------------------------------------------------------------------
     def _locks(self) -> psycopg.Connection:

@@ -73,6 +73,13 @@ class FakeHandle:
     def exitcode(self) -> int | None:
         return None if self.is_alive() else (-9 if self.killed else (3 if self.script.die else 0))
 
+    def terminate(self) -> None:
+        """A clean stop: a hanging script ignores it (the runner then kills), others end now."""
+        if not self.script.hang:
+            self.ends_at = min(self.ends_at, self.world.clock.t)
+            self.script = Script(**{**self.script.__dict__, "status": "failed", "error": "stopped by the orchestrator",
+                                    "error_class": "Interrupted"})
+
     def kill(self) -> None:
         self.killed = True
         self.world.killed.append((self.job_id, self.request.attempt, self.world.clock.t))
@@ -157,6 +164,9 @@ class FakeWorld:
         self.runs[rid] = {"job_id": job_id, "attempt": attempt, "status": status, "error_class": error_class,
                           "error": message}
         return rid
+
+    def mark_cancelled(self, run_id: int, reason: str) -> None:
+        self.runs[run_id].update(status="cancelled", error=reason)
 
     def try_lock(self, job_id: int) -> bool:
         if job_id in self.release_at and self.clock.t >= self.release_at[job_id]:

@@ -273,3 +273,23 @@ def test_expensive_jobs_start_first() -> None:
     world.table_rows = {"t_1": 10, "t_2": 1000}
     make_runner(cat, world, clock, parallel=2).run()
     assert [r.job.id for r in world.launches] == [1, 2, 4, 3]
+
+
+def test_cancel_lets_extractions_stop_cleanly_before_killing() -> None:
+    clock = FakeClock()
+    world = FakeWorld(clock, scripts={(1, 1): Script(duration=10_000), (5, 1): Script(hang=True)})
+    runner = make_runner(small_catalog(), world, clock, timeout=100_000)
+    orig = clock.wait
+
+    def wait(objs: list[object], timeout: float) -> list[object]:
+        if clock.t > 1010:
+            runner.cancel("scheduler shut down")
+        return orig(objs, timeout)
+
+    runner._wait = wait  # type: ignore[method-assign]
+    res = runner.run()
+    assert res.status == "cancelled"
+    assert [j for j, _, _ in world.killed] == [5]  # the clean stopper was not killed
+    by_job = {r["job_id"]: r for r in world.runs.values() if r.get("attempt") == 1}
+    assert by_job[1]["status"] == "cancelled" and by_job[1]["error"] == "scheduler shut down"
+    assert by_job[5]["status"] == "cancelled"

@@ -742,7 +742,13 @@ def run_plan(plan: Plan, *, options: RunnerOptions, launcher: Launcher | None = 
 
     own_store = store is None
     own_launcher = launcher is None
-    store = store or DbRunStore(settings)
+    if store is None:
+        store = DbRunStore(settings)
+        try:
+            store.preflight(list(plan.job_ids))
+        except BaseException:
+            store.close()
+            raise
     launcher = launcher or PoolLauncher()
     try:
         runner = Runner(plan, store, launcher, options, on_tick=on_tick, initial_requests=initial_requests,

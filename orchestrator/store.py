@@ -145,6 +145,20 @@ class DbRunStore:
         self._held.clear()
 
     # -- orchestrations ------------------------------------------------------------------------
+    def preflight(self, job_ids: Sequence[int]) -> None:
+        """Fail early, in one line, when the schema or the catalog rows a run needs are missing."""
+        from common.db import DatabaseError
+
+        row = self._exec("SELECT to_regclass('etl.dw_orchestrations') IS NOT NULL").fetchone()
+        if not row or not row[0]:
+            raise DatabaseError("the orchestration tables are missing (migration 0400): run `trialsync db migrate`")
+        have = {int(r[0]) for r in self._exec("SELECT id FROM etl.dw_etl_jobs WHERE id = ANY(%s)",
+                                              (list(job_ids),)).fetchall()}
+        missing = sorted(set(job_ids) - have)
+        if missing:
+            raise DatabaseError(f"job(s) {missing[:10]}{' ...' if len(missing) > 10 else ''} are not in "
+                                "etl.dw_etl_jobs: run `trialsync jobs sync`")
+
     def begin_orchestration(self, oid: str, trigger: str, selection: dict[str, Any], mode: str,
                             jobs_total: int) -> None:
         try:

@@ -172,3 +172,13 @@ def test_status_and_history(warehouse: psycopg.Connection) -> None:
     assert code == 0 and "Studies" in out
     code, _, err = cli("history", "--job", "9999")
     assert code != 0 and "unknown job id 9999" in err
+
+
+def test_run_says_what_is_missing(fresh_db: str) -> None:
+    code, _, err = cli("run", "--job", "1")
+    assert code != 0 and "trialsync db migrate" in err
+    from common.db import migrate
+
+    migrate()
+    code, _, err = cli("run", "--job", "1")
+    assert code != 0 and "run `trialsync jobs sync`" in err

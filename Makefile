@@ -41,5 +41,5 @@ bench: install
 	$(BIN)/python -m bench.run
 
 clean:
-	-$(BIN)/trialsync stack down
+	-$(BIN)/trialsync demo --stop
 	rm -rf $(VENV) .trialsync .pytest_cache .ruff_cache

@@ -146,18 +146,23 @@ class MetricsServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, name=f"metrics-{service}", daemon=True)
 
     def readiness(self) -> tuple[bool, bytes]:
+        return self.evaluate(self.service, self.checks)
+
+    @staticmethod
+    def evaluate(service: str, checks: dict[str, ReadinessCheck]) -> tuple[bool, bytes]:
+        """Run every check; ready only when all pass. Also used by servers with their own HTTP stack."""
         import orjson
 
         results = {}
         ok = True
-        for name, check in self.checks.items():
+        for name, check in checks.items():
             try:
                 good, detail = check()
             except Exception as e:  # noqa: BLE001 - a failing check is a not-ready answer, not a crash
                 good, detail = False, f"{type(e).__name__}: {e}"
             results[name] = {"ok": good, "detail": detail}
             ok = ok and good
-        return ok, orjson.dumps({"ready": ok, "service": self.service, "checks": results})
+        return ok, orjson.dumps({"ready": ok, "service": service, "checks": results})
 
     def start(self) -> MetricsServer:
         self.thread.start()

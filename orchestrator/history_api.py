@@ -53,6 +53,7 @@ MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 RUN_STATUSES = ("pending", "running", "success", "partial", "failed", "skipped", "cancelled")
 TRANSFORM_STATUSES = ("running", "success", "failed", "skipped")
+QUALITY_STATUSES = ("pass", "fail", "error")
 PG_INT_MAX = 2_147_483_647
 PG_BIGINT_MAX = 9_223_372_036_854_775_807
 
@@ -219,6 +220,7 @@ class TableShape:
     def __init__(self, schema: str, table: str, roles: dict[str, tuple[str, ...]]):
         self.schema, self.table, self.roles = schema, table, roles
         self._cols: dict[str, str] | None = None
+        self.arrays: set[str] = set()
         self._lock = threading.Lock()
 
     def columns(self, conn: psycopg.Connection) -> dict[str, str] | None:
@@ -227,13 +229,15 @@ class TableShape:
             if self._cols is not None:
                 return self._cols
             rows = conn.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
-                (self.schema, self.table),
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = %s AND table_name = %s", (self.schema, self.table),
             ).fetchall()
-            present = {r["column_name"] if isinstance(r, dict) else r[0] for r in rows}
-            if not present:
+            types = {(r["column_name"] if isinstance(r, dict) else r[0]): (r["data_type"] if isinstance(r, dict)
+                                                                           else r[1]) for r in rows}
+            if not types:
                 return None
-            self._cols = {role: next((c for c in names if c in present), "") for role, names in self.roles.items()}
+            self._cols = {role: next((c for c in names if c in types), "") for role, names in self.roles.items()}
+            self.arrays = {c for c, t in types.items() if t == "ARRAY"}
             return self._cols
 
     @property
@@ -246,7 +250,7 @@ TRANSFORM_RUNS = TableShape("etl", "dw_transform_runs", {
     "procedure": ("procedure", "procedure_name", "proc_name", "name"),
     "status": ("status", "run_status"),
     "time": ("started_at", "created_at", "run_at", "executed_at"),
-    "trigger_run": ("trigger_run_id", "run_id", "etl_run_id"),
+    "trigger_run": ("trigger_run_ids", "trigger_run_id", "run_id", "etl_run_id"),
 })
 QUALITY_RESULTS = TableShape("etl", "dw_quality_results", {
     "id": ("id",),
@@ -498,11 +502,19 @@ class HistoryApi:
         for role, value in filters:
             if value is None:
                 continue
+            if role == "passed" and not cols.get("passed") and cols.get("status"):
+                # results recorded as status pass/fail/error: passed = (status = 'pass')
+                where.append(sql.SQL("({} = 'pass') = %s").format(sql.Identifier(cols["status"])))
+                params.append(value)
+                continue
             col = cols.get("time" if role in ("since", "until") else role, "")
             if not col:
                 raise ApiError(400, f"{shape.table} has no column for filter {role!r}")
-            op = ">=" if role == "since" else "<" if role == "until" else "="
-            where.append(sql.SQL("{} " + op + " %s").format(sql.Identifier(col)))
+            if col in shape.arrays:
+                where.append(sql.SQL("%s = ANY({})").format(sql.Identifier(col)))
+            else:
+                op = ">=" if role == "since" else "<" if role == "until" else "="
+                where.append(sql.SQL("{} " + op + " %s").format(sql.Identifier(col)))
             params.append(value)
         cond = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL("")
         order = [sql.Identifier(c) + sql.SQL(" DESC") for c in (cols.get("time"), cols.get("id")) if c]
@@ -524,6 +536,7 @@ class HistoryApi:
         return self._list_owned(req, conn, QUALITY_RESULTS, [
             ("check", _text(req, "check", 128)),
             ("severity", _choice(req, "severity", ("error", "warning", "info"))),
+            ("status", _choice(req, "status", QUALITY_STATUSES)),
             ("passed", _bool(req, "passed")),
             ("since", _time(req, "since")), ("until", _time(req, "until"))])
 
@@ -677,7 +690,9 @@ def openapi_document(auth: bool = False) -> dict[str, Any]:
             f"{API_PREFIX}/quality-results": op("Data-quality check results, newest first", [
                 _param("check", {"type": "string", "minLength": 1, "maxLength": 128}, "only this check"),
                 _param("severity", {"type": "string", "enum": ["error", "warning", "info"]}, "only this severity"),
-                _param("passed", {"type": "boolean"}, "only passing (true) or failing (false) results"),
+                _param("status", {"type": "string", "enum": list(QUALITY_STATUSES)},
+                       "only this outcome (error = the check itself could not run)"),
+                _param("passed", {"type": "boolean"}, "only passing (true) or not passing (false) results"),
                 *_TIME_PARAMS, *_PAGE_PARAMS], {"$ref": ref + "RowPage"}, "listQualityResults"),
         },
         "components": {

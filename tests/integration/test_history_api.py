@@ -69,9 +69,39 @@ def _seed(conn: psycopg.Connection, job_ids: list[int]) -> dict[str, Any]:
             (i % 3, 100 + i, None if i == 0 else f"cc1:{i}", c, ids["partial"],
              "MissingKey" if i == 0 else "InvalidJson", "record has no id" if i == 0 else "value is not JSON",
              "{" + "x" * 3000 if i == 2 else '{"name": "no id"}'))
+    if conn.execute("SELECT to_regclass('etl.dw_transform_runs')").fetchone()[0]:  # type: ignore[index]
+        ids["transform"] = _seed_transform(conn, ids)
     conn.execute("UPDATE etl.dw_etl_jobs SET last_run_id = %s, last_run_status = 'success', last_run_at = %s, "
                  "last_success_at = %s WHERE id = %s", (ids["runs"][6][0], ids["runs"][6][3], ids["runs"][6][3], a))
     return ids
+
+
+def _seed_transform(conn: psycopg.Connection, ids: dict[str, Any]) -> dict[str, Any]:
+    """Transform runs and quality results as the transform consumer writes them (migrations 03xx)."""
+    batch = uuid.uuid4()
+    out: dict[str, Any] = {"batch": batch}
+    rows = [("silver.load_dim_studies", "success", [ids["runs"][0][0]], None),
+            ("silver.load_fact_enrollment", "failed", [ids["runs"][0][0], ids["partial"]],
+             "duplicate key value violates unique constraint")]
+    for i, (proc, status, trig, err) in enumerate(rows):
+        started = T0 + timedelta(days=6, hours=1, minutes=i)
+        out[proc] = conn.execute(
+            """INSERT INTO etl.dw_transform_runs (batch_id, procedure_name, trigger, trigger_run_ids, status,
+                   rows_inserted, rows_updated, rows_closed, started_at, finished_at, duration_seconds,
+                   error_class, error_message)
+               VALUES (%s, %s, 'control', %s, %s, 10, 2, 1, %s, %s, 1.5, %s, %s) RETURNING id""",
+            (batch, proc, trig, status, started, started + timedelta(seconds=1.5),
+             "UniqueViolation" if err else None, err)).fetchone()[0]  # type: ignore[index]
+    for name, sev, status, failed in (("dim_studies_one_current", "error", "pass", 0),
+                                      ("fact_enrollment_orphans", "error", "fail", 4),
+                                      ("patients_required_fields", "warning", "fail", 2)):
+        conn.execute(
+            """INSERT INTO etl.dw_quality_results (check_name, target_table, severity, status, failed_rows,
+                   sample_keys, batch_id, transform_run_id, checked_at)
+               VALUES (%s, 'silver.dim_studies', %s, %s, %s, %s, %s, %s, %s)""",
+            (name, sev, status, failed, [f"k{i}" for i in range(failed)], batch, out["silver.load_dim_studies"],
+             T0 + timedelta(days=6, hours=2)))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +266,29 @@ def test_rejects_endpoint_paginates(get, history_db) -> None:
     assert p1["total"] == 3 and [r["kafka_offset"] for r in p1["items"] + p2["items"]] == [100, 101, 102]
     assert p2["next_offset"] is None
     assert get("/api/v1/runs/987654321/rejects").status_code == 404
+
+
+def test_transform_runs_and_quality_results_filter(get, history_db) -> None:
+    _, ids = history_db
+    if "transform" not in ids:
+        pytest.skip("the transform package's migrations (dw_transform_runs, dw_quality_results) are not merged")
+    t = ids["transform"]
+    all_runs = get("/api/v1/transform-runs").json()
+    assert all_runs["total"] == 2
+    failed = get("/api/v1/transform-runs", status="failed").json()["items"]
+    assert [r["id"] for r in failed] == [t["silver.load_fact_enrollment"]]
+    assert failed[0]["error_message"] == "duplicate key value violates unique constraint"
+    by_run = get("/api/v1/transform-runs", run_id=ids["partial"]).json()["items"]
+    assert [r["procedure_name"] for r in by_run] == ["silver.load_fact_enrollment"]
+    assert get("/api/v1/transform-runs", procedure="silver.load_dim_studies").json()["total"] == 1
+    assert get("/api/v1/transform-runs", since=(T0 + timedelta(days=7)).isoformat()).json()["total"] == 0
+    q = get("/api/v1/quality-results", passed="false").json()["items"]
+    assert {r["check_name"] for r in q} == {"fact_enrollment_orphans", "patients_required_fields"}
+    err = get("/api/v1/quality-results", passed="false", severity="error").json()["items"]
+    assert [(r["check_name"], r["failed_rows"], r["sample_keys"]) for r in err] == [
+        ("fact_enrollment_orphans", 4, ["k0", "k1", "k2", "k3"])]
+    assert get("/api/v1/quality-results", status="pass").json()["total"] == 1
+    assert get("/api/v1/quality-results", check="dim_studies_one_current").json()["total"] == 1
 
 
 def test_transform_and_quality_endpoints_answer(get) -> None:

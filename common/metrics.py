@@ -57,7 +57,7 @@ API_RATE_LIMITED = Counter("trialsync_api_rate_limited_total", "HTTP 429 answers
 
 # -- loader --------------------------------------------------------------------------------------
 CONSUMER_LAG = Gauge("trialsync_consumer_lag_messages", "Messages behind the partition's high watermark",
-                     ["group", "topic", "partition"], multiprocess_mode="max")
+                     ["group", "topic", "partition"], multiprocess_mode="livemax")
 BATCH_SIZE = Histogram("trialsync_loader_batch_size", "Records per flushed micro-batch", ["table"], buckets=_BATCH)
 FLUSH_DURATION = Histogram("trialsync_loader_flush_duration_seconds", "COPY + upsert + commit time of one batch",
                            ["table"], buckets=_FLUSH)

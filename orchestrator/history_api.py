@@ -726,13 +726,33 @@ def create_app(settings: Settings | None = None, pool: ConnectionPool | None = N
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> None:
-    """Run the API with uvicorn until SIGTERM/SIGINT (uvicorn shuts down gracefully)."""
+    """Run the API with uvicorn until SIGTERM/SIGINT: in-flight requests finish, then exit 0."""
+    import contextlib
+    import signal
+
     import uvicorn
+
+    class Server(uvicorn.Server):
+        # uvicorn re-raises the signal after its graceful shutdown (exit status -15); a service
+        # stopped on purpose should exit 0, so only ask it to stop.
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[override]
+            def stop(signum: int, frame: object) -> None:
+                self.should_exit = True
+
+            old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
 
     api = HistoryApi(settings)
     log.info("api_starting", host=host, port=port, auth="bearer" if api._token else "none")
+    server = Server(uvicorn.Config(api.app, host=host, port=port, log_level="warning", access_log=False,
+                                   proxy_headers=True, server_header=False, lifespan="off"))
     try:
-        uvicorn.run(api.app, host=host, port=port, log_level="warning", access_log=False,
-                    proxy_headers=True, server_header=False)
+        server.run()
     finally:
         api.close()
+        log.info("api_stopped")

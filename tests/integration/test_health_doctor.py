@@ -102,3 +102,26 @@ def test_cli_exit_codes_and_json(stack: dict[str, str]) -> None:
     assert bad.returncode == 1
     assert "key accepted" in bad.stdout and "CC_API_KEY" in bad.stdout and KEY not in bad.stdout + bad.stderr
     assert "problem(s)" in bad.stdout
+
+
+def test_against_the_simulator_key_accepted_and_rejected(settings) -> None:
+    """The real CC stand-in: the probe endpoint exists, the right key passes, a wrong one is a 401
+    naming the setting (the simulator accepts X-ApiKey and CCAPIKey)."""
+    from pydantic import SecretStr
+
+    from common.health import api_check
+    from orchestrator.doctor import run_doctor
+    from simulator.testing import SimulatorProcess
+
+    with SimulatorProcess(scale=0.002, api_key=KEY) as sim:
+        base = sim.base_url
+        good = settings.model_copy(update={"cc_api_base_url": base, "cc_api_key": SecretStr(KEY),
+                                           "cc_api_key_header": "CCAPIKey"})
+        f = _by_check(run_doctor(good).findings)
+        assert f["api/reachable"].status == "ok" and f["api/key accepted"].status == "ok", f
+        assert api_check(good)()[0] is True
+        bad = good.model_copy(update={"cc_api_key": SecretStr("wrong-" + KEY)})
+        f = _by_check(run_doctor(bad).findings)
+        assert f["api/key accepted"].status == "fail" and "CC_API_KEY" in f["api/key accepted"].fix
+        ok, detail = api_check(bad)()
+        assert ok is False and "CC_API_KEY" in detail and KEY not in detail

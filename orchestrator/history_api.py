@@ -721,6 +721,22 @@ def openapi_document(auth: bool = False) -> dict[str, Any]:
     return doc
 
 
+def render_reference(doc: dict[str, Any] | None = None) -> str:
+    """Markdown reference of the endpoints and their parameters (docs/history-api.md embeds it)."""
+    doc = doc or openapi_document(auth=True)
+    out = ["| endpoint | what | parameters | answers |", "|---|---|---|---|"]
+    for path, item in doc["paths"].items():
+        op = item["get"]
+        params = []
+        for p in op["parameters"]:
+            sch = p["schema"]
+            kind = "/".join(sch["enum"]) if "enum" in sch else sch.get("format", sch["type"])
+            params.append(f"`{p['name']}` ({kind}{', path' if p['in'] == 'path' else ''})")
+        codes = ", ".join(op["responses"])
+        out.append(f"| `GET {path}` | {op['summary']} | {'; '.join(params) or '-'} | {codes} |")
+    return "\n".join(out)
+
+
 def create_app(settings: Settings | None = None, pool: ConnectionPool | None = None) -> Starlette:
     return HistoryApi(settings, pool).app
 

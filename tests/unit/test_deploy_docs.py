@@ -95,3 +95,10 @@ def test_monitoring_doc_lists_every_metric_family() -> None:
             name = obj._name + ("_total" if obj._type == "counter" else "")  # noqa: SLF001
             short = "…" + name.removeprefix("trialsync_sim") if name.startswith("trialsync_sim_") else name
             assert f"`{name}`" in text or short in text, name
+
+
+def test_history_api_reference_matches_the_contract() -> None:
+    from orchestrator.history_api import render_reference
+
+    text = (DOCS / "history-api.md").read_text(encoding="utf-8")
+    assert render_reference() in text, "docs/history-api.md endpoint table is stale: regenerate it from render_reference()"

@@ -174,11 +174,22 @@ class MetricsServer:
 
 
 def start_metrics_server(service: str, port: int | None = None, checks: dict[str, ReadinessCheck] | None = None,
-                         ) -> MetricsServer | None:
-    """Start the per-process server if ENABLE_METRICS; port from METRICS_PORT unless given."""
+                         standard_checks: bool = True) -> MetricsServer | None:
+    """Start the per-process server if ENABLE_METRICS; port from METRICS_PORT unless given.
+
+    ``/readyz`` runs the standard checks of the service type (``common.health.service_checks``:
+    database and broker; for extractors also the Clinical Conductor API) plus ``checks``, which
+    add to them or replace one of the same name.
+    """
     from common.config import get_settings
 
     s = get_settings()
     if not s.enable_metrics:
         return None
-    return MetricsServer(s.metrics_port if port is None else port, service, checks).start()
+    merged: dict[str, ReadinessCheck] = {}
+    if standard_checks:
+        from common.health import service_checks
+
+        merged.update(service_checks(service, s))
+    merged.update(checks or {})
+    return MetricsServer(s.metrics_port if port is None else port, service, merged).start()

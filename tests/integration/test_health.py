@@ -137,3 +137,27 @@ def test_extractor_readiness_includes_the_api(own_stack) -> None:
         ok, body = MetricsServer.evaluate("extractor", service_checks("extractor", s))
     assert ok is False and b'"api":{"ok":false' in body and b"CC_API_KEY" in body
     assert set(service_checks("loader", s)) == {"database", "broker"}
+
+
+@pytest.mark.parametrize("service,expected", [
+    ("extractor", {"database", "broker", "api", "custom"}), ("loader", {"database", "broker", "custom"}),
+    ("transformer", {"database", "broker", "custom"}), ("scheduler", {"database", "broker", "custom"}),
+])
+def test_every_service_gets_the_standard_checks(service: str, expected: set[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Services call start_metrics_server(service, port, own_checks): /readyz covers the database,
+    the broker and (extractors) the API whatever they pass themselves."""
+    from common.config import reset_settings
+    from common.metrics import start_metrics_server
+
+    monkeypatch.setenv("ENABLE_METRICS", "true")
+    reset_settings()
+    srv = start_metrics_server(service, 0, {"custom": lambda: (True, "ok")})
+    try:
+        assert srv is not None and set(srv.checks) == expected
+        body = requests.get(f"http://127.0.0.1:{srv.port}/readyz", timeout=30).json()
+        assert body["checks"]["custom"] == {"ok": True, "detail": "ok"} and set(body["checks"]) == expected
+    finally:
+        if srv is not None:
+            srv.stop()
+        reset_settings()

@@ -88,6 +88,30 @@ EXPLAIN: dict[str, str] = {
                  "constant time, never logged.",
 }
 
+#: settings models of other packages, documented when the package is installed: (module, class, title)
+EXTRA_MODELS = [("consumers.transform_settings", "TransformSettings", "Transform consumer (TRANSFORM_*)")]
+
+#: explanations for the extra models and for shared settings added by other packages, by env var
+EXPLAIN_ENV: dict[str, str] = {
+    "ETL_HTTP_ENGINE": "Extraction HTTP engine: `async` (uvloop), `threads` (requests) or `auto` (async unless an "
+                       "HTTP(S) proxy is configured).",
+    "TRANSFORM_GROUP_ID": "Consumer group of the transform consumer on the control topic.",
+    "TRANSFORM_COALESCE_SECONDS": "After the first loaded run, wait this long for more so several tables "
+                                  "finishing together trigger one batch.",
+    "TRANSFORM_POLL_INTERVAL_SECONDS": "How often the consumer polls, re-checks whether runs are loaded and looks "
+                                       "for due retries.",
+    "TRANSFORM_LOAD_WAIT_TIMEOUT_SECONDS": "Give up waiting for the loader after this long and transform what is "
+                                           "there (logged).",
+    "TRANSFORM_STATEMENT_TIMEOUT_SECONDS": "statement_timeout of each procedure's transaction.",
+    "TRANSFORM_RETRY_BASE_SECONDS": "Failed procedures are retried after base x 2^(attempt-1) seconds…",
+    "TRANSFORM_RETRY_MAX_SECONDS": "…at most this long…",
+    "TRANSFORM_MAX_ATTEMPTS": "…up to this many attempts.",
+    "TRANSFORM_QUALITY_ENABLED": "Run the data-quality checks after each batch.",
+    "TRANSFORM_QUALITY_TIMEOUT_SECONDS": "Statement timeout of each quality check.",
+    "TRANSFORM_WATERMARK_MARGIN_SECONDS": "Safety margin below the oldest open transaction for the incremental "
+                                          "horizon.",
+}
+
 GROUPS = [("database_", "Database"), ("cc_", "Clinical Conductor API"), ("etl_", "ETL engine"),
           ("kafka_", "Broker"), ("loader_", "Loader"), ("trialsync_", "Embedded stack"),
           ("log_", "Logging and metrics"), ("enable_metrics", "Logging and metrics"),
@@ -95,13 +119,31 @@ GROUPS = [("database_", "Database"), ("cc_", "Clinical Conductor API"), ("etl_",
           ("slack_", "Alerting"), ("api_", "History API")]
 
 
-def env_names(name: str, field: FieldInfo) -> list[str]:
+def env_names(name: str, field: FieldInfo, prefix: str = "") -> list[str]:
     alias = field.validation_alias
     if isinstance(alias, AliasChoices):
         return [str(c) for c in alias.choices]
     if isinstance(alias, str):
         return [alias]
-    return [name.upper()]
+    return [(prefix + name).upper()]
+
+
+def models() -> list[tuple[type, str | None]]:
+    """(settings model, group title or None = group by prefix): the shared Settings and those of
+    installed packages."""
+    import importlib
+
+    out: list[tuple[type, str | None]] = [(Settings, None)]
+    for mod, cls, title in EXTRA_MODELS:
+        try:
+            out.append((getattr(importlib.import_module(mod), cls), title))
+        except (ImportError, AttributeError):
+            continue
+    return out
+
+
+def _explanation(name: str, field: FieldInfo, env: str) -> str | None:
+    return EXPLAIN.get(name) or EXPLAIN_ENV.get(env) or field.description
 
 
 def _type(field: FieldInfo) -> str:
@@ -148,20 +190,31 @@ def _group(name: str) -> str:
 
 
 def missing_explanations() -> list[str]:
-    return [n for n in Settings.model_fields if n not in EXPLAIN]
+    out = []
+    for model, _ in models():
+        prefix = model.model_config.get("env_prefix", "")
+        for name, field in model.model_fields.items():
+            env = env_names(name, field, prefix)[0]
+            if not _explanation(name, field, env):
+                out.append(env)
+    return out
 
 
 def render() -> str:
     groups: dict[str, list[str]] = {}
-    for name, field in Settings.model_fields.items():
-        env = " / ".join(f"`{e}`" for e in env_names(name, field))
-        text = EXPLAIN.get(name, "(undocumented)")
-        if field.description and field.description not in text:
-            text += f" ({field.description})"
-        secret = " **secret**" if name in SECRET_FIELDS else ""
-        row = f"| {env} | {_type(field)}{secret} | {_default(name, field)} | {_constraints(field) or '-'} | " \
-              f"{text.replace('|', '\\|')} |"
-        groups.setdefault(_group(name), []).append(row)
+    for model, title in models():
+        prefix = model.model_config.get("env_prefix", "")
+        for name, field in model.model_fields.items():
+            envs = env_names(name, field, prefix)
+            env = " / ".join(f"`{e}`" for e in envs)
+            text = _explanation(name, field, envs[0]) or "(undocumented)"
+            if field.description and field.description not in text and text != field.description \
+                    and name in EXPLAIN:
+                text += f" ({field.description})"
+            secret = " **secret**" if model is Settings and name in SECRET_FIELDS else ""
+            row = f"| {env} | {_type(field)}{secret} | {_default(name, field)} | {_constraints(field) or '-'} | " \
+                  f"{text.replace('|', '\\|')} |"
+            groups.setdefault(title or _group(name), []).append(row)
     out = [BEGIN, ""]
     for title, rows in groups.items():
         out += [f"### {title}", "", "| variable | type | default | allowed | what it does |",

@@ -21,15 +21,8 @@ WORKDIR /app
 # dependencies first: this layer is rebuilt only when the lock changes
 COPY requirements.lock ./
 RUN /opt/venv/bin/uv pip install --python /opt/venv/bin/python -r requirements.lock
-COPY pyproject.toml README.md ./
-COPY common ./common
-COPY schemas ./schemas
-COPY producers ./producers
-COPY consumers ./consumers
-COPY orchestrator ./orchestrator
-COPY simulator ./simulator
-COPY sql ./sql
-COPY config ./config
+# the source: packages, sql/, config/, data/ (.dockerignore keeps out .git, .venv, tests, docs, secrets)
+COPY . .
 # editable install: the `trialsync` entry point, with sql/ and config/ beside the packages
 RUN /opt/venv/bin/uv pip install --python /opt/venv/bin/python --no-deps -e . \
     && /opt/venv/bin/python -m compileall -q /app common schemas producers consumers orchestrator simulator \

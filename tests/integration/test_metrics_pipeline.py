@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.metrics_helpers import scrape, total
+from tests.integration.metrics_helpers import delta, pipeline_env, scrape, total
 
 pytestmark = pytest.mark.integration
 
@@ -27,33 +27,11 @@ SITES_JOB = 1  # /api/v1/sites -> dim_sites_staging: small, not parameterized
 
 @pytest.fixture
 def pipeline(fresh_db: str, unique: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    from common.config import get_settings, reset_settings
-    from common.db import migrate
-    from common.metrics import MetricsServer
-    from orchestrator.catalog import load_catalog, sync
-    from simulator.testing import SimulatorProcess
-
-    with SimulatorProcess(scale=0.002, api_key=KEY) as sim:
-        monkeypatch.setenv("KAFKA_TOPIC_PREFIX", f"m{unique}")
-        monkeypatch.setenv("CC_API_BASE_URL", sim.base_url)
-        monkeypatch.setenv("CC_API_KEY", KEY)
-        monkeypatch.setenv("ETL_RETRY_DELAY_SECONDS", "0.05")
-        reset_settings()
-        s = get_settings()
-        migrate(s)
-        catalog = load_catalog(s)
-        sync(catalog, s)
-        srv = MetricsServer(0, "test", {}, host="127.0.0.1").start()
-        try:
-            yield {"settings": s, "catalog": catalog, "sim": sim, "url": f"http://127.0.0.1:{srv.port}/metrics",
-                   "unique": unique}
-        finally:
-            srv.stop()
-            reset_settings()
+    with pipeline_env(unique, monkeypatch, KEY) as p:
+        yield p
 
 
-def _delta(before: dict, after: dict, name: str, **labels: str) -> float:
-    return total(after, name, **labels) - total(before, name, **labels)
+_delta = delta
 
 
 def test_extract_load_transform_families_move(pipeline: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
     app.command("history")(history)
     app.add_typer(alerts_app, name="alerts")
     app.command("demo")(demo)
+    __import__("orchestrator.ops_cli", fromlist=["register"]).register(app)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

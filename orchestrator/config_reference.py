@@ -89,7 +89,8 @@ EXPLAIN: dict[str, str] = {
 }
 
 #: settings models of other packages, documented when the package is installed: (module, class, title)
-EXTRA_MODELS = [("consumers.transform_settings", "TransformSettings", "Transform consumer (TRANSFORM_*)")]
+EXTRA_MODELS = [("consumers.transform_settings", "TransformSettings", "Transform consumer (TRANSFORM_*)"),
+                ("orchestrator.settings", "OrchestratorSettings", "Orchestration, scheduler and alerts")]
 
 #: explanations for the extra models and for shared settings added by other packages, by env var
 EXPLAIN_ENV: dict[str, str] = {

@@ -130,6 +130,22 @@ def wait_for_transforms(settings: Settings, run_ids: list[int], timeout: float) 
             time.sleep(1.0)
 
 
+def _remember_dataset(sd: Any, scale: float, seed: int) -> dict[str, Any] | None:
+    """Record which simulated data set the warehouse holds; return the previous one if it differs."""
+    import json
+
+    f = sd / "demo.json"
+    prev = None
+    try:
+        prev = json.loads(f.read_text()) if f.exists() else None
+    except ValueError:
+        prev = None
+    f.write_text(json.dumps({"scale": scale, "seed": seed}))
+    if prev and (prev.get("scale") != scale or prev.get("seed") != seed):
+        return prev
+    return None
+
+
 def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = None, full: bool = False,
              parallel: int | None = None, transform_timeout: float = 600.0) -> DemoReport:
     """Everything ``trialsync demo`` does; returns the report the CLI prints."""
@@ -172,6 +188,11 @@ def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = N
     mode = "full" if full else "incremental"
     mode_label = "full" if full or not had_watermarks else "incremental"
 
+    previous = _remember_dataset(stack.state_dir(s), scale, seed)
+    if previous is not None and had_watermarks:
+        console.print(f"[yellow]note:[/] the warehouse holds data of a simulator at scale {previous['scale']}, seed "
+                      f"{previous['seed']}; this run uses scale {scale}, seed {seed}, so Bronze will mix both. "
+                      "For a clean start: `trialsync demo --stop && trialsync stack down --purge`.", highlight=False)
     step(f"services: CC simulator (scale {scale}, seed {seed}), loader, transformer (logs in {log_dir})")
     t1 = time.monotonic()
     api_key = secrets.token_urlsafe(24)

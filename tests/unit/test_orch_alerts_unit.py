@@ -42,3 +42,11 @@ def test_delivery_errors_never_echo_the_target() -> None:
 def test_safe_dsn() -> None:
     assert safe_dsn("postgresql://etl:pa%3Ass@db.example:5432/trialsync") == "postgresql://etl@db.example:5432/trialsync"
     assert safe_dsn("postgresql://postgres@127.0.0.1:5/trialsync") == "postgresql://postgres@127.0.0.1:5/trialsync"
+
+
+def test_demo_remembers_its_data_set(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from orchestrator.demo import _remember_dataset
+
+    assert _remember_dataset(tmp_path, 0.01, 42) is None
+    assert _remember_dataset(tmp_path, 0.01, 42) is None
+    assert _remember_dataset(tmp_path, 0.05, 42) == {"scale": 0.01, "seed": 42}

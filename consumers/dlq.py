@@ -85,7 +85,10 @@ class DeadLetters:
         if self._producer is None:
             from confluent_kafka import Producer
 
-            self._producer = Producer(producer_config(self.settings, **{"client.id": "trialsync-loader-dlq"}))
+            from consumers.loader import RdkafkaLog
+
+            self._producer = Producer(producer_config(self.settings, **{
+                "client.id": "trialsync-loader-dlq", "logger": RdkafkaLog()}))
         return self._producer
 
     def publish(self, rejects: Sequence[tuple[str | None, Reject]]) -> None:

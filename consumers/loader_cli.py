@@ -95,14 +95,27 @@ def _metrics_server(port: int | None, service: str):  # -> MetricsServer | None
 
 
 def _worker(opts: Any, idx: int) -> None:
-    """Entry point of a spawned loader process."""
+    """Entry point of a spawned loader process; stops by itself if the supervisor dies."""
+    import threading
+
     from common.config import reset_settings
     from common.logging import setup_logging
     from consumers.loader import Loader
 
     reset_settings()
     setup_logging(f"loader-{idx}")
-    stats = Loader(opts).run()
+    loader = Loader(opts)
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while not loader.stopping:
+            if os.getppid() != parent:  # re-parented: the supervisor was killed
+                loader.stop()
+                return
+            time.sleep(1.0)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    stats = loader.run()
     if opts.once:
         print(_summary(stats.as_dict()), flush=True)
 
@@ -126,7 +139,7 @@ def _supervise(opts: Any, workers: int, metrics_port: int | None, log: Any) -> i
         p = ctx.Process(target=_worker, args=(opts, idx), name=f"loader-{idx}", daemon=False)
         p.start()
         procs[idx] = p
-        log.info("worker_started", worker=idx, pid=p.pid)
+        log.info("worker_started", worker=idx, worker_pid=p.pid)
 
     def on_signal(*_: object) -> None:
         nonlocal stopping

@@ -39,7 +39,7 @@ from common.config import Settings, get_settings
 from common.db import BRONZE, ETL, connect, ident, staging_table
 from common.kafka import H_RUN_ID, bronze_topic, consumer_config, topic_prefix
 from common.logging import get_logger
-from consumers.loader import BatchSink, DatabaseUnavailable
+from consumers.loader import BatchSink, DatabaseUnavailable, RdkafkaLog
 from consumers.staging_writer import WriteResult
 from schemas.jobs import check_identifier
 
@@ -140,7 +140,7 @@ def replay(opts: ReplayOptions, settings: Settings | None = None, progress: Prog
     group = f"{topic_prefix(s)}-replay-{table[:40]}-{uuid.uuid4().hex[:8]}"
     consumer = Consumer(consumer_config(group, s, **{
         "enable.partition.eof": True, "client.id": f"trialsync-replay-{os.getpid()}",
-        "auto.offset.reset": "earliest"}))
+        "auto.offset.reset": "earliest", "logger": RdkafkaLog()}))
     shadow: str | None = None
     sink: BatchSink | None = None
     try:

@@ -19,6 +19,9 @@ import orjson
 import psycopg
 
 REPO = Path(__file__).resolve().parent.parent
+#: the installed entry point (``python -m common.cli`` would load common.cli twice, as __main__ and as
+#: common.cli, and then not recognise common.cli.UserError as an expected error)
+TRIALSYNC = str(Path(sys.executable).with_name("trialsync"))
 BASE_TS = datetime(2025, 12, 1, 20, 0, tzinfo=UTC)
 
 
@@ -166,12 +169,12 @@ def child_env(prefix: str, **extra: str) -> dict[str, str]:
 
 
 class LoaderProcess:
-    """A real ``trialsync load`` process (``python -m common.cli load ...``) with its log in a file."""
+    """A real ``trialsync load`` process with its log in a file."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *args: str):
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
-        self.proc = subprocess.Popen([sys.executable, "-m", "common.cli", "load", *args], env=env, cwd=str(REPO),
+        self.proc = subprocess.Popen([TRIALSYNC, "load", *args], env=env, cwd=str(REPO),
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
@@ -195,8 +198,9 @@ class LoaderProcess:
         return out
 
     def kill9(self) -> None:
+        """SIGKILL the process and everything it started (its own process group)."""
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
         self._log.close()
 

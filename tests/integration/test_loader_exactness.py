@@ -195,3 +195,22 @@ def test_two_jobs_feeding_one_table_keep_separate_counts(ctx: Ctx) -> None:
     assert run_row(ctx.conn, r2)["records_loaded"] == 250
     jobs = dict(ctx.conn.execute(f'SELECT etl_job_id, count(*) FROM bronze."{ctx.table}" GROUP BY 1').fetchall())
     assert jobs == {2: 500, 164: 250}
+
+
+def test_values_that_need_copy_escaping(ctx: Ctx) -> None:
+    """Raw tabs/newlines (pretty-printed JSON), backslashes, non-ASCII, odd keys: stored exactly."""
+    pretty = b'{\n\t"name": "Jos\xc3\xa9 \\"Pepe\\" O\'Neil",\r\n  "path": "C:\\\\temp\\\\x",\n  "n": 1\n}'
+    recs = [
+        Rec("cc1:pretty", pretty, extracted_at=ts(1)),
+        Rec("cc1:tab\tkey", {"a": 1}, extracted_at=ts(2)),
+        Rec("cc1:back\\slash", {"b": "\\N"}, extracted_at=ts(3)),
+        Rec("cc1:emoji", {"e": "\U0001f9ea", "z": "\u00e9"}, extracted_at=ts(4),
+            headers={"ts-params": b'{\n "studyId": 7\n}'}),
+    ]
+    publish(ctx.settings, ctx.table, recs)
+    load_once(ctx.settings, ctx.group, [ctx.table])
+    assert ctx.state() == expected_state(recs)
+    assert ctx.state()["cc1:pretty"][0] == {"name": 'José "Pepe" O\'Neil', "path": "C:\\temp\\x", "n": 1}
+    params = ctx.conn.execute(f'SELECT source_params FROM bronze."{ctx.table}" WHERE source_id = %s',
+                              ("cc1:emoji",)).fetchone()[0]
+    assert params == {"studyId": 7}

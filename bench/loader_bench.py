@@ -273,10 +273,13 @@ def measure_micro(n: int = 50_000) -> dict[str, Any]:
             for i in range(n)]
     out: dict[str, Any] = {"records": n}
     with connect(autocommit=True) as conn:
-        # the loader's builder
-        t0 = time.perf_counter()
-        pb = sw.prepare(msgs)
-        out["text_build_us_per_record"] = round((time.perf_counter() - t0) * 1e6 / n, 2)
+        # the loader's builder (best of 3: the machine is shared)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            pb = sw.prepare(msgs)
+            best = min(best, time.perf_counter() - t0)
+        out["text_build_us_per_record"] = round(best * 1e6 / n, 2)
         with conn.transaction():
             conn.execute(sw._CREATE_TMP)
             t0 = time.perf_counter()
@@ -285,17 +288,19 @@ def measure_micro(n: int = 50_000) -> dict[str, Any]:
             out["text_copy_db_us_per_record"] = round((time.perf_counter() - t0) * 1e6 / n, 2)
             conn.execute("DELETE FROM _ts_load_batch")
             # psycopg binary COPY, one write_row per record (headers parsed the same way)
-            t0 = time.perf_counter()
-            rows = []
-            for m in msgs:
-                v = m.value()
-                hd = dict(m.headers())
-                rows.append((m.key().decode(), v is None, v.decode() if v is not None else "",
-                             hd.get("ts-run-id", b"").decode(), hd.get("ts-job-id", b"").decode(),
-                             hd.get("ts-instance-id", b"").decode(), hd.get("ts-extracted-at", b"").decode(),
-                             hd.get("ts-modified-at", b"").decode(), hd.get("ts-params", b"").decode(),
-                             m.partition(), m.offset(), str(m.timestamp()[1])))
-            build = time.perf_counter() - t0
+            build = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                rows = []
+                for m in msgs:
+                    v = m.value()
+                    hd = dict(m.headers())
+                    rows.append((m.key().decode(), v is None, v.decode() if v is not None else "",
+                                 hd.get("ts-run-id", b"").decode(), hd.get("ts-job-id", b"").decode(),
+                                 hd.get("ts-instance-id", b"").decode(), hd.get("ts-extracted-at", b"").decode(),
+                                 hd.get("ts-modified-at", b"").decode(), hd.get("ts-params", b"").decode(),
+                                 m.partition(), m.offset(), str(m.timestamp()[1])))
+                build = min(build, time.perf_counter() - t0)
             t1 = time.perf_counter()
             with conn.cursor().copy(sw._COPY.as_string(conn).replace("FROM STDIN", "FROM STDIN (FORMAT BINARY)")) as cp:
                 cp.set_types(["text", "bool", "text", "text", "text", "text", "text", "text", "text", "int4",

@@ -53,6 +53,7 @@ def load(
                          once=once)
     subscription(tables, s)  # validate names before starting anything
     log = get_logger("loader")
+    _preflight(log)
     if workers == 1:
         server = _metrics_server(metrics_port, "loader")
         try:
@@ -68,6 +69,25 @@ def load(
     code = _supervise(opts, workers, metrics_port, log)
     if code:
         raise typer.Exit(code)
+
+
+def _preflight(log: Any) -> None:
+    """Fail fast on configuration problems; a database that is merely down is waited for."""
+    from common.cli import UserError
+    from common.db import DatabaseError, connect
+    from common.stack import bootstrap_servers, database_dsn
+
+    database_dsn()  # StackError (one line, exit 1) when nothing is configured
+    bootstrap_servers()
+    try:
+        with connect(connect_timeout=3, application_name="trialsync-loader-preflight") as conn:
+            missing = conn.execute("SELECT to_regclass('etl.loader_run_partitions') IS NULL").fetchone()[0]
+    except DatabaseError as e:
+        log.warning("database_not_reachable_yet", error=str(e), note="the loader starts anyway and waits for it")
+        return
+    if missing:
+        raise UserError("the warehouse schema is not up to date (etl.loader_run_partitions is missing): "
+                        "run `trialsync db migrate`")
 
 
 def _summary(d: dict[str, Any]) -> str:

@@ -164,10 +164,10 @@ def child_main(ns: argparse.Namespace) -> None:
     records = [0]
 
     class TimedLoader(Loader):
-        def _add(self, msgs: list[Any]) -> None:
+        def _add(self, msgs: list[Any], since: float | None = None) -> None:
             if not first and msgs:
                 first.append(time.time())
-            super()._add(msgs)
+            super()._add(msgs, since)
 
     def on_batch(info: dict[str, Any]) -> None:
         last[0] = info["written_at"]

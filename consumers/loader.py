@@ -671,11 +671,14 @@ class Loader:
             timeout = max(0.0, self.opts.flush_ms / 1000 - (time.monotonic() - self.pending_since))
         else:
             timeout = 0.5 if self.opts.once else min(1.0, self.opts.flush_ms / 1000)
+        called = time.monotonic()
         msgs = self.consumer.consume(num_messages=room, timeout=timeout)
         if msgs:
-            self._add(msgs)
+            self._add(msgs, called)
 
-    def _add(self, msgs: list[Any]) -> None:
+    def _add(self, msgs: list[Any], since: float | None = None) -> None:
+        """Buffer ``msgs``; ``since`` = when the consume call that got them started (they may have
+        arrived right then), so a record waits at most ``flush_ms`` before its batch is flushed."""
         pending = self.pending
         once = self.opts.once
         n = 0
@@ -700,7 +703,7 @@ class Loader:
             n += 1
         if n:
             if not self.pending_n:
-                self.pending_since = time.monotonic()
+                self.pending_since = since if since is not None else time.monotonic()
             self.pending_n += n
 
     def _on_message_error(self, m: Any, err: KafkaError) -> None:

@@ -250,20 +250,32 @@ _CREATE_TMP = sql.SQL("""CREATE TEMP TABLE IF NOT EXISTS {} (
 _COPY = sql.SQL("COPY {} (source_id, tomb, data, run_id, job_id, instance_id, extracted, modified, params, "
                 "part, off, ts_ms) FROM STDIN").format(_TMP)
 
-# Header values are parsed defensively: a malformed header becomes NULL (or, for the extraction
-# time, the message timestamp), never a failed batch.
+# Header values are cast directly (the hot path); a malformed header makes the statement fail,
+# and the slow path then blanks the malformed values (_SANITIZE) and carries on: a bad header
+# becomes NULL (the extraction time falls back to the message timestamp), never a lost record.
 _SRC_COLUMNS = sql.SQL("""
     t.part, t.off, t.tomb, t.source_id, t.data,
-    CASE WHEN t.run_id ~ '^[0-9]{1,18}$' THEN t.run_id::bigint END AS run_id,
-    CASE WHEN t.job_id ~ '^[0-9]{1,9}$' THEN t.job_id::integer END AS job_id,
+    NULLIF(t.run_id, '')::bigint AS run_id,
+    NULLIF(t.job_id, '')::integer AS job_id,
     NULLIF(left(t.instance_id, 64), '') AS instance_id,
-    coalesce(CASE WHEN t.extracted <> '' AND pg_input_is_valid(t.extracted, 'timestamptz')
-                  THEN t.extracted::timestamptz END,
-             CASE WHEN t.ts_ms ~ '^[0-9]{1,15}$' THEN to_timestamp(t.ts_ms::bigint / 1000.0) END,
+    coalesce(NULLIF(t.extracted, '')::timestamptz, to_timestamp(NULLIF(t.ts_ms, '')::bigint / 1000.0),
              now()) AS extracted_at,
-    CASE WHEN t.modified <> '' AND pg_input_is_valid(t.modified, 'timestamptz')
-         THEN t.modified::timestamptz END AS modified_at,
-    CASE WHEN t.params <> '' AND pg_input_is_valid(t.params, 'jsonb') THEN t.params::jsonb END AS params""")
+    NULLIF(t.modified, '')::timestamptz AS modified_at,
+    NULLIF(t.params, '')::jsonb AS params""")
+
+_SANITIZE = sql.SQL("""
+UPDATE {tmp} SET
+    run_id = CASE WHEN run_id ~ '^[0-9]{{1,18}}$' THEN run_id ELSE '' END,
+    job_id = CASE WHEN job_id ~ '^[0-9]{{1,9}}$' THEN job_id ELSE '' END,
+    extracted = CASE WHEN pg_input_is_valid(extracted, 'timestamptz') THEN extracted ELSE '' END,
+    modified = CASE WHEN pg_input_is_valid(modified, 'timestamptz') THEN modified ELSE '' END,
+    params = CASE WHEN pg_input_is_valid(params, 'jsonb') THEN params ELSE '' END,
+    ts_ms = CASE WHEN ts_ms ~ '^-?[0-9]{{1,15}}$' THEN ts_ms ELSE '' END
+WHERE run_id !~ '^[0-9]{{0,18}}$' OR job_id !~ '^[0-9]{{0,9}}$'
+   OR (extracted <> '' AND NOT pg_input_is_valid(extracted, 'timestamptz'))
+   OR (modified <> '' AND NOT pg_input_is_valid(modified, 'timestamptz'))
+   OR (params <> '' AND NOT pg_input_is_valid(params, 'jsonb'))
+   OR ts_ms !~ '^-?[0-9]{{0,15}}$'""").format(tmp=sql.Identifier(TMP_TABLE))
 
 _INSERT = sql.SQL("""
     INSERT INTO {target} AS s (data, source_id, source_instance_id, etl_job_id, etl_run_id, source_modified_at,
@@ -453,6 +465,7 @@ class StagingWriter:
         """
         res = WriteResult(isolated=True)
         by_pos = {(m.partition(), m.offset()): m for m in batch.msgs}
+        cur.execute(_SANITIZE)
         refused: dict[tuple[int, int], Reject] = {}
         for part, off, cls, msg in cur.execute(_DIAGNOSE, {"maxlen": SOURCE_ID_MAX}).fetchall():
             refused[(part, off)] = Reject.of(by_pos[(part, off)], cls, msg)

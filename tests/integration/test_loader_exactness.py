@@ -214,3 +214,19 @@ def test_values_that_need_copy_escaping(ctx: Ctx) -> None:
     params = ctx.conn.execute(f'SELECT source_params FROM bronze."{ctx.table}" WHERE source_id = %s',
                               ("cc1:emoji",)).fetchone()[0]
     assert params == {"studyId": 7}
+
+
+def test_malformed_headers_become_null_not_lost_records(ctx: Ctx) -> None:
+    bad = {"ts-run-id": b"abc", "ts-job-id": b"99999999999", "ts-extracted-at": b"yesterday-ish",
+           "ts-modified-at": b"2025-13-45T99:00:00Z", "ts-params": b"{not json"}
+    recs = [Rec(f"cc1:{i}", {"i": i}, 7, extracted_at=ts(i)) for i in range(50)]
+    recs.insert(20, Rec("cc1:odd", {"odd": True}, headers=bad))
+    publish(ctx.settings, ctx.table, recs)
+    stats = load_once(ctx.settings, ctx.group, [ctx.table])
+    assert stats.rejected == 0
+    assert ctx.state() == expected_state(recs)
+    row = ctx.conn.execute(f'SELECT etl_run_id, etl_job_id, source_modified_at, source_params, extracted_at '
+                           f'FROM bronze."{ctx.table}" WHERE source_id = %s', ("cc1:odd",)).fetchone()
+    assert row[:4] == (None, None, None, None)
+    assert row[4] is not None  # fell back to the message timestamp
+    assert ctx.conn.execute(f'SELECT count(*) FROM bronze."{ctx.table}" WHERE etl_run_id = 7').fetchone()[0] == 50

@@ -60,6 +60,15 @@ def record(i: int, tag: str) -> bytes:
     })
 
 
+def proc_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) of a process, from /proc (None where unavailable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 # -- set-up ----------------------------------------------------------------------------------------
 
 def prefill(conn, table: str, existing: int) -> float:
@@ -116,15 +125,21 @@ def measure_copy(conn, table: str, n: int) -> dict[str, Any]:
 
     rows = [b"cc1:copy:%d\t" % i + record(i, "copy").replace(b"\\", b"\\\\") for i in range(n)]
     payload = b"\n".join(rows) + b"\n"
+    backend = conn.info.backend_pid
+    cpu0 = proc_cpu(backend)
     t0 = time.monotonic()
     with conn.transaction(), conn.cursor() as cur:
         with cur.copy(sql.SQL("COPY {} (source_id, data) FROM STDIN").format(staging_table(table))) as cp:
             for i in range(0, len(payload), 1 << 20):
                 cp.write(payload[i:i + (1 << 20)])
     secs = time.monotonic() - t0
+    cpu1 = proc_cpu(backend)
     conn.execute(sql.SQL("DELETE FROM {} WHERE source_id LIKE 'cc1:copy:%%'").format(staging_table(table)))
     conn.execute(sql.SQL("VACUUM {}").format(staging_table(table)))
-    return {"rows": n, "seconds": round(secs, 3), "rows_per_second": round(n / secs)}
+    out = {"rows": n, "seconds": round(secs, 3), "rows_per_second": round(n / secs)}
+    if cpu0 is not None and cpu1 is not None:
+        out["postgres_cpu_us_per_row"] = round((cpu1 - cpu0) * 1e6 / n, 1)
+    return out
 
 
 def use_prefix(prefix: str) -> dict[str, str]:
@@ -169,7 +184,16 @@ def child_main(ns: argparse.Namespace) -> None:
                 first.append(time.time())
             super()._add(msgs, since)
 
+    cpu: dict[str, float | None] = {}
+
     def on_batch(info: dict[str, Any]) -> None:
+        if not cpu:  # CPU from the end of the first batch to the end of the last one
+            backend = loader.sink.conn.info.backend_pid if loader.sink.conn is not None else None
+            cpu.update(backend=backend, me0=proc_cpu(os.getpid()), pg0=proc_cpu(backend) if backend else None,
+                       n0=records[0] + info["records"])
+        else:
+            cpu.update(me1=proc_cpu(os.getpid()), pg1=proc_cpu(cpu["backend"]) if cpu["backend"] else None,
+                       n1=records[0] + info["records"])
         last[0] = info["written_at"]
         records[0] += info["records"]
         if ns.child == "lag":
@@ -185,6 +209,11 @@ def child_main(ns: argparse.Namespace) -> None:
     if first and last[0]:
         out["seconds"] = last[0] - first[0]
         out["records_per_second"] = records[0] / max(1e-9, last[0] - first[0])
+    n_cpu = (cpu.get("n1") or 0) - (cpu.get("n0") or 0)
+    if n_cpu > 0:
+        for name, a, b in (("loader_process", "me0", "me1"), ("postgres_backend", "pg0", "pg1")):
+            if cpu.get(a) is not None and cpu.get(b) is not None:
+                out[f"{name}_cpu_us_per_record"] = round((cpu[b] - cpu[a]) * 1e6 / n_cpu, 1)
     if lags:
         lags.sort()
         out["lag"] = {"count": len(lags), "p50": lags[len(lags) // 2], "p95": lags[int(len(lags) * 0.95)],

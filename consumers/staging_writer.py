@@ -404,6 +404,9 @@ class StagingWriter:
     # -- writing -----------------------------------------------------------------------------
     def _ensure_tmp(self) -> None:
         if not self._tmp_ready:
+            # room for a whole batch in local buffers (default 8MB would spill a 20k-row batch to
+            # disk); must precede the session's first use of a temp table, re-setting it is a no-op
+            self.conn.execute("SET temp_buffers = '64MB'")
             self.conn.execute(_CREATE_TMP)
             # session setting of this dedicated connection: dedup sorts and hash joins of a batch
             # stay in memory instead of spilling to temp files

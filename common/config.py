@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000, le=300_000)
 
     # -- loader --------------------------------------------------------------------------------
-    loader_batch_size: int = Field(default=5000, ge=1, le=1_000_000)
+    loader_batch_size: int = Field(default=20_000, ge=1, le=1_000_000)  # tuned by bench/loader_bench.py
     loader_flush_ms: int = Field(default=500, ge=1, le=600_000)
 
     # -- embedded stack ------------------------------------------------------------------------

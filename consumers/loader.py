@@ -101,7 +101,7 @@ LAG_SAMPLES = 32
 EVALUATE_EVERY = 1.0  # s between run-completion evaluations of the topics just written
 EVALUATE_ALL_EVERY = 5.0  # s between evaluations of every waiting run while idle
 SWITCH_INTERVAL = 0.001  # s, see Loader.run
-DEFAULT_BATCH_SIZE = 10_000
+DEFAULT_BATCH_SIZE = 20_000  # = LOADER_BATCH_SIZE default; bench/loader_bench.py
 DEFAULT_FLUSH_MS = 500
 
 TP = tuple[str, int]

@@ -255,7 +255,7 @@ def replay(
     mode = "since" if since is not None else "run" if run_id is not None else "beginning"
     s = get_settings()
     opts = ReplayOptions(table=table, mode=mode, since=_parse_since(since) if since else None, run_id=run_id,
-                         truncate=truncate, batch_size=batch_size or max(s.loader_batch_size, 10_000))
+                         truncate=truncate, batch_size=batch_size or s.loader_batch_size)
     console = Console(stderr=True)
     try:
         if console.is_terminal:

@@ -212,6 +212,7 @@ class BatchSink:
         self.log = get_logger("loader.sink").bind(group=group)
         self._eval_topics: set[str] = set()
         self._last_eval = 0.0
+        self._unknown_logged: dict[str, float] = {}
 
     def connection(self) -> psycopg.Connection:
         if self.conn is not None and (self.conn.closed or self.conn.broken):
@@ -302,7 +303,10 @@ class BatchSink:
         why = (f"staging table bronze.{table} does not exist: add a job with target_table {table} "
                "(config/jobs.yaml) and run `trialsync jobs sync`, then `trialsync replay --table "
                f"{table} --from-beginning` to load these records")
-        self.log.warning("unknown_table", table=table, records=len(pb.msgs))
+        now = time.monotonic()
+        if now - self._unknown_logged.get(table, -1e9) > 60:  # one line a minute per table, not per batch
+            self._unknown_logged[table] = now
+            self.log.warning("unknown_table", table=table, records=len(pb.msgs), hint=why)
         return WriteResult(rejects=[Reject.of(m, UNKNOWN_TABLE, why) for m in pb.msgs])
 
     # -- accounting ------------------------------------------------------------------------------

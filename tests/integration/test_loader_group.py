@@ -157,3 +157,25 @@ def test_workers_share_the_group_and_their_metrics_are_served_together(ctx: Ctx)
             import os
 
             os.kill(pid, 0)
+
+
+def test_subscription_from_table_names_and_globs(settings) -> None:
+    import re
+
+    from consumers.loader import subscription
+    from schemas.jobs import CatalogError
+
+    pre = settings.kafka_topic_prefix
+    assert subscription(None, settings) == [f"^{re.escape(pre + '.bronze.')}[a-z_][a-z0-9_]*$"]
+    assert subscription(["dim_patients_staging,dim_studies_staging"], settings) == [
+        f"{pre}.bronze.dim_patients_staging", f"{pre}.bronze.dim_studies_staging"]
+    (rx,) = subscription(["dim_patient*", "dim_studies_staging"], settings)
+    pattern = re.compile(rx)
+    assert pattern.match(f"{pre}.bronze.dim_patient_visits_staging")
+    assert pattern.match(f"{pre}.bronze.dim_studies_staging")
+    assert not pattern.match(f"{pre}.bronze.dim_subjects_staging")
+    assert not pattern.match(f"{pre}x.bronze.dim_patients_staging")
+    with pytest.raises(CatalogError):
+        subscription(['dim_x"; drop table'], settings)
+    with pytest.raises(CatalogError):
+        subscription(["dim_(.*)"], settings)

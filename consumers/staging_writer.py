@@ -99,6 +99,8 @@ class PreparedBatch:
     rejects: list[Reject]
     has_duplicates: bool
     run_ids: list[bytes | None]
+    #: False only when the batch surely holds no tombstone (the soft-delete statement is skipped)
+    has_tombstones: bool = True
 
     def __len__(self) -> int:
         return len(self.msgs)
@@ -182,7 +184,9 @@ def prepare(msgs: Sequence[Any]) -> PreparedBatch:
         return _prepare_slow(acc, keys, runs, rejects)
     if b"\\" in body:
         body = body.replace(b"\\", b"\\\\")
-    return PreparedBatch(acc, body + b"\n", rejects, len(set(keys)) != n, runs)
+    # fast path: the only tabs are separators, so a tombstone row contains "\tt\t" (another field
+    # that is exactly "t" only costs the skipped soft-delete statement)
+    return PreparedBatch(acc, body + b"\n", rejects, len(set(keys)) != n, runs, b"\tt\t" in body)
 
 
 def _escape_field(f: bytes) -> bytes:
@@ -439,9 +443,12 @@ class StagingWriter:
         try:
             if batch.has_duplicates:
                 self._apply(cur, _DATA_ONLY, _SRC_DATA_WINNERS, target, res)
-                self._apply(cur, _TOMB_ONLY, _SRC_TOMB_WINNERS, target, res)
-            else:
+                if batch.has_tombstones:
+                    self._apply(cur, _TOMB_ONLY, _SRC_TOMB_WINNERS, target, res)
+            elif batch.has_tombstones:
                 self._apply(cur, _COMBINED, _SRC_ALL, target, res)
+            else:
+                self._apply(cur, _DATA_ONLY, _SRC_ALL, target, res)
         except psycopg.Error as e:
             if not is_row_level(e):
                 raise

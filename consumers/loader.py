@@ -102,7 +102,7 @@ EVALUATE_EVERY = 1.0  # s between run-completion evaluations of the topics just 
 EVALUATE_ALL_EVERY = 5.0  # s between evaluations of every waiting run while idle
 SWITCH_INTERVAL = 0.001  # s, see Loader.run
 DEFAULT_BATCH_SIZE = 20_000  # = LOADER_BATCH_SIZE default; bench/loader_bench.py
-DEFAULT_FLUSH_MS = 500
+DEFAULT_FLUSH_MS = 250  # = LOADER_FLUSH_MS default
 
 TP = tuple[str, int]
 Batch = dict[TP, list[Any]]

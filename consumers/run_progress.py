@@ -60,6 +60,7 @@ _PREDICATE = """(
 _LOADED = f"SELECT r.id, {_PREDICATE} FROM etl.dw_etl_runs r WHERE r.id = ANY(%s)"  # noqa: S608 - constant SQL
 
 _MARK = f"""
+WITH marked AS (
 UPDATE etl.dw_etl_runs AS u SET
     load_completed_at = now(),
     run_status = CASE WHEN u.run_status = 'success' AND u.records_rejected > 0 THEN 'partial' ELSE u.run_status END,
@@ -75,7 +76,13 @@ WHERE u.id IN (
       AND (%(ids)s::bigint[] IS NULL OR r.id = ANY(%(ids)s::bigint[]))
       AND {_PREDICATE}
     FOR UPDATE SKIP LOCKED)
-RETURNING u.id
+RETURNING u.id, u.job_id, u.run_status),
+jobs AS (  -- the job's last_run_status follows a run turned partial by load rejects
+    UPDATE etl.dw_etl_jobs j SET last_run_status = 'partial'
+    FROM marked m WHERE m.run_status = 'partial' AND j.id = m.job_id AND j.last_run_id = m.id
+      AND j.last_run_status = 'success'
+    RETURNING 1)
+SELECT id FROM marked
 """  # noqa: S608 - constant SQL
 
 

@@ -572,6 +572,8 @@ class Loader:
         self.seen_assignment = False
         # offsets whose records are committed in the database, not yet confirmed by the broker
         self.to_commit: dict[TP, int] = {}
+        # next offset to read per partition, as far as this member has written it (consumer lag)
+        self.written: dict[TP, int] = {}
         self.commit_failed = False
         self.paused = False
         self._pause_new = False
@@ -650,6 +652,7 @@ class Loader:
                     self.log.warning("batch_abandoned_on_shutdown", records=self.pending_n,
                                      note="not committed: re-read from the last committed offset on restart")
             self._commit_offsets(sync=True)
+            self._update_lag(force=True)  # the final lag (0 when drained) before leaving the group
             if self.writer is not None and not self.writer.busy:
                 self.writer.submit({}, 0, kind="eval")
                 self._reap(None)
@@ -780,6 +783,7 @@ class Loader:
             self._commit_offsets(sync=True, only=tps)
         for tp in tps:
             self.to_commit.pop(tp, None)
+            self.written.pop(tp, None)
         self.assigned -= tps
         self.eof -= tps
         self.log.info("partitions_revoked", partitions=sorted(f"{t}[{p}]" for t, p in tps))
@@ -789,6 +793,7 @@ class Loader:
         self._drop(tps, "lost")
         for tp in tps:
             self.to_commit.pop(tp, None)
+            self.written.pop(tp, None)
         self.assigned -= tps
         self.eof -= tps
         self.log.warning("partitions_lost", partitions=sorted(f"{t}[{p}]" for t, p in tps),
@@ -867,7 +872,7 @@ class Loader:
         assert done.results is not None
         for tp, lst in done.batch.items():
             if tp in self.assigned:  # a revoked/lost partition's offsets are its new owner's business
-                self.to_commit[tp] = lst[-1].offset() + 1
+                self.to_commit[tp] = self.written[tp] = lst[-1].offset() + 1
         self._commit_offsets(sync=False)
         if self.backoff_delay:
             self.log.info("dependency_recovered", dependency=self.backoff_dep)
@@ -915,18 +920,31 @@ class Loader:
         if self.consumer is None or (not force and now - self._last_lag < 5.0):
             return
         self._last_lag = now
-        for topic, part in list(self.assigned):
+        todo: list[tuple[TopicPartition, int]] = []
+        for topic, part in sorted(self.assigned):
+            tp = TopicPartition(topic, part)
             try:
-                lo, hi = self.consumer.get_watermark_offsets(TopicPartition(topic, part), cached=True)
-                if hi is None or hi < 0:
-                    continue
-                pos = self.to_commit.get((topic, part))
-                if pos is None:
-                    got = self.consumer.position([TopicPartition(topic, part)])
-                    pos = got[0].offset if got and got[0].offset >= 0 else lo
+                _lo, hi = self.consumer.get_watermark_offsets(tp, cached=True)
             except KafkaException:
                 continue
-            CONSUMER_LAG.labels(self.opts.group, topic, str(part)).set(max(0, hi - pos))
+            if hi is not None and hi >= 0:
+                todo.append((tp, hi))
+        if not todo:
+            return
+        # how far the database is: what this member wrote, else what the group committed before
+        missing = [tp for tp, _ in todo if (tp.topic, tp.partition) not in self.written]
+        committed: dict[TP, int] = {}
+        if missing:
+            try:
+                committed = {(p.topic, p.partition): p.offset for p in self.consumer.committed(missing, timeout=5)}
+            except KafkaException:
+                return
+        for tp, hi in todo:
+            key = (tp.topic, tp.partition)
+            pos = self.written.get(key, committed.get(key, -1))
+            if pos < 0:
+                continue  # unknown yet (nothing written, nothing committed)
+            CONSUMER_LAG.labels(self.opts.group, tp.topic, str(tp.partition)).set(max(0, hi - pos))
 
     def _idle_housekeeping(self) -> None:
         assert self.writer is not None

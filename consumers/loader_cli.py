@@ -96,17 +96,11 @@ def _summary(d: dict[str, Any]) -> str:
 
 
 def _metrics_server(port: int | None, service: str):  # -> MetricsServer | None
+    """/metrics, /healthz and /readyz (the standard loader checks: database and broker)."""
     from common.metrics import start_metrics_server
 
-    def db_ready() -> tuple[bool, str]:
-        from common.db import connect
-
-        with connect(connect_timeout=2) as conn:
-            conn.execute("SELECT 1")
-        return True, "ok"
-
     try:
-        return start_metrics_server(service, port, checks={"database": db_ready})
+        return start_metrics_server(service, port)
     except OSError as e:
         from common.cli import UserError
 

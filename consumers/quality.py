@@ -59,15 +59,23 @@ class QualityResult:
 
 
 def load_checks(conn: psycopg.Connection, tables: Iterable[str] | None = None,
-                names: Iterable[str] | None = None) -> list[QualityCheck]:
-    """Active checks, optionally only those of ``tables`` (schema-qualified) or with ``names``."""
+                names: Iterable[str] | None = None, force: bool = True) -> list[QualityCheck]:
+    """Active checks, optionally only those of ``tables`` (schema-qualified) or with ``names``.
+
+    Without ``force``, a check whose ``min_interval_seconds`` has not passed since its last result
+    is left out (its last result stays the latest in etl.v_quality_latest).
+    """
     rows = conn.execute(
-        "SELECT check_name, target_table, severity, category, description, check_sql "
-        "FROM etl.dw_quality_checks WHERE is_active "
-        "AND (%(t)s::text[] IS NULL OR target_table = ANY(%(t)s)) "
-        "AND (%(n)s::text[] IS NULL OR check_name = ANY(%(n)s)) "
-        "ORDER BY target_table, check_name",
-        {"t": None if tables is None else list(tables), "n": None if names is None else list(names)},
+        "SELECT c.check_name, c.target_table, c.severity, c.category, c.description, c.check_sql "
+        "FROM etl.dw_quality_checks c WHERE c.is_active "
+        "AND (%(t)s::text[] IS NULL OR c.target_table = ANY(%(t)s)) "
+        "AND (%(n)s::text[] IS NULL OR c.check_name = ANY(%(n)s)) "
+        "AND (%(force)s OR c.min_interval_seconds = 0 OR NOT EXISTS ("
+        "     SELECT 1 FROM etl.dw_quality_results r WHERE r.check_name = c.check_name AND r.status <> 'error' "
+        "        AND r.checked_at > now() - make_interval(secs => c.min_interval_seconds))) "
+        "ORDER BY c.target_table, c.check_name",
+        {"t": None if tables is None else list(tables), "n": None if names is None else list(names),
+         "force": force},
     ).fetchall()
     return [QualityCheck(*r) for r in rows]
 
@@ -119,9 +127,11 @@ def record_results(conn: psycopg.Connection, results: list[QualityResult], batch
 
 def run_quality_checks(conn: psycopg.Connection, tables: Iterable[str] | None = None, *,
                        batch_id: uuid.UUID | None = None, run_ids: dict[str, int] | None = None,
-                       timeout_s: int = 300, names: Iterable[str] | None = None) -> list[QualityResult]:
-    """Run the active checks of ``tables`` (all when None), record and return the results."""
-    checks = load_checks(conn, tables, names)
+                       timeout_s: int = 300, names: Iterable[str] | None = None,
+                       force: bool = True) -> list[QualityResult]:
+    """Run the active checks of ``tables`` (all when None), record and return the results.
+    ``force=False`` honours each check's min_interval_seconds (the consumer's mode)."""
+    checks = load_checks(conn, tables, names, force)
     results = [run_check(conn, c, timeout_s) for c in checks]
     for r in results:
         fields = {"check": r.check.name, "table": r.check.target_table, "severity": r.check.severity,

@@ -150,9 +150,9 @@ class ProcedureRunner:
             conn = self._conn(meta=False)
             with conn.transaction():
                 conn.execute("SELECT set_config('statement_timeout', %s, true), "
-                             "set_config('trialsync.watermark_margin', %s, true)",
+                             "set_config('trialsync.watermark_margin', %s, true), set_config('work_mem', %s, true)",
                              (str(self.ts.statement_timeout_seconds * 1000),
-                              f"{self.ts.watermark_margin_seconds} seconds"))
+                              f"{self.ts.watermark_margin_seconds} seconds", self.ts.work_mem))
                 row = conn.execute(p.call_sql()).fetchone()
             result.counts = dict(zip(ACTIONS, (int(x or 0) for x in (row or (0, 0, 0, 0))), strict=True))
             result.status = "success"
@@ -184,8 +184,11 @@ class ProcedureRunner:
     # -- a batch ----------------------------------------------------------------------------------
     def run_batch(self, procedures: Iterable[Procedure], *, trigger: str = "manual", run_ids: Sequence[int] = (),
                   tables: Sequence[str] = (), attempts: dict[str, int] | None = None,
-                  quality: bool | None = None) -> BatchResult:
-        """Run ``procedures`` in run order; skip those whose dependency failed here; then check quality."""
+                  quality: bool | None = None, force_checks: bool | None = None) -> BatchResult:
+        """Run ``procedures`` in run order; skip those whose dependency failed here; then check quality.
+
+        ``force_checks`` (default: only for manual batches) runs every check of the changed tables,
+        ignoring their min_interval_seconds."""
         procs = sorted(set(procedures), key=lambda p: (p.run_order, p.name))
         batch = BatchResult(uuid.uuid4())
         attempts = attempts if attempts is not None else self.next_attempts([p.name for p in procs])
@@ -210,13 +213,13 @@ class ProcedureRunner:
             if r.status == "failed":
                 failed.add(p.name)
         if quality if quality is not None else self.ts.quality_enabled:
-            self._check_quality(batch)
+            self._check_quality(batch, trigger == "manual" if force_checks is None else force_checks)
         blog.info("transform_batch_finished", ok=batch.ok,
                   failed=[r.procedure for r in batch.failed],
                   quality_failed=[q.check.name for q in batch.quality if q.status != "pass"])
         return batch
 
-    def _check_quality(self, batch: BatchResult) -> None:
+    def _check_quality(self, batch: BatchResult, force: bool) -> None:
         done = {r.target_table: r for r in batch.procedures if r.status == "success"}
         if not done:
             return
@@ -225,7 +228,7 @@ class ProcedureRunner:
             batch.quality = run_quality_checks(
                 conn, done.keys(), batch_id=batch.batch_id,
                 run_ids={t: r.run_id for t, r in done.items() if r.run_id is not None},
-                timeout_s=self.ts.quality_timeout_seconds)
+                timeout_s=self.ts.quality_timeout_seconds, force=force)
         except psycopg.Error as e:
             log.error("quality_checks_failed_to_run", error=_first_line(e))
             return

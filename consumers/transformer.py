@@ -14,7 +14,7 @@ quality checks → **then** commit the control offsets of the messages the batch
   incremental, so the replay costs one no-op run.
 * Offsets are committed per partition up to the first message not yet handled, so a run that is
   never loaded holds back only its own partition's commit, never other tables' transforms (after
-  ``TRANSFORM_LOAD_WAIT_SECONDS`` it is transformed anyway, with a warning).
+  ``TRANSFORM_LOAD_WAIT_TIMEOUT_SECONDS`` it is transformed anyway, with a warning).
 * Messages that need no transform -- ``run_started``, runs of tables no procedure reads, runs that
   published nothing, unreadable values -- are logged and committed.
 * A failed procedure is recorded (error, ``next_retry_at``); its dependents in the batch are

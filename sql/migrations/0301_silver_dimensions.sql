@@ -2,6 +2,8 @@
 -- dim_patients, Type-2 dim_studies / dim_subjects, and one load procedure per table.
 --
 -- Conventions (docs/transform.md):
+-- * values are parsed out of the JSON once per row: subqueries that compute them are fenced
+--   (OFFSET 0 / MATERIALIZED) so the planner does not copy a parse into every expression using it;
 -- * every procedure is CALL-able with no arguments and returns (inserted, updated, closed, deleted);
 -- * it reads only Bronze rows with updated_at >= its watermark (etl.transform_watermark), captures
 --   them once into a temp table (one snapshot), merges set-based, and advances the watermark to the
@@ -48,6 +50,11 @@ CREATE OR REPLACE PROCEDURE silver.load_dim_date(
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM etl.transform_lock('silver.load_dim_date');
+    updated := 0; closed := 0; deleted := 0;
+    IF (SELECT count(*) FROM silver.dim_date WHERE full_date BETWEEN p_from AND p_to) = p_to - p_from + 1 THEN
+        inserted := 0;  -- the calendar is complete: nothing to generate
+        RETURN;
+    END IF;
     WITH ins AS (
         INSERT INTO silver.dim_date
         SELECT etl.date_key(d), d,
@@ -62,7 +69,6 @@ BEGIN
         ON CONFLICT (date_key) DO NOTHING
         RETURNING 1)
     SELECT count(*) INTO inserted FROM ins;
-    updated := 0; closed := 0; deleted := 0;
 END
 $$;
 
@@ -121,7 +127,8 @@ BEGIN
                    etl.to_ts(coalesce(b.data->>'modifiedDate', b.data->>'modifiedOn')) AS source_modified_at,
                    b.is_deleted, CASE WHEN b.is_deleted THEN coalesce(b.deleted_at, b.updated_at) END AS deleted_at
               FROM bronze.dim_sites_staging b
-             WHERE b.updated_at >= v_from) x;
+             WHERE b.updated_at >= v_from
+            OFFSET 0) x;  -- fence: parse each value once, not once per use
     GET DIAGNOSTICS v_read = ROW_COUNT;
 
     WITH up AS (
@@ -194,7 +201,8 @@ BEGIN
                    etl.to_ts(coalesce(b.data->>'modifiedDate', b.data->>'modifiedOn')) AS source_modified_at,
                    b.is_deleted, CASE WHEN b.is_deleted THEN coalesce(b.deleted_at, b.updated_at) END AS deleted_at
               FROM bronze.dim_sponsors_staging b
-             WHERE b.updated_at >= v_from) x;
+             WHERE b.updated_at >= v_from
+            OFFSET 0) x;  -- fence: parse each value once, not once per use
     GET DIAGNOSTICS v_read = ROW_COUNT;
 
     WITH up AS (
@@ -281,7 +289,8 @@ BEGIN
                                    OR bool_or(etl.to_bool(e->>'subInvestigator')), false) AS is_investigator
                      FROM jsonb_array_elements(CASE WHEN jsonb_typeof(b.data->'staffRoles') = 'array'
                                                     THEN b.data->'staffRoles' ELSE '[]'::jsonb END) e) r ON true
-             WHERE b.updated_at >= v_from) x;
+             WHERE b.updated_at >= v_from
+            OFFSET 0) x;  -- fence: parse each value once, not once per use
     GET DIAGNOSTICS v_read = ROW_COUNT;
 
     WITH up AS (
@@ -370,7 +379,8 @@ BEGIN
                    b.is_deleted, CASE WHEN b.is_deleted THEN coalesce(b.deleted_at, b.updated_at) END AS deleted_at
               FROM bronze.dim_patients_staging b
               CROSS JOIN LATERAL (SELECT extract(year FROM etl.to_date(b.data->>'dateOfBirth'))::int AS birth_year) y
-             WHERE b.updated_at >= v_from) x;
+             WHERE b.updated_at >= v_from
+            OFFSET 0) x;  -- fence: parse each value once, not once per use
     GET DIAGNOSTICS v_read = ROW_COUNT;
 
     WITH up AS (
@@ -481,7 +491,8 @@ BEGIN
                    b.updated_at AS bronze_updated_at,
                    b.is_deleted, coalesce(b.deleted_at, b.updated_at) AS deleted_at
               FROM bronze.dim_studies_staging b
-             WHERE b.updated_at >= v_from) x;
+             WHERE b.updated_at >= v_from
+            OFFSET 0) x;  -- fence: parse each value once, not once per use
     GET DIAGNOSTICS v_read = ROW_COUNT;
 
     -- 1. close the current version of every study whose tracked attributes changed or that was deleted
@@ -615,7 +626,8 @@ BEGIN
                    b.updated_at AS bronze_updated_at,
                    b.is_deleted, coalesce(b.deleted_at, b.updated_at) AS deleted_at
               FROM bronze.dim_subjects_staging b
-             WHERE b.updated_at >= v_from) x;
+             WHERE b.updated_at >= v_from
+            OFFSET 0) x;  -- fence: parse each value once, not once per use
     GET DIAGNOSTICS v_read = ROW_COUNT;
 
     WITH c AS (

@@ -23,11 +23,12 @@ ALTER TABLE bronze.dim_patient_visits_staging ADD COLUMN IF NOT EXISTS source_pa
 ALTER TABLE bronze.dim_patient_visit_elements_staging ADD COLUMN IF NOT EXISTS source_params jsonb;
 ALTER TABLE bronze.dim_visit_elements_staging ADD COLUMN IF NOT EXISTS source_params jsonb;
 
+-- A plain heap, no unique key: queueing is an append (a full build queues every day of every study),
+-- duplicates are folded when fact_study_performance takes the queue.
 CREATE TABLE IF NOT EXISTS etl.dw_transform_dirty_study_days (
     study_source_id  varchar(255) NOT NULL,
     date_key         integer      NOT NULL,
-    queued_at        timestamptz  NOT NULL DEFAULT now(),
-    PRIMARY KEY (study_source_id, date_key)
+    queued_at        timestamptz  NOT NULL DEFAULT now()
 );
 
 -- -- fact_enrollment -----------------------------------------------------------------------------
@@ -115,7 +116,7 @@ BEGIN
 
     DROP TABLE IF EXISTS pg_temp._n_fact_enrollment;
     CREATE TEMP TABLE _n_fact_enrollment ON COMMIT DROP AS
-    WITH subj AS (
+    WITH subj AS MATERIALIZED (
         SELECT b.source_id, b.data->>'status' AS subject_status,
                etl.ref_id(b.source_id, coalesce(b.data->'study'->>'id', b.data->'study'->>'Id',
                                                 b.source_params->>'studyId')) AS study_source_id,
@@ -178,12 +179,11 @@ BEGIN
                   f.screen_failure_date_key, f.dropped_date_key, f.completion_date_key),
     q AS (
         INSERT INTO etl.dw_transform_dirty_study_days (study_source_id, date_key)
-        SELECT DISTINCT del.study_source_id, x.k
+        SELECT del.study_source_id, x.k
           FROM del CROSS JOIN LATERAL unnest(ARRAY[del.screening_date_key, del.enrollment_date_key,
                 del.randomization_date_key, del.screen_failure_date_key, del.dropped_date_key,
                 del.completion_date_key]) AS x(k)
-         WHERE del.study_source_id IS NOT NULL AND x.k IS NOT NULL
-        ON CONFLICT DO NOTHING)
+         WHERE del.study_source_id IS NOT NULL AND x.k IS NOT NULL)
     SELECT count(*) INTO deleted FROM del;
 
     WITH up AS (
@@ -239,15 +239,14 @@ BEGIN
           FROM silver.fact_enrollment o JOIN up ON up.source_id = o.source_id),
     q AS (
         INSERT INTO etl.dw_transform_dirty_study_days (study_source_id, date_key)
-        SELECT DISTINCT z.study_source_id, x.k
+        SELECT z.study_source_id, x.k
           FROM (SELECT study_source_id, screening_date_key, enrollment_date_key, randomization_date_key,
                        screen_failure_date_key, dropped_date_key, completion_date_key FROM up
                 UNION ALL
                 SELECT * FROM old) z
          CROSS JOIN LATERAL unnest(ARRAY[z.screening_date_key, z.enrollment_date_key, z.randomization_date_key,
                 z.screen_failure_date_key, z.dropped_date_key, z.completion_date_key]) AS x(k)
-         WHERE z.study_source_id IS NOT NULL AND x.k IS NOT NULL
-        ON CONFLICT DO NOTHING)
+         WHERE z.study_source_id IS NOT NULL AND x.k IS NOT NULL)
     SELECT count(*) FILTER (WHERE was_inserted), count(*) FILTER (WHERE NOT was_inserted)
       INTO inserted, updated
       FROM up;
@@ -291,7 +290,9 @@ CREATE TABLE IF NOT EXISTS silver.fact_visit_timelines (
     etl_inserted_at         timestamptz NOT NULL DEFAULT now(),
     etl_updated_at          timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS fact_visit_timelines_study_idx ON silver.fact_visit_timelines (study_source_id);
+-- (study, day) lookups of load_fact_study_performance: due day and actual day
+CREATE INDEX IF NOT EXISTS fact_visit_timelines_study_due_idx ON silver.fact_visit_timelines (study_source_id, target_due_date_key);
+CREATE INDEX IF NOT EXISTS fact_visit_timelines_study_actual_idx ON silver.fact_visit_timelines (study_source_id, actual_date_key);
 CREATE INDEX IF NOT EXISTS fact_visit_timelines_subject_idx ON silver.fact_visit_timelines (subject_source_id);
 CREATE INDEX IF NOT EXISTS fact_visit_timelines_updated_idx ON silver.fact_visit_timelines (etl_updated_at);
 CREATE INDEX IF NOT EXISTS fact_visit_timelines_unresolved_idx ON silver.fact_visit_timelines (visit_timeline_key)
@@ -334,7 +335,7 @@ BEGIN
 
     DROP TABLE IF EXISTS pg_temp._n_fact_visit_timelines;
     CREATE TEMP TABLE _n_fact_visit_timelines ON COMMIT DROP AS
-    WITH v AS (
+    WITH v AS MATERIALIZED (
         SELECT b.source_id,
                etl.to_int(b.data->>'id') AS patient_visit_id, etl.to_int(b.data->>'visitId') AS visit_id,
                b.data->>'visitName' AS visit_name, b.data->>'cycleName' AS cycle_name,
@@ -349,14 +350,13 @@ BEGIN
                etl.to_date(b.data->>'maxDueDate') AS max_due_date,
                coalesce(etl.to_date(coalesce(b.data->>'visitDate', b.data->>'actualDate', b.data->>'completedDate',
                                              b.data->>'completionDate', b.data->>'completedOn')),
-                        CASE WHEN b.data->>'status' = 'Completed' THEN ap.first_start END) AS actual_date,
-               coalesce(ap.n, 0) AS appointment_count
+                        CASE WHEN b.data->>'status' = 'Completed' AND jsonb_typeof(b.data->'appointments') = 'array'
+                             THEN (SELECT min(etl.to_date(a->>'scheduledStart'))
+                                     FROM jsonb_array_elements(b.data->'appointments') a) END) AS actual_date,
+               CASE WHEN jsonb_typeof(b.data->'appointments') = 'array'
+                    THEN jsonb_array_length(b.data->'appointments') ELSE 0 END AS appointment_count
           FROM bronze.dim_patient_visits_staging b
           JOIN _k_fact_visit_timelines k ON k.source_id = b.source_id
-          LEFT JOIN LATERAL (
-               SELECT count(*)::int AS n, min(etl.to_date(a->>'scheduledStart')) AS first_start
-                 FROM jsonb_array_elements(CASE WHEN jsonb_typeof(b.data->'appointments') = 'array'
-                                                THEN b.data->'appointments' ELSE '[]'::jsonb END) a) ap ON true
          WHERE NOT b.is_deleted)
     SELECT v.source_id, v.patient_visit_id, v.visit_id, v.visit_name, v.cycle_name, v.visit_sequence,
            v.visit_status, v.is_mandatory,
@@ -386,10 +386,9 @@ BEGIN
         RETURNING f.study_source_id, f.target_due_date_key, f.actual_date_key),
     q AS (
         INSERT INTO etl.dw_transform_dirty_study_days (study_source_id, date_key)
-        SELECT DISTINCT del.study_source_id, x.k
+        SELECT del.study_source_id, x.k
           FROM del CROSS JOIN LATERAL unnest(ARRAY[del.target_due_date_key, del.actual_date_key]) AS x(k)
-         WHERE del.study_source_id IS NOT NULL AND x.k IS NOT NULL
-        ON CONFLICT DO NOTHING)
+         WHERE del.study_source_id IS NOT NULL AND x.k IS NOT NULL)
     SELECT count(*) INTO deleted FROM del;
 
     WITH up AS (
@@ -436,12 +435,11 @@ BEGIN
           FROM silver.fact_visit_timelines o JOIN up ON up.source_id = o.source_id),
     q AS (
         INSERT INTO etl.dw_transform_dirty_study_days (study_source_id, date_key)
-        SELECT DISTINCT z.study_source_id, x.k
+        SELECT z.study_source_id, x.k
           FROM (SELECT study_source_id, target_due_date_key, actual_date_key FROM up
                 UNION ALL SELECT * FROM old) z
          CROSS JOIN LATERAL unnest(ARRAY[z.target_due_date_key, z.actual_date_key]) AS x(k)
-         WHERE z.study_source_id IS NOT NULL AND x.k IS NOT NULL
-        ON CONFLICT DO NOTHING)
+         WHERE z.study_source_id IS NOT NULL AND x.k IS NOT NULL)
     SELECT count(*) FILTER (WHERE was_inserted), count(*) FILTER (WHERE NOT was_inserted)
       INTO inserted, updated
       FROM up;
@@ -475,7 +473,7 @@ CREATE TABLE IF NOT EXISTS silver.fact_element_completions (
     etl_inserted_at          timestamptz NOT NULL DEFAULT now(),
     etl_updated_at           timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS fact_element_completions_study_idx ON silver.fact_element_completions (study_source_id);
+CREATE INDEX IF NOT EXISTS fact_element_completions_study_idx ON silver.fact_element_completions (study_source_id, completed_date_key);
 CREATE INDEX IF NOT EXISTS fact_element_completions_visit_idx ON silver.fact_element_completions (patient_visit_source_id);
 COMMENT ON TABLE silver.fact_element_completions IS
     'One row per completed patient-visit element (completedOn set). Jobs 24 and 166 read the same endpoint '
@@ -527,7 +525,7 @@ BEGIN
         SELECT DISTINCT ON (r.source_id) r.*
           FROM raw r
          ORDER BY r.source_id, r.updated_at DESC, r.is_deleted DESC),
-    e AS (
+    e AS MATERIALIZED (
         SELECT l.source_id,
                etl.to_int(l.data->>'id') AS patient_visit_element_id, etl.to_int(l.data->>'elementId') AS element_id,
                l.data->>'name' AS element_name, etl.to_int(l.data->>'sequence')::int AS element_sequence,
@@ -558,9 +556,8 @@ BEGIN
         RETURNING f.study_source_id, f.completed_date_key),
     q AS (
         INSERT INTO etl.dw_transform_dirty_study_days (study_source_id, date_key)
-        SELECT DISTINCT del.study_source_id, del.completed_date_key FROM del
-         WHERE del.study_source_id IS NOT NULL
-        ON CONFLICT DO NOTHING)
+        SELECT del.study_source_id, del.completed_date_key FROM del
+         WHERE del.study_source_id IS NOT NULL)
     SELECT count(*) INTO deleted FROM del;
 
     WITH up AS (
@@ -600,10 +597,9 @@ BEGIN
           FROM silver.fact_element_completions o JOIN up ON up.source_id = o.source_id),
     q AS (
         INSERT INTO etl.dw_transform_dirty_study_days (study_source_id, date_key)
-        SELECT DISTINCT z.study_source_id, z.completed_date_key
+        SELECT z.study_source_id, z.completed_date_key
           FROM (SELECT study_source_id, completed_date_key FROM up UNION ALL SELECT * FROM old) z
-         WHERE z.study_source_id IS NOT NULL
-        ON CONFLICT DO NOTHING)
+         WHERE z.study_source_id IS NOT NULL)
     SELECT count(*) FILTER (WHERE was_inserted), count(*) FILTER (WHERE NOT was_inserted)
       INTO inserted, updated
       FROM up;
@@ -667,41 +663,46 @@ BEGIN
 
     DROP TABLE IF EXISTS pg_temp._n_fact_study_performance;
     CREATE TEMP TABLE _n_fact_study_performance ON COMMIT DROP AS
-    WITH studies AS (SELECT DISTINCT study_source_id FROM _d_fact_study_performance),
-    ev AS (
-        SELECT f.study_source_id, x.date_key, x.measure
+    -- every event of a queued (study, day), by exact (study, day) lookups: a small queue reads only its
+    -- days (index probes), a full rebuild hash-joins whole tables
+    WITH ev AS (
+        SELECT d.study_source_id, d.date_key, x.measure
           FROM silver.fact_enrollment f
           CROSS JOIN LATERAL (VALUES (f.screening_date_key, 'screened'), (f.enrollment_date_key, 'enrolled'),
                                      (f.randomization_date_key, 'randomized'),
                                      (f.screen_failure_date_key, 'screen_failed'),
                                      (f.dropped_date_key, 'dropped'), (f.completion_date_key, 'completed'))
                 AS x(date_key, measure)
-         WHERE f.study_source_id IN (SELECT study_source_id FROM studies) AND x.date_key IS NOT NULL
+          JOIN _d_fact_study_performance d ON d.study_source_id = f.study_source_id AND d.date_key = x.date_key
         UNION ALL
-        SELECT v.study_source_id, x.date_key, x.measure
-          FROM silver.fact_visit_timelines v
-          CROSS JOIN LATERAL (VALUES (v.target_due_date_key, 'visit_due'),
-                                     (CASE WHEN v.is_completed THEN v.actual_date_key END, 'visit_completed'),
-                                     (CASE WHEN v.is_within_window THEN v.actual_date_key END, 'visit_in_window'))
-                AS x(date_key, measure)
-         WHERE v.study_source_id IN (SELECT study_source_id FROM studies) AND x.date_key IS NOT NULL
+        SELECT d.study_source_id, d.date_key, 'visit_due'
+          FROM _d_fact_study_performance d
+          JOIN silver.fact_visit_timelines v
+            ON v.study_source_id = d.study_source_id AND v.target_due_date_key = d.date_key
         UNION ALL
-        SELECT e.study_source_id, e.completed_date_key, 'element_completed'
-          FROM silver.fact_element_completions e
-         WHERE e.study_source_id IN (SELECT study_source_id FROM studies))
+        SELECT d.study_source_id, d.date_key, CASE WHEN x.in_window THEN 'visit_in_window' ELSE 'visit_completed' END
+          FROM _d_fact_study_performance d
+          JOIN silver.fact_visit_timelines v
+            ON v.study_source_id = d.study_source_id AND v.actual_date_key = d.date_key AND v.is_completed
+          CROSS JOIN LATERAL (VALUES (false), (true)) AS x(in_window)
+         WHERE NOT x.in_window OR v.is_within_window
+        UNION ALL
+        SELECT d.study_source_id, d.date_key, 'element_completed'
+          FROM _d_fact_study_performance d
+          JOIN silver.fact_element_completions e
+            ON e.study_source_id = d.study_source_id AND e.completed_date_key = d.date_key)
     SELECT d.study_source_id, d.date_key, st.study_key,
-           count(*) FILTER (WHERE ev.measure = 'screened')::int          AS subjects_screened,
-           count(*) FILTER (WHERE ev.measure = 'enrolled')::int          AS subjects_enrolled,
-           count(*) FILTER (WHERE ev.measure = 'randomized')::int        AS subjects_randomized,
-           count(*) FILTER (WHERE ev.measure = 'screen_failed')::int     AS subjects_screen_failed,
-           count(*) FILTER (WHERE ev.measure = 'dropped')::int           AS subjects_dropped,
-           count(*) FILTER (WHERE ev.measure = 'completed')::int         AS subjects_completed,
-           count(*) FILTER (WHERE ev.measure = 'visit_due')::int         AS visits_due,
-           count(*) FILTER (WHERE ev.measure = 'visit_completed')::int   AS visits_completed,
-           count(*) FILTER (WHERE ev.measure = 'visit_in_window')::int   AS visits_completed_in_window,
-           count(*) FILTER (WHERE ev.measure = 'element_completed')::int AS elements_completed
-      FROM _d_fact_study_performance d
-      JOIN ev ON ev.study_source_id = d.study_source_id AND ev.date_key = d.date_key
+           count(*) FILTER (WHERE d.measure = 'screened')::int          AS subjects_screened,
+           count(*) FILTER (WHERE d.measure = 'enrolled')::int          AS subjects_enrolled,
+           count(*) FILTER (WHERE d.measure = 'randomized')::int        AS subjects_randomized,
+           count(*) FILTER (WHERE d.measure = 'screen_failed')::int     AS subjects_screen_failed,
+           count(*) FILTER (WHERE d.measure = 'dropped')::int           AS subjects_dropped,
+           count(*) FILTER (WHERE d.measure = 'completed')::int         AS subjects_completed,
+           count(*) FILTER (WHERE d.measure = 'visit_due')::int         AS visits_due,
+           count(*) FILTER (WHERE d.measure = 'visit_completed')::int   AS visits_completed,
+           count(*) FILTER (WHERE d.measure = 'visit_in_window')::int   AS visits_completed_in_window,
+           count(*) FILTER (WHERE d.measure = 'element_completed')::int AS elements_completed
+      FROM ev d
       LEFT JOIN silver.dim_studies st ON st.source_id = d.study_source_id AND st.is_current
      GROUP BY d.study_source_id, d.date_key, st.study_key;
 

@@ -96,6 +96,9 @@ CREATE TABLE IF NOT EXISTS etl.dw_quality_checks (
                                                             'reconciliation')),
     description   text         NOT NULL,
     check_sql     text         NOT NULL,
+    -- the consumer runs a check at most this often (0 = after every batch); `transform --now` always
+    -- runs it. Reconciliation reads all of Bronze, so it runs hourly by default.
+    min_interval_seconds integer NOT NULL DEFAULT 0 CHECK (min_interval_seconds >= 0),
     is_active     boolean      NOT NULL DEFAULT true
 );
 
@@ -119,7 +122,7 @@ CREATE INDEX IF NOT EXISTS dw_quality_results_batch_idx ON etl.dw_quality_result
 -- The latest result of every active check: what alerting (issue 7), `transform --status` and
 -- dashboards read. status <> 'pass' means the problem is current.
 CREATE OR REPLACE VIEW etl.v_quality_latest AS
-SELECT c.check_name, c.target_table, c.severity, c.category, c.description,
+SELECT c.check_name, c.target_table, c.severity, c.category, c.description, c.min_interval_seconds,
        r.status, r.failed_rows, r.sample_keys, r.batch_id, r.transform_run_id, r.checked_at, r.duration_ms,
        r.error_message
   FROM etl.dw_quality_checks c
@@ -353,3 +356,5 @@ INSERT INTO etl.dw_quality_checks (check_name, target_table, severity, category,
 ON CONFLICT (check_name) DO UPDATE
    SET target_table = excluded.target_table, severity = excluded.severity, category = excluded.category,
        description = excluded.description, check_sql = excluded.check_sql;
+
+UPDATE etl.dw_quality_checks SET min_interval_seconds = 3600 WHERE category = 'reconciliation';

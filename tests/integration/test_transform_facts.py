@@ -231,3 +231,20 @@ def test_incremental_performance_equals_recompute_after_many_changes(tx) -> None
     assert scalar(tx, "SELECT count(*) FROM silver.fact_enrollment WHERE source_id = 'cc1:5'") == 0
     assert_performance_exact(tx)
     assert scalar(tx, "SELECT count(*) FROM etl.dw_transform_dirty_study_days") == 0
+
+
+def test_parsing_helpers_turn_bad_values_into_null_not_errors(tx) -> None:
+    tx.execute("SET TimeZone = 'America/New_York'")  # the session zone must not shift UTC dates
+    got = rows(tx, """SELECT etl.to_date('2025-12-01T23:30:52.000Z') AS z, etl.to_date('2025-12-01T23:30:00-05:00') AS off,
+                             etl.to_date('2025-12-01') AS d, etl.to_date('2025-02-30T00:00:00Z') AS bad,
+                             etl.to_ts('not a date') AS junk, etl.to_int('12') AS i, etl.to_int('1.5') AS f,
+                             etl.to_bool('TRUE') AS b, etl.date_key('2025-03-04') AS k""")[0]
+    import datetime as dt
+
+    assert got == {"z": dt.date(2025, 12, 1), "off": dt.date(2025, 12, 2), "d": dt.date(2025, 12, 1), "bad": None,
+                   "junk": None, "i": 12, "f": None, "b": True, "k": 20250304}
+    # a record with malformed values still loads; the values become NULL
+    load(tx, "dim_studies_staging", [study(1, createdOn="yesterday-ish", launchYear="MMXX")])
+    assert call(tx, "silver.load_dim_studies") == (1, 0, 0, 0)
+    s = rows(tx, "SELECT created_on, launch_year FROM silver.dim_studies")[0]
+    assert s == {"created_on": None, "launch_year": None}

@@ -242,4 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # run the canonical module, not this __main__ copy: packages raise common.cli.UserError
+    from common.cli import main as _main
+
+    sys.exit(_main())

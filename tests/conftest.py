@@ -11,7 +11,10 @@ Fixtures for other test modules:
 * ``settings``   -- the Settings of that stack (fresh object per test);
 * ``db``         -- a connection (autocommit) to the session database;
 * ``fresh_db``   -- a brand-new empty database on the same server (Settings pointing at it);
-* ``unique``     -- a short unique string for topic prefixes / group ids.
+* ``unique``     -- a short unique string for topic prefixes / group ids;
+* ``cc_simulator`` -- session: a real CC simulator subprocess (scale 0.002, seed 42, key
+  "test-key"), exported as CC_API_BASE_URL / CC_API_KEY; see simulator/README.md. Tests that
+  mutate data or inject faults should start their own ``simulator.testing.SimulatorProcess``.
 """
 
 from __future__ import annotations
@@ -139,3 +142,26 @@ def fresh_db(stack: dict[str, str], unique: str) -> Iterator[str]:
         config.reset_settings()
         with psycopg.connect(base, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def cc_simulator() -> Iterator[object]:
+    """One simulator for the session; CC_API_BASE_URL / CC_API_KEY / CC_API_KEY_HEADER point at it."""
+    from common import config
+    from simulator.testing import SimulatorProcess
+
+    keys = ("CC_API_BASE_URL", "CC_API_KEY", "CC_API_KEY_HEADER")
+    saved = {k: os.environ.get(k) for k in keys}
+    with SimulatorProcess(scale=0.002, seed=42, api_key="test-key") as sim:
+        os.environ.update({"CC_API_BASE_URL": sim.base_url, "CC_API_KEY": sim.api_key,
+                           "CC_API_KEY_HEADER": sim.key_header})
+        config.reset_settings()
+        try:
+            yield sim
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            config.reset_settings()

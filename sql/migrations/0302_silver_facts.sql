@@ -634,8 +634,8 @@ CREATE INDEX IF NOT EXISTS fact_study_performance_unresolved_idx ON silver.fact_
 COMMENT ON TABLE silver.fact_study_performance IS
     'Daily activity per study (sparse: a row exists only for a day with activity; a missing day means 0). '
     'Counts by the day the event happened: screenings, enrollments, randomizations, screen failures, '
-    'drop-outs, completions (fact_enrollment), visits due and done (fact_visit_timelines), elements '
-    'completed (fact_element_completions).';
+    'drop-outs, completions (fact_enrollment), visits due and done (fact_visit_timelines; a completed visit '
+    'without an actual date counts on its due day), elements completed (fact_element_completions).';
 
 CREATE OR REPLACE PROCEDURE silver.load_fact_study_performance(
     INOUT inserted bigint DEFAULT NULL, INOUT updated bigint DEFAULT NULL,
@@ -686,6 +686,13 @@ BEGIN
             ON v.study_source_id = d.study_source_id AND v.actual_date_key = d.date_key AND v.is_completed
           CROSS JOIN LATERAL (VALUES (false), (true)) AS x(in_window)
          WHERE NOT x.in_window OR v.is_within_window
+        UNION ALL
+        -- a completed visit whose source gives no actual date counts on its due day
+        SELECT d.study_source_id, d.date_key, 'visit_completed'
+          FROM _d_fact_study_performance d
+          JOIN silver.fact_visit_timelines v
+            ON v.study_source_id = d.study_source_id AND v.target_due_date_key = d.date_key
+         WHERE v.is_completed AND v.actual_date_key IS NULL
         UNION ALL
         SELECT d.study_source_id, d.date_key, 'element_completed'
           FROM _d_fact_study_performance d

@@ -222,11 +222,10 @@ INSERT INTO etl.dw_quality_checks (check_name, target_table, severity, category,
         OR subjects_screened + subjects_enrolled + subjects_randomized + subjects_screen_failed + subjects_dropped
            + subjects_completed + visits_due + visits_completed + elements_completed = 0$q$),
 ('fact_visit_timelines_window', 'silver.fact_visit_timelines', 'warning', 'measure',
- 'visit due windows that are inverted or do not contain the target date, or a completed visit without a date',
+ 'visit due windows that are inverted or do not contain the target date',
  $q$SELECT source_id FROM silver.fact_visit_timelines
      WHERE min_due_date > max_due_date
-        OR target_due_date NOT BETWEEN coalesce(min_due_date, target_due_date) AND coalesce(max_due_date, target_due_date)
-        OR (is_completed AND actual_date IS NULL)$q$),
+        OR target_due_date NOT BETWEEN coalesce(min_due_date, target_due_date) AND coalesce(max_due_date, target_due_date)$q$),
 ('fact_enrollment_milestone_order', 'silver.fact_enrollment', 'warning', 'measure',
  'subject milestones out of order (randomized or enrolled before screened, dropped/completed before enrolled)',
  $q$SELECT source_id FROM silver.fact_enrollment

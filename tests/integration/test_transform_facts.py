@@ -47,7 +47,8 @@ SELECT study_source_id, date_key,
         UNION ALL SELECT study_source_id, dropped_date_key, 'dropped' FROM silver.fact_enrollment
         UNION ALL SELECT study_source_id, completion_date_key, 'completed' FROM silver.fact_enrollment
         UNION ALL SELECT study_source_id, target_due_date_key, 'due' FROM silver.fact_visit_timelines
-        UNION ALL SELECT study_source_id, actual_date_key, 'done' FROM silver.fact_visit_timelines WHERE is_completed
+        UNION ALL SELECT study_source_id, coalesce(actual_date_key, target_due_date_key), 'done'
+                    FROM silver.fact_visit_timelines WHERE is_completed
         UNION ALL SELECT study_source_id, actual_date_key, 'in_window' FROM silver.fact_visit_timelines
                   WHERE is_within_window
         UNION ALL SELECT study_source_id, completed_date_key, 'element' FROM silver.fact_element_completions) x
@@ -100,6 +101,8 @@ def test_facts_reconcile_with_bronze_counts(tx) -> None:
 def test_gold_views_equal_handwritten_sql_over_bronze(tx) -> None:
     seed_small(tx, studies=3, subjects_per_study=5)
     load(tx, "dim_sponsors_staging", [sponsor(1, name="Acme Pharma")])
+    # a completed visit without an appointment (the simulator's previews never carry one) still counts
+    load(tx, "dim_patient_visits_staging", [visit(7777, 2, 1, status="Completed")], params={"studyId": 1, "subjectId": 2})
     transform_all(tx)
 
     # hand-written over Bronze: subjects per study and funnel stage

@@ -102,6 +102,11 @@ class ProcedureRunner:
                 c.close()
             c = connect(self.settings, autocommit=meta,
                         application_name="trialsync-transform" + ("-meta" if meta else ""))
+            if not meta:
+                # if this process dies mid-procedure, the server notices within seconds and rolls the
+                # procedure back instead of running it to the end for nobody
+                c.execute("SET client_connection_check_interval = '5s'")
+                c.commit()
             setattr(self, attr, c)
         return c
 
@@ -119,12 +124,13 @@ class ProcedureRunner:
 
     # -- one procedure ----------------------------------------------------------------------------
     def _start_row(self, batch_id: uuid.UUID, p: Procedure, trigger: str, run_ids: Sequence[int],
-                   tables: Sequence[str], attempt: int, status: str = "running") -> int:
+                   tables: Sequence[str], attempt: int, status: str = "running", db_pid: int | None = None) -> int:
         row = self._conn(meta=True).execute(
             "INSERT INTO etl.dw_transform_runs (batch_id, procedure_name, target_table, trigger, trigger_run_ids, "
-            "trigger_tables, attempt, status, host, pid) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            "trigger_tables, attempt, status, host, pid, db_pid) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "RETURNING id",
             (batch_id, p.name, p.target_table, trigger, list(run_ids), list(tables), attempt, status, self.host,
-             os.getpid())).fetchone()
+             os.getpid(), db_pid)).fetchone()
         return int(row[0])  # type: ignore[index]
 
     def _finish_row(self, r: ProcedureResult, next_retry_s: float | None) -> None:
@@ -141,7 +147,11 @@ class ProcedureRunner:
                       run_ids: Sequence[int] = (), tables: Sequence[str] = (), attempt: int = 1) -> ProcedureResult:
         """CALL one procedure in its own transaction; record it; never raise for a database error."""
         result = ProcedureResult(p.name, p.target_table, "failed", attempt=attempt)
-        result.run_id = self._start_row(batch_id, p, trigger, run_ids, tables, attempt)
+        try:
+            db_pid: int | None = self._conn(meta=False).info.backend_pid
+        except Exception:  # noqa: BLE001 - the CALL below reports the database error properly
+            db_pid = None
+        result.run_id = self._start_row(batch_id, p, trigger, run_ids, tables, attempt, db_pid=db_pid)
         plog = log.bind(procedure=p.name, batch_id=str(batch_id), attempt=attempt)
         if self.on_progress:
             self.on_progress(p, "running")
@@ -285,12 +295,16 @@ class ProcedureRunner:
                               attempts={p.name: attempts.get(p.name, 1) for p in procs})
 
     def mark_abandoned(self) -> int:
-        """Runs left 'running' by a process that died: no statement outlives the timeout, so a run
-        older than timeout + 5 min is not running any more. Marked failed and scheduled for retry."""
+        """Runs left 'running' by a process that died: their database backend is gone (a live
+        transformer's backend is in pg_stat_activity), or -- when the pid is unknown -- they are older
+        than the statement timeout + 5 min. Marked failed and retried at once."""
         rows = self._conn(meta=True).execute(
-            "UPDATE etl.dw_transform_runs SET status = 'failed', finished_at = now(), error_class = 'Abandoned', "
-            "error_message = 'the transformer stopped while this procedure ran', next_retry_at = now() "
-            "WHERE status = 'running' AND started_at < now() - make_interval(secs => %s) RETURNING id",
+            "UPDATE etl.dw_transform_runs r SET status = 'failed', finished_at = now(), error_class = 'Abandoned', "
+            "error_message = 'the transformer stopped while this procedure ran; its transaction was rolled back', "
+            "next_retry_at = now() "
+            "WHERE r.status = 'running' AND ("
+            "   (r.db_pid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.db_pid))"
+            "   OR r.started_at < now() - make_interval(secs => %s)) RETURNING r.id",
             (self.ts.statement_timeout_seconds + 300,)).fetchall()
         return len(rows)
 

@@ -284,6 +284,9 @@ class Transformer:
             return None
         self._last_retry_check = now
         try:
+            abandoned = self.runner.mark_abandoned()  # a peer transformer that died mid-procedure
+            if abandoned:
+                log.warning("abandoned_runs_marked_failed", runs=abandoned)
             due = self.runner.due_retries()
         except psycopg.Error as e:
             log.warning("retry_check_failed", error=str(e).strip().splitlines()[0])

@@ -50,7 +50,10 @@ CREATE TABLE IF NOT EXISTS etl.dw_transform_runs (
     error_message     text,
     next_retry_at     timestamptz,
     host              varchar(255),
-    pid               integer
+    pid               integer,
+    -- backend pid of the connection running the procedure: a 'running' row whose backend is gone
+    -- was abandoned by a dead transformer (see ProcedureRunner.mark_abandoned)
+    db_pid            integer
 );
 CREATE INDEX IF NOT EXISTS dw_transform_runs_proc_idx ON etl.dw_transform_runs (procedure_name, started_at DESC);
 CREATE INDEX IF NOT EXISTS dw_transform_runs_batch_idx ON etl.dw_transform_runs (batch_id);

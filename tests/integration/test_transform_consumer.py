@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from prometheus_client import REGISTRY
 
 from common import kafka as ck
 from common.config import load_settings
@@ -169,6 +170,10 @@ def test_failed_procedure_is_recorded_others_run_consumer_keeps_going_and_retrie
             assert by["silver.load_dim_sites"].status == "success"  # the other table's transform ran
             assert by["silver.load_fact_enrollment"].status == "skipped"  # depends on dim_studies
             assert by["gold.refresh_mv_study_performance_metrics"].status == "skipped"
+            assert REGISTRY.get_sample_value("trialsync_transform_runs_total",
+                                             {"procedure": "silver.load_dim_studies", "status": "failed"}) >= 1
+            assert REGISTRY.get_sample_value("trialsync_transform_rows_total",
+                                             {"procedure": "silver.load_dim_sites", "action": "inserted"}) >= 1
             row = rows(tx, "SELECT * FROM etl.v_transform_status WHERE procedure_name = 'silver.load_dim_studies'")[0]
             assert row["is_failing"] and row["error_class"] == "CheckViolation" and row["next_retry_at"] is not None
             assert committed(cfg, t.ts.group_id) == 2  # recorded, so the messages are done

@@ -102,10 +102,12 @@ COMMENT ON MATERIALIZED VIEW gold.mv_study_performance_metrics IS
     '(completed within the protocol window / completed) and enrollment velocity. Refreshed concurrently '
     'after each facts load.';
 
+-- SECURITY DEFINER: only a materialized view's owner may refresh it (PG 16), and the transformer
+-- runs as a member of trialsync_etl, not as the migrating owner. Executable by trialsync_etl only.
 CREATE OR REPLACE PROCEDURE gold.refresh_mv_study_performance_metrics(
     INOUT inserted bigint DEFAULT NULL, INOUT updated bigint DEFAULT NULL,
     INOUT closed bigint DEFAULT NULL, INOUT deleted bigint DEFAULT NULL)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM etl.transform_lock('gold.refresh_mv_study_performance_metrics');
     REFRESH MATERIALIZED VIEW CONCURRENTLY gold.mv_study_performance_metrics;
@@ -114,3 +116,5 @@ BEGIN
     inserted := 0; closed := 0; deleted := 0;
 END
 $$;
+REVOKE EXECUTE ON PROCEDURE gold.refresh_mv_study_performance_metrics(bigint, bigint, bigint, bigint) FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE gold.refresh_mv_study_performance_metrics(bigint, bigint, bigint, bigint) TO trialsync_etl;

@@ -68,7 +68,6 @@ CREATE TABLE IF NOT EXISTS silver.fact_enrollment (
     etl_inserted_at                  timestamptz NOT NULL DEFAULT now(),
     etl_updated_at                   timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS fact_enrollment_study_idx ON silver.fact_enrollment (study_source_id);
 CREATE INDEX IF NOT EXISTS fact_enrollment_unresolved_idx ON silver.fact_enrollment (enrollment_key)
     WHERE subject_key IS NULL OR study_key IS NULL OR site_key IS NULL OR patient_key IS NULL;
 COMMENT ON TABLE silver.fact_enrollment IS
@@ -293,7 +292,6 @@ CREATE TABLE IF NOT EXISTS silver.fact_visit_timelines (
 -- (study, day) lookups of load_fact_study_performance: due day and actual day
 CREATE INDEX IF NOT EXISTS fact_visit_timelines_study_due_idx ON silver.fact_visit_timelines (study_source_id, target_due_date_key);
 CREATE INDEX IF NOT EXISTS fact_visit_timelines_study_actual_idx ON silver.fact_visit_timelines (study_source_id, actual_date_key);
-CREATE INDEX IF NOT EXISTS fact_visit_timelines_subject_idx ON silver.fact_visit_timelines (subject_source_id);
 CREATE INDEX IF NOT EXISTS fact_visit_timelines_updated_idx ON silver.fact_visit_timelines (etl_updated_at);
 CREATE INDEX IF NOT EXISTS fact_visit_timelines_unresolved_idx ON silver.fact_visit_timelines (visit_timeline_key)
     WHERE subject_key IS NULL OR study_key IS NULL OR site_key IS NULL OR patient_key IS NULL;

@@ -648,15 +648,15 @@ BEGIN
     -- study has arrived since they were computed
     DROP TABLE IF EXISTS pg_temp._d_fact_study_performance;
     CREATE TEMP TABLE _d_fact_study_performance (
-        study_source_id varchar(255) NOT NULL, date_key integer NOT NULL, PRIMARY KEY (study_source_id, date_key)
+        study_source_id varchar(255) NOT NULL, date_key integer NOT NULL
     ) ON COMMIT DROP;
     WITH q AS (DELETE FROM etl.dw_transform_dirty_study_days RETURNING study_source_id, date_key)
-    INSERT INTO _d_fact_study_performance SELECT DISTINCT study_source_id, date_key FROM q;
     INSERT INTO _d_fact_study_performance
+    SELECT study_source_id, date_key FROM q
+    UNION
     SELECT p.study_source_id, p.date_key FROM silver.fact_study_performance p
      WHERE p.study_key IS NULL
-       AND EXISTS (SELECT 1 FROM silver.dim_studies d WHERE d.source_id = p.study_source_id AND d.is_current)
-    ON CONFLICT DO NOTHING;
+       AND EXISTS (SELECT 1 FROM silver.dim_studies d WHERE d.source_id = p.study_source_id AND d.is_current);
     ANALYZE pg_temp._d_fact_study_performance;
 
     DROP TABLE IF EXISTS pg_temp._n_fact_study_performance;

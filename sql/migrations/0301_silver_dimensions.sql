@@ -454,6 +454,8 @@ CREATE TABLE IF NOT EXISTS silver.dim_studies (
         DEFERRABLE INITIALLY IMMEDIATE
 );
 CREATE INDEX IF NOT EXISTS dim_studies_source_idx ON silver.dim_studies (source_id, effective_start_date);
+-- versions opened since a fact procedure's last run: its facts are re-pointed to them
+CREATE INDEX IF NOT EXISTS dim_studies_inserted_idx ON silver.dim_studies (etl_inserted_at) WHERE is_current;
 COMMENT ON TABLE silver.dim_studies IS 'Studies, Type-2 history: one row per version; is_current marks the open one.';
 
 CREATE OR REPLACE PROCEDURE silver.load_dim_studies(
@@ -583,6 +585,7 @@ CREATE TABLE IF NOT EXISTS silver.dim_subjects (
         DEFERRABLE INITIALLY IMMEDIATE
 );
 CREATE INDEX IF NOT EXISTS dim_subjects_source_idx ON silver.dim_subjects (source_id, effective_start_date);
+CREATE INDEX IF NOT EXISTS dim_subjects_inserted_idx ON silver.dim_subjects (etl_inserted_at) WHERE is_current;
 CREATE INDEX IF NOT EXISTS dim_subjects_study_idx ON silver.dim_subjects (study_source_id) WHERE is_current;
 COMMENT ON TABLE silver.dim_subjects IS
     'Study subjects (a patient''s participation in one study), Type-2 history. Patient names and dates '

@@ -2,10 +2,13 @@
 -- (one row per patient visit: due window vs actual), fact_element_completions (one row per completed
 -- visit element), fact_study_performance (study x day), each with its load procedure.
 --
--- Keys: every fact carries the surrogate keys of its dimensions (for SCD2 dims: the version current
--- when the fact row was last loaded) plus the durable source ids it was resolved from. A fact whose
--- dimension has not arrived yet gets a NULL key; every later run re-resolves exactly those rows whose
--- dimension now exists (late-arriving dimensions), so the NULL heals without a Bronze change.
+-- Keys: every fact carries the surrogate keys of the *current* version of its dimensions plus the
+-- durable source ids it was resolved from. When a study or subject opens a new version, the next
+-- run re-points the facts that reference it (history stays in the dimension; facts answer "as is"),
+-- so Silver is a function of Bronze and the dimension history, never of when a fact happened to be
+-- loaded. A fact whose dimension has not arrived yet gets a NULL key; every later run re-resolves
+-- exactly those rows whose dimension now exists (late-arriving dimensions), so the NULL heals
+-- without a Bronze change.
 -- Soft-deleted or vanished source records delete their fact row. Date keys reference dim_date
 -- (yyyymmdd); an unknown date is NULL.
 --
@@ -68,6 +71,7 @@ CREATE TABLE IF NOT EXISTS silver.fact_enrollment (
     etl_inserted_at                  timestamptz NOT NULL DEFAULT now(),
     etl_updated_at                   timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX IF NOT EXISTS fact_enrollment_study_idx ON silver.fact_enrollment (study_source_id);
 CREATE INDEX IF NOT EXISTS fact_enrollment_unresolved_idx ON silver.fact_enrollment (enrollment_key)
     WHERE subject_key IS NULL OR study_key IS NULL OR site_key IS NULL OR patient_key IS NULL;
 COMMENT ON TABLE silver.fact_enrollment IS
@@ -86,18 +90,30 @@ DECLARE
     v_to        timestamptz;
     v_from_subj timestamptz;
     v_from_stat timestamptz;
+    v_from_dst  timestamptz;
+    v_from_dsj  timestamptz;
     v_read      bigint;
 BEGIN
     PERFORM etl.transform_lock(c_proc);
     v_to := etl.transform_horizon();
     v_from_subj := etl.transform_watermark(c_proc, 'bronze.dim_subjects_staging');
     v_from_stat := etl.transform_watermark(c_proc, 'bronze.dim_subject_statuses_staging');
+    v_from_dst := etl.transform_watermark(c_proc, 'silver.dim_studies');
+    v_from_dsj := etl.transform_watermark(c_proc, 'silver.dim_subjects');
 
-    -- subjects to (re)compute: changed subjects, subjects with changed status events, and rows whose
-    -- missing dimension key can now be resolved
+    -- subjects to (re)compute: changed subjects, subjects with changed status events, facts whose
+    -- study or subject opened a new version, and rows whose missing dimension key can now be resolved
     DROP TABLE IF EXISTS pg_temp._k_fact_enrollment;
     CREATE TEMP TABLE _k_fact_enrollment ON COMMIT DROP AS
     SELECT b.source_id FROM bronze.dim_subjects_staging b WHERE b.updated_at >= v_from_subj
+    UNION
+    SELECT f.source_id FROM silver.dim_studies d
+      JOIN silver.fact_enrollment f ON f.study_source_id = d.source_id
+     WHERE d.is_current AND d.etl_inserted_at >= v_from_dst AND f.study_key IS DISTINCT FROM d.study_key
+    UNION
+    SELECT f.source_id FROM silver.dim_subjects d
+      JOIN silver.fact_enrollment f ON f.source_id = d.source_id
+     WHERE d.is_current AND d.etl_inserted_at >= v_from_dsj AND f.subject_key IS DISTINCT FROM d.subject_key
     UNION
     SELECT etl.ref_id(st.source_id, coalesce(st.data->'subject'->>'Id', st.data->'subject'->>'id'))
       FROM bronze.dim_subject_statuses_staging st
@@ -252,6 +268,8 @@ BEGIN
     closed := 0;
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_subjects_staging', v_to, v_read);
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_subject_statuses_staging', v_to, v_read);
+    PERFORM etl.set_transform_watermark(c_proc, 'silver.dim_studies', v_to, v_read);
+    PERFORM etl.set_transform_watermark(c_proc, 'silver.dim_subjects', v_to, v_read);
 END
 $$;
 
@@ -292,6 +310,7 @@ CREATE TABLE IF NOT EXISTS silver.fact_visit_timelines (
 -- (study, day) lookups of load_fact_study_performance: due day and actual day
 CREATE INDEX IF NOT EXISTS fact_visit_timelines_study_due_idx ON silver.fact_visit_timelines (study_source_id, target_due_date_key);
 CREATE INDEX IF NOT EXISTS fact_visit_timelines_study_actual_idx ON silver.fact_visit_timelines (study_source_id, actual_date_key);
+CREATE INDEX IF NOT EXISTS fact_visit_timelines_subject_idx ON silver.fact_visit_timelines (subject_source_id);
 CREATE INDEX IF NOT EXISTS fact_visit_timelines_updated_idx ON silver.fact_visit_timelines (etl_updated_at);
 CREATE INDEX IF NOT EXISTS fact_visit_timelines_unresolved_idx ON silver.fact_visit_timelines (visit_timeline_key)
     WHERE subject_key IS NULL OR study_key IS NULL OR site_key IS NULL OR patient_key IS NULL;
@@ -308,16 +327,29 @@ DECLARE
     c_proc CONSTANT text := 'silver.load_fact_visit_timelines';
     v_to   timestamptz;
     v_from timestamptz;
+    v_from_dst timestamptz;
+    v_from_dsj timestamptz;
     v_read bigint;
 BEGIN
     PERFORM etl.transform_lock(c_proc);
     v_to := etl.transform_horizon();
     v_from := etl.transform_watermark(c_proc, 'bronze.dim_patient_visits_staging');
+    v_from_dst := etl.transform_watermark(c_proc, 'silver.dim_studies');
+    v_from_dsj := etl.transform_watermark(c_proc, 'silver.dim_subjects');
 
-    -- jobs 9 (/patient-visits/odata) and 160 (per subject) both land in one Bronze table, one row per visit
+    -- jobs 9 (/patient-visits/odata) and 160 (per subject) both land in one Bronze table, one row per
+    -- visit; plus visits whose study or subject opened a new version, and unresolved keys now resolvable
     DROP TABLE IF EXISTS pg_temp._k_fact_visit_timelines;
     CREATE TEMP TABLE _k_fact_visit_timelines ON COMMIT DROP AS
     SELECT b.source_id FROM bronze.dim_patient_visits_staging b WHERE b.updated_at >= v_from
+    UNION
+    SELECT f.source_id FROM silver.dim_studies d
+      JOIN silver.fact_visit_timelines f ON f.study_source_id = d.source_id
+     WHERE d.is_current AND d.etl_inserted_at >= v_from_dst AND f.study_key IS DISTINCT FROM d.study_key
+    UNION
+    SELECT f.source_id FROM silver.dim_subjects d
+      JOIN silver.fact_visit_timelines f ON f.subject_source_id = d.source_id
+     WHERE d.is_current AND d.etl_inserted_at >= v_from_dsj AND f.subject_key IS DISTINCT FROM d.subject_key
     UNION
     SELECT f.source_id FROM silver.fact_visit_timelines f
      WHERE (f.subject_key IS NULL OR f.study_key IS NULL OR f.site_key IS NULL OR f.patient_key IS NULL)
@@ -443,6 +475,8 @@ BEGIN
       FROM up;
     closed := 0;
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_patient_visits_staging', v_to, v_read);
+    PERFORM etl.set_transform_watermark(c_proc, 'silver.dim_studies', v_to, v_read);
+    PERFORM etl.set_transform_watermark(c_proc, 'silver.dim_subjects', v_to, v_read);
 END
 $$;
 

@@ -11,7 +11,8 @@ and 166). Then:
    separately;
 2. 1 % of the rows of every Bronze table change (status moves, visits complete, elements complete),
    stamped ``updated_at = now()`` as the loader would;
-3. incremental transform of the same procedures, then the quality checks again.
+3. incremental transform of the same procedures, then the quality checks again; steps 2-3 run three
+   times on different 1 % slices and the median round is reported (the machine is shared and noisy).
 
 Runs in a throw-away database on the configured server (DATABASE_URL or the embedded stack),
 dropped afterwards unless ``--keep``. Prints one JSON document.
@@ -128,25 +129,26 @@ GENERATE = [
 # 1 % of every table changes, stamped like the loader stamps an upsert
 CHANGE = [
     ("dim_studies_staging", """UPDATE bronze.dim_studies_staging SET updated_at = now(),
-        data = data || jsonb_build_object('status', 'Terminated', 'lastUpdatedOn', to_char(now(), 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))
-      WHERE id % 100 = 7"""),
+        data = data || jsonb_build_object('status', 'Terminated ' || %(slice)s, 'lastUpdatedOn', to_char(now(), 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))
+      WHERE id %% 100 = %(slice)s"""),
     ("dim_subjects_staging", """UPDATE bronze.dim_subjects_staging SET updated_at = now(),
-        data = data || jsonb_build_object('status', 'Completed', 'modifiedDate', to_char(now(), 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))
-      WHERE id % 100 = 7"""),
+        data = data || jsonb_build_object('status', CASE WHEN data->>'status' = 'Completed' THEN 'Dropped' ELSE 'Completed' END,
+                                          'modifiedDate', to_char(now(), 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))
+      WHERE id %% 100 = %(slice)s"""),
     ("dim_patients_staging", """UPDATE bronze.dim_patients_staging SET updated_at = now(),
-        data = data || '{"status": "Inactive"}'::jsonb WHERE id % 100 = 7"""),
+        data = data || jsonb_build_object('status', 'Inactive ' || %(slice)s) WHERE id %% 100 = %(slice)s"""),
     ("dim_sites_staging", """UPDATE bronze.dim_sites_staging SET updated_at = now(),
-        data = data || '{"active": false}'::jsonb WHERE id % 100 = 7"""),
+        data = data || jsonb_build_object('active', %(slice)s %% 2 = 0) WHERE id %% 100 = %(slice)s"""),
     ("dim_subject_statuses_staging", """UPDATE bronze.dim_subject_statuses_staging SET updated_at = now(),
-        data = data || '{"comment": "corrected"}'::jsonb WHERE id % 100 = 7"""),
+        data = data || jsonb_build_object('comment', 'corrected ' || %(slice)s) WHERE id %% 100 = %(slice)s"""),
     ("dim_patient_visits_staging", """UPDATE bronze.dim_patient_visits_staging SET updated_at = now(),
-        data = data || jsonb_build_object('status', 'Completed', 'appointments',
-                 jsonb_build_array(jsonb_build_object('id', 1, 'scheduledStart', data->>'maxDueDate')))
-      WHERE id % 100 = 7"""),
+        data = data || jsonb_build_object('status', CASE WHEN data->>'status' = 'Completed' THEN 'Started' ELSE 'Completed' END,
+                 'appointments', jsonb_build_array(jsonb_build_object('id', %(slice)s, 'scheduledStart', data->>'maxDueDate')))
+      WHERE id %% 100 = %(slice)s"""),
     ("dim_patient_visit_elements_staging", """UPDATE bronze.dim_patient_visit_elements_staging SET updated_at = now(),
-        data = data || '{"completedOn": "2025-06-01T10:00:00.000Z"}'::jsonb WHERE id % 100 = 7"""),
+        data = data || jsonb_build_object('completedOn', '2025-06-' || lpad(%(slice)s::text, 2, '0') || 'T10:00:00.000Z') WHERE id %% 100 = %(slice)s"""),
     ("dim_visit_elements_staging", """UPDATE bronze.dim_visit_elements_staging SET updated_at = now(),
-        data = data || '{"completedOn": "2025-06-02T10:00:00.000Z"}'::jsonb WHERE id % 100 = 7"""),
+        data = data || jsonb_build_object('completedOn', '2025-07-' || lpad(%(slice)s::text, 2, '0') || 'T10:00:00.000Z') WHERE id %% 100 = %(slice)s"""),
 ]
 
 
@@ -199,19 +201,28 @@ def main() -> None:
                     sql.Identifier("silver", t))).fetchone()[0] for t in (  # type: ignore[index]
                     "dim_studies", "dim_subjects", "dim_patients", "fact_enrollment", "fact_visit_timelines",
                     "fact_element_completions", "fact_study_performance")}
-                changed = {}
-                for table, q in CHANGE:
-                    changed[table] = conn.execute(q).rowcount  # type: ignore[arg-type]
-                out["changed_rows"] = changed
-                out["incremental_s"], out["incremental_procedures"] = _timed_batch(runner)
-                # the consumer's policy: hourly checks (reconciliation) are not due again yet
-                out["incremental_quality_s"], out["incremental_quality_failing"] = _timed_quality(conn, force=False)
-                out["noop_s"], _ = _timed_batch(runner)
+                # three rounds, each changing a different 1 % of every table; the median is reported
+                rounds = []
+                for k in (7, 8, 9):
+                    changed = {table: conn.execute(q, {"slice": k}).rowcount for table, q in CHANGE}  # type: ignore[arg-type]
+                    time.sleep(2.5)  # past the margin: the next round does not re-read this round's rows
+                    inc_s, inc_procs = _timed_batch(runner)
+                    # the consumer's policy: hourly checks (reconciliation) are not due again yet
+                    q_s, q_failing = _timed_quality(conn, force=False)
+                    rounds.append({"slice": k, "changed_rows": changed, "incremental_s": round(inc_s, 3),
+                                   "quality_s": round(q_s, 3), "quality_failing": q_failing,
+                                   "procedures": inc_procs})
+                out["incremental_rounds"] = rounds
+                mid = sorted(rounds, key=lambda r: r["incremental_s"])[1]
+                out["changed_rows"] = mid["changed_rows"]
+                out["incremental_s"], out["incremental_procedures"] = mid["incremental_s"], mid["procedures"]
+                out["incremental_quality_s"] = mid["quality_s"]
+                out["noop_s"], out["noop_procedures"] = _timed_batch(runner)
             finally:
                 runner.close()
         out["incremental_over_full"] = round(out["incremental_s"] / out["full_s"], 4)
         out["goal_met"] = out["incremental_over_full"] < 0.10
-        for k in ("full_s", "incremental_s", "noop_s", "full_quality_s", "incremental_quality_s"):
+        for k in ("full_s", "noop_s", "full_quality_s"):
             out[k] = round(out[k], 3)
     finally:
         if not args.keep:

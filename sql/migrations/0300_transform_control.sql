@@ -260,6 +260,22 @@ LANGUAGE sql VOLATILE AS $$
             updated_at = excluded.updated_at
 $$;
 
+-- When each Silver table last changed (any row inserted, updated, closed or deleted), written by its
+-- procedure in the same transaction as the change. The gold refresh reads it to skip a refresh when
+-- nothing it depends on changed -- crash-safe, unlike a flag kept in the consumer's memory.
+CREATE TABLE IF NOT EXISTS etl.dw_transform_changes (
+    table_name  varchar(127) PRIMARY KEY,
+    changed_at  timestamptz  NOT NULL,
+    rows        bigint       NOT NULL DEFAULT 0
+);
+
+CREATE OR REPLACE FUNCTION etl.note_change(p_table text, p_rows bigint) RETURNS void
+LANGUAGE sql VOLATILE AS $$
+    INSERT INTO etl.dw_transform_changes AS c (table_name, changed_at, rows)
+    SELECT p_table, now(), p_rows WHERE coalesce(p_rows, 0) > 0
+    ON CONFLICT (table_name) DO UPDATE SET changed_at = excluded.changed_at, rows = excluded.rows
+$$;
+
 -- Forget the incremental state of one procedure (or all): the next run re-reads all of Bronze.
 -- Safe at any time because every procedure is idempotent.
 CREATE OR REPLACE FUNCTION etl.reset_transform_watermarks(p_procedure text DEFAULT NULL) RETURNS bigint

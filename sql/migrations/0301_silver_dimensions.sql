@@ -155,6 +155,7 @@ BEGIN
       INTO inserted, updated, closed
       FROM up;
     deleted := 0;
+    PERFORM etl.note_change('silver.dim_sites', inserted + updated + closed + deleted);
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_sites_staging', v_to, v_read);
 END
 $$;
@@ -227,6 +228,7 @@ BEGIN
       INTO inserted, updated, closed
       FROM up;
     deleted := 0;
+    PERFORM etl.note_change('silver.dim_sponsors', inserted + updated + closed + deleted);
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_sponsors_staging', v_to, v_read);
 END
 $$;
@@ -317,6 +319,7 @@ BEGIN
       INTO inserted, updated, closed
       FROM up;
     deleted := 0;
+    PERFORM etl.note_change('silver.dim_staff', inserted + updated + closed + deleted);
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_staff_staging', v_to, v_read);
 END
 $$;
@@ -410,6 +413,7 @@ BEGIN
       INTO inserted, updated, closed
       FROM up;
     deleted := 0;
+    PERFORM etl.note_change('silver.dim_patients', inserted + updated + closed + deleted);
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_patients_staging', v_to, v_read);
 END
 $$;
@@ -547,6 +551,7 @@ BEGIN
         RETURNING 1)
     SELECT count(*) INTO updated FROM u;
     deleted := 0;
+    PERFORM etl.note_change('silver.dim_studies', inserted + updated + closed + deleted);
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_studies_staging', v_to, v_read);
 END
 $$;
@@ -680,6 +685,7 @@ BEGIN
         RETURNING 1)
     SELECT count(*) INTO updated FROM u;
     deleted := 0;
+    PERFORM etl.note_change('silver.dim_subjects', inserted + updated + closed + deleted);
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_subjects_staging', v_to, v_read);
 END
 $$;

@@ -249,16 +249,27 @@ BEGIN
                   f.enrollment_date_key, f.randomization_date_key, f.screen_failure_date_key, f.dropped_date_key,
                   f.completion_date_key),
     old AS (  -- same snapshot as `up`: the values before this statement
-        SELECT o.study_source_id, o.screening_date_key, o.enrollment_date_key, o.randomization_date_key,
-               o.screen_failure_date_key, o.dropped_date_key, o.completion_date_key
+        SELECT o.source_id, o.study_source_id, o.screening_date_key, o.enrollment_date_key,
+               o.randomization_date_key, o.screen_failure_date_key, o.dropped_date_key, o.completion_date_key
           FROM silver.fact_enrollment o JOIN up ON up.source_id = o.source_id),
+    moved AS (  -- rows whose study or days changed (a re-pointed key alone moves no day)
+        SELECT u.*, o.source_id IS NULL AS is_new
+          FROM up u LEFT JOIN old o ON o.source_id = u.source_id
+         WHERE o.source_id IS NULL
+            OR (o.study_source_id, o.screening_date_key, o.enrollment_date_key, o.randomization_date_key,
+                o.screen_failure_date_key, o.dropped_date_key, o.completion_date_key)
+               IS DISTINCT FROM
+               (u.study_source_id, u.screening_date_key, u.enrollment_date_key, u.randomization_date_key,
+                u.screen_failure_date_key, u.dropped_date_key, u.completion_date_key)),
     q AS (
         INSERT INTO etl.dw_transform_dirty_study_days (study_source_id, date_key)
         SELECT z.study_source_id, x.k
           FROM (SELECT study_source_id, screening_date_key, enrollment_date_key, randomization_date_key,
-                       screen_failure_date_key, dropped_date_key, completion_date_key FROM up
+                       screen_failure_date_key, dropped_date_key, completion_date_key FROM moved
                 UNION ALL
-                SELECT * FROM old) z
+                SELECT o.study_source_id, o.screening_date_key, o.enrollment_date_key, o.randomization_date_key,
+                       o.screen_failure_date_key, o.dropped_date_key, o.completion_date_key
+                  FROM old o JOIN moved m ON m.source_id = o.source_id) z
          CROSS JOIN LATERAL unnest(ARRAY[z.screening_date_key, z.enrollment_date_key, z.randomization_date_key,
                 z.screen_failure_date_key, z.dropped_date_key, z.completion_date_key]) AS x(k)
          WHERE z.study_source_id IS NOT NULL AND x.k IS NOT NULL)
@@ -266,6 +277,7 @@ BEGIN
       INTO inserted, updated
       FROM up;
     closed := 0;
+    PERFORM etl.note_change('silver.fact_enrollment', inserted + updated + closed + deleted);
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_subjects_staging', v_to, v_read);
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_subject_statuses_staging', v_to, v_read);
     PERFORM etl.set_transform_watermark(c_proc, 'silver.dim_studies', v_to, v_read);
@@ -459,21 +471,31 @@ BEGIN
                 excluded.study_source_id, excluded.target_due_date, excluded.min_due_date, excluded.max_due_date,
                 excluded.actual_date, excluded.is_completed, excluded.is_within_window, excluded.appointment_count)
         RETURNING f.source_id, (xmax = 0) AS was_inserted, f.study_source_id, f.target_due_date_key,
-                  f.actual_date_key),
+                  f.actual_date_key, f.is_completed, f.is_within_window),
     old AS (
-        SELECT o.study_source_id, o.target_due_date_key, o.actual_date_key
+        SELECT o.source_id, o.study_source_id, o.target_due_date_key, o.actual_date_key, o.is_completed,
+               o.is_within_window
           FROM silver.fact_visit_timelines o JOIN up ON up.source_id = o.source_id),
+    moved AS (  -- rows whose study, days or day counts changed (a re-pointed key alone moves nothing)
+        SELECT u.* FROM up u LEFT JOIN old o ON o.source_id = u.source_id
+         WHERE o.source_id IS NULL
+            OR (o.study_source_id, o.target_due_date_key, o.actual_date_key, o.is_completed, o.is_within_window)
+               IS DISTINCT FROM
+               (u.study_source_id, u.target_due_date_key, u.actual_date_key, u.is_completed, u.is_within_window)),
     q AS (
         INSERT INTO etl.dw_transform_dirty_study_days (study_source_id, date_key)
         SELECT z.study_source_id, x.k
-          FROM (SELECT study_source_id, target_due_date_key, actual_date_key FROM up
-                UNION ALL SELECT * FROM old) z
+          FROM (SELECT study_source_id, target_due_date_key, actual_date_key FROM moved
+                UNION ALL
+                SELECT o.study_source_id, o.target_due_date_key, o.actual_date_key
+                  FROM old o JOIN moved m ON m.source_id = o.source_id) z
          CROSS JOIN LATERAL unnest(ARRAY[z.target_due_date_key, z.actual_date_key]) AS x(k)
          WHERE z.study_source_id IS NOT NULL AND x.k IS NOT NULL)
     SELECT count(*) FILTER (WHERE was_inserted), count(*) FILTER (WHERE NOT was_inserted)
       INTO inserted, updated
       FROM up;
     closed := 0;
+    PERFORM etl.note_change('silver.fact_visit_timelines', inserted + updated + closed + deleted);
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_patient_visits_staging', v_to, v_read);
     PERFORM etl.set_transform_watermark(c_proc, 'silver.dim_studies', v_to, v_read);
     PERFORM etl.set_transform_watermark(c_proc, 'silver.dim_subjects', v_to, v_read);
@@ -625,17 +647,24 @@ BEGIN
                 excluded.duration_minutes, excluded.days_from_visit_target)
         RETURNING f.source_id, (xmax = 0) AS was_inserted, f.study_source_id, f.completed_date_key),
     old AS (
-        SELECT o.study_source_id, o.completed_date_key
+        SELECT o.source_id, o.study_source_id, o.completed_date_key
           FROM silver.fact_element_completions o JOIN up ON up.source_id = o.source_id),
+    moved AS (  -- rows whose study or day changed (a re-pointed key alone moves nothing)
+        SELECT u.* FROM up u LEFT JOIN old o ON o.source_id = u.source_id
+         WHERE o.source_id IS NULL
+            OR (o.study_source_id, o.completed_date_key) IS DISTINCT FROM (u.study_source_id, u.completed_date_key)),
     q AS (
         INSERT INTO etl.dw_transform_dirty_study_days (study_source_id, date_key)
         SELECT z.study_source_id, z.completed_date_key
-          FROM (SELECT study_source_id, completed_date_key FROM up UNION ALL SELECT * FROM old) z
+          FROM (SELECT study_source_id, completed_date_key FROM moved
+                UNION ALL
+                SELECT o.study_source_id, o.completed_date_key FROM old o JOIN moved m ON m.source_id = o.source_id) z
          WHERE z.study_source_id IS NOT NULL)
     SELECT count(*) FILTER (WHERE was_inserted), count(*) FILTER (WHERE NOT was_inserted)
       INTO inserted, updated
       FROM up;
     closed := 0;
+    PERFORM etl.note_change('silver.fact_element_completions', inserted + updated + closed + deleted);
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_patient_visit_elements_staging', v_to, v_read);
     PERFORM etl.set_transform_watermark(c_proc, 'bronze.dim_visit_elements_staging', v_to, v_read);
     PERFORM etl.set_transform_watermark(c_proc, 'silver.fact_visit_timelines', v_to, v_read);
@@ -675,8 +704,23 @@ CREATE OR REPLACE PROCEDURE silver.load_fact_study_performance(
 LANGUAGE plpgsql AS $$
 DECLARE
     c_proc CONSTANT text := 'silver.load_fact_study_performance';
+    v_to       timestamptz;
+    v_from_dst timestamptz;
+    v_moved    bigint;
 BEGIN
     PERFORM etl.transform_lock(c_proc);
+    v_to := etl.transform_horizon();
+    v_from_dst := etl.transform_watermark(c_proc, 'silver.dim_studies');
+
+    -- a study that opened a new version: its days point at it (no day is recomputed for that)
+    WITH r AS (
+        UPDATE silver.fact_study_performance p
+           SET study_key = d.study_key, etl_updated_at = now()
+          FROM silver.dim_studies d
+         WHERE d.source_id = p.study_source_id AND d.is_current AND d.etl_inserted_at >= v_from_dst
+           AND p.study_key IS DISTINCT FROM d.study_key
+        RETURNING 1)
+    SELECT count(*) INTO v_moved FROM r;
 
     -- take the queued days committed so far (later ones stay queued for the next run) plus days whose
     -- study has arrived since they were computed
@@ -707,10 +751,13 @@ BEGIN
                 AS x(date_key, measure)
           JOIN _d_fact_study_performance d ON d.study_source_id = f.study_source_id AND d.date_key = x.date_key
         UNION ALL
-        SELECT d.study_source_id, d.date_key, 'visit_due'
+        -- due on the day; and a completed visit whose source gives no actual date counts on its due day
+        SELECT d.study_source_id, d.date_key, x.measure
           FROM _d_fact_study_performance d
           JOIN silver.fact_visit_timelines v
             ON v.study_source_id = d.study_source_id AND v.target_due_date_key = d.date_key
+          CROSS JOIN LATERAL (VALUES ('visit_due'), ('visit_completed')) AS x(measure)
+         WHERE x.measure = 'visit_due' OR (v.is_completed AND v.actual_date_key IS NULL)
         UNION ALL
         SELECT d.study_source_id, d.date_key, CASE WHEN x.in_window THEN 'visit_in_window' ELSE 'visit_completed' END
           FROM _d_fact_study_performance d
@@ -718,13 +765,7 @@ BEGIN
             ON v.study_source_id = d.study_source_id AND v.actual_date_key = d.date_key AND v.is_completed
           CROSS JOIN LATERAL (VALUES (false), (true)) AS x(in_window)
          WHERE NOT x.in_window OR v.is_within_window
-        UNION ALL
-        -- a completed visit whose source gives no actual date counts on its due day
-        SELECT d.study_source_id, d.date_key, 'visit_completed'
-          FROM _d_fact_study_performance d
-          JOIN silver.fact_visit_timelines v
-            ON v.study_source_id = d.study_source_id AND v.target_due_date_key = d.date_key
-         WHERE v.is_completed AND v.actual_date_key IS NULL
+
         UNION ALL
         SELECT d.study_source_id, d.date_key, 'element_completed'
           FROM _d_fact_study_performance d
@@ -783,6 +824,9 @@ BEGIN
     SELECT count(*) FILTER (WHERE was_inserted), count(*) FILTER (WHERE NOT was_inserted)
       INTO inserted, updated
       FROM up;
+    updated := updated + v_moved;
     closed := 0;
+    PERFORM etl.note_change('silver.fact_study_performance', inserted + updated + closed + deleted);
+    PERFORM etl.set_transform_watermark(c_proc, 'silver.dim_studies', v_to, v_moved);
 END
 $$;

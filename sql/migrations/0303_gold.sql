@@ -66,36 +66,45 @@ COMMENT ON VIEW gold.v_subject_status_summary IS
 
 -- Study performance: lifetime totals from the daily fact plus visit compliance.
 CREATE MATERIALIZED VIEW IF NOT EXISTS gold.mv_study_performance_metrics AS
+WITH p AS (  -- aggregate the daily fact per study first: the join then touches one row per study
+    SELECT study_source_id,
+           min(date_key) AS first_key, max(date_key) AS last_key, count(*) AS active_days,
+           sum(subjects_screened) AS subjects_screened, sum(subjects_enrolled) AS subjects_enrolled,
+           sum(subjects_randomized) AS subjects_randomized, sum(subjects_screen_failed) AS subjects_screen_failed,
+           sum(subjects_dropped) AS subjects_dropped, sum(subjects_completed) AS subjects_completed,
+           sum(visits_due) AS visits_due, sum(visits_completed) AS visits_completed,
+           sum(visits_completed_in_window) AS visits_completed_in_window,
+           sum(elements_completed) AS elements_completed,
+           min(date_key) FILTER (WHERE subjects_enrolled > 0) AS first_enrollment_key,
+           max(date_key) FILTER (WHERE subjects_enrolled > 0) AS last_enrollment_key
+      FROM silver.fact_study_performance
+     GROUP BY study_source_id)
 SELECT s.source_id                                         AS study_source_id,
        s.study_key,
        s.study_id,
        s.study_name,
        s.study_status,
        s.phase,
-       min(d.full_date)                                    AS first_activity_date,
-       max(d.full_date)                                    AS last_activity_date,
-       count(p.date_key)                                   AS active_days,
-       coalesce(sum(p.subjects_screened), 0)::bigint       AS subjects_screened,
-       coalesce(sum(p.subjects_enrolled), 0)::bigint       AS subjects_enrolled,
-       coalesce(sum(p.subjects_randomized), 0)::bigint     AS subjects_randomized,
-       coalesce(sum(p.subjects_screen_failed), 0)::bigint  AS subjects_screen_failed,
-       coalesce(sum(p.subjects_dropped), 0)::bigint        AS subjects_dropped,
-       coalesce(sum(p.subjects_completed), 0)::bigint      AS subjects_completed,
-       coalesce(sum(p.visits_due), 0)::bigint              AS visits_due,
-       coalesce(sum(p.visits_completed), 0)::bigint        AS visits_completed,
-       coalesce(sum(p.visits_completed_in_window), 0)::bigint AS visits_completed_in_window,
-       coalesce(sum(p.elements_completed), 0)::bigint      AS elements_completed,
-       round(sum(p.visits_completed_in_window)::numeric / nullif(sum(p.visits_completed), 0), 4)
-                                                           AS visit_on_time_rate,
-       round(sum(p.subjects_enrolled)::numeric * 30
-             / nullif(max(d.full_date) FILTER (WHERE p.subjects_enrolled > 0)
-                      - min(d.full_date) FILTER (WHERE p.subjects_enrolled > 0) + 1, 0), 4)
-                                                           AS enrollments_per_30_days
+       to_date(p.first_key::text, 'YYYYMMDD')              AS first_activity_date,
+       to_date(p.last_key::text, 'YYYYMMDD')               AS last_activity_date,
+       coalesce(p.active_days, 0)                          AS active_days,
+       coalesce(p.subjects_screened, 0)::bigint            AS subjects_screened,
+       coalesce(p.subjects_enrolled, 0)::bigint            AS subjects_enrolled,
+       coalesce(p.subjects_randomized, 0)::bigint          AS subjects_randomized,
+       coalesce(p.subjects_screen_failed, 0)::bigint       AS subjects_screen_failed,
+       coalesce(p.subjects_dropped, 0)::bigint             AS subjects_dropped,
+       coalesce(p.subjects_completed, 0)::bigint           AS subjects_completed,
+       coalesce(p.visits_due, 0)::bigint                   AS visits_due,
+       coalesce(p.visits_completed, 0)::bigint             AS visits_completed,
+       coalesce(p.visits_completed_in_window, 0)::bigint   AS visits_completed_in_window,
+       coalesce(p.elements_completed, 0)::bigint           AS elements_completed,
+       round(p.visits_completed_in_window::numeric / nullif(p.visits_completed, 0), 4) AS visit_on_time_rate,
+       round(p.subjects_enrolled::numeric * 30
+             / nullif(to_date(p.last_enrollment_key::text, 'YYYYMMDD')
+                      - to_date(p.first_enrollment_key::text, 'YYYYMMDD') + 1, 0), 4) AS enrollments_per_30_days
   FROM silver.dim_studies s
-  LEFT JOIN silver.fact_study_performance p ON p.study_source_id = s.source_id
-  LEFT JOIN silver.dim_date d ON d.date_key = p.date_key
- WHERE s.is_current AND NOT s.is_deleted
- GROUP BY s.source_id, s.study_key, s.study_id, s.study_name, s.study_status, s.phase;
+  LEFT JOIN p ON p.study_source_id = s.source_id
+ WHERE s.is_current AND NOT s.is_deleted;
 CREATE UNIQUE INDEX IF NOT EXISTS mv_study_performance_metrics_uq ON gold.mv_study_performance_metrics (study_source_id);
 COMMENT ON MATERIALIZED VIEW gold.mv_study_performance_metrics IS
     'Per live study: lifetime activity totals from silver.fact_study_performance, visit on-time rate '
@@ -108,12 +117,26 @@ CREATE OR REPLACE PROCEDURE gold.refresh_mv_study_performance_metrics(
     INOUT inserted bigint DEFAULT NULL, INOUT updated bigint DEFAULT NULL,
     INOUT closed bigint DEFAULT NULL, INOUT deleted bigint DEFAULT NULL)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c_proc CONSTANT text := 'gold.refresh_mv_study_performance_metrics';
+    v_to   timestamptz;
+    v_from timestamptz;
 BEGIN
-    PERFORM etl.transform_lock('gold.refresh_mv_study_performance_metrics');
+    PERFORM etl.transform_lock(c_proc);
+    inserted := 0; updated := 0; closed := 0; deleted := 0;
+    v_to := etl.transform_horizon();
+    v_from := etl.transform_watermark(c_proc, 'etl.dw_transform_changes');
+    -- nothing the view reads changed since the last refresh: skip (a refresh recomputes everything)
+    IF v_from > '-infinity' AND NOT EXISTS (
+           SELECT 1 FROM etl.dw_transform_changes c
+            WHERE c.table_name IN ('silver.fact_study_performance', 'silver.dim_studies')
+              AND c.changed_at >= v_from) THEN
+        RETURN;
+    END IF;
     REFRESH MATERIALIZED VIEW CONCURRENTLY gold.mv_study_performance_metrics;
     -- REFRESH reports no per-row counts; `updated` carries the rows the view now holds
     SELECT count(*) INTO updated FROM gold.mv_study_performance_metrics;
-    inserted := 0; closed := 0; deleted := 0;
+    PERFORM etl.set_transform_watermark(c_proc, 'etl.dw_transform_changes', v_to, updated);
 END
 $$;
 REVOKE EXECUTE ON PROCEDURE gold.refresh_mv_study_performance_metrics(bigint, bigint, bigint, bigint) FROM PUBLIC;

@@ -357,3 +357,22 @@ ON CONFLICT (check_name) DO UPDATE
        description = excluded.description, check_sql = excluded.check_sql;
 
 UPDATE etl.dw_quality_checks SET min_interval_seconds = 3600 WHERE category = 'reconciliation';
+
+-- Every statement of these procedures is parameterised by PL/pgSQL variables (watermarks). After five
+-- executions in one session -- the transform consumer keeps its session for days -- PostgreSQL may
+-- switch to a generic plan that does not know the watermark, i.e. plans an incremental read of a few
+-- rows like a full scan. Always plan with the actual values.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT p.oid::regprocedure AS sig
+               FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE p.prokind = 'p'
+                AND (n.nspname || '.' || p.proname IN (SELECT procedure_name FROM etl.dw_transform_procedures)
+                     OR n.nspname || '.' || p.proname IN ('silver.load_all_new_dimensions', 'silver.load_all_new_facts'))
+    LOOP
+        EXECUTE format('ALTER PROCEDURE %s SET plan_cache_mode = force_custom_plan', r.sig);
+    END LOOP;
+END
+$$;

@@ -17,6 +17,7 @@ from tests.integration.transform_support import (
     seed_small,
     site,
     sponsor,
+    staff,
     study,
     subject,
     transform_all,
@@ -271,3 +272,18 @@ def test_a_new_study_version_repoints_its_facts_and_a_full_rerun_changes_nothing
     assert call(tx, "silver.load_all_new_facts") == (0, 0, 0, 0)
     for t, before in snapshot.items():
         assert rows(tx, f"SELECT * FROM silver.{t} ORDER BY 1") == before, t
+
+
+def test_gold_refresh_is_skipped_when_nothing_it_reads_changed(tx) -> None:
+    tx.execute("SET trialsync.watermark_margin = '0 seconds'")
+    seed_small(tx, studies=2, subjects_per_study=1)
+    transform_all(tx)
+    assert call(tx, "gold.refresh_mv_study_performance_metrics") == (0, 0, 0, 0)  # nothing changed: skipped
+    load(tx, "dim_staff_staging", [staff(9)])
+    transform_all(tx)  # a staff change reaches no fact and not the view
+    assert call(tx, "gold.refresh_mv_study_performance_metrics") == (0, 0, 0, 0)
+    load(tx, "dim_studies_staging", [study(2, name="Renamed", lastUpdatedOn=ts("2025-05-05"))])
+    call(tx, "silver.load_dim_studies")
+    assert call(tx, "gold.refresh_mv_study_performance_metrics") == (0, 2, 0, 0)  # refreshed: 2 rows
+    assert rows(tx, "SELECT study_name FROM gold.mv_study_performance_metrics WHERE study_source_id = 'cc1:2'") == [
+        {"study_name": "Renamed"}]

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     etl_parallel_jobs: int = Field(default=5, ge=1, le=64)
     etl_timeout_seconds: int = Field(default=300, ge=1)
     etl_request_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    etl_http_engine: Literal["auto", "async", "threads"] = Field(
+        default="auto", description="extraction HTTP engine: async (uvloop) | threads (requests); auto = async "
+                                    "unless an HTTP(S) proxy is configured")
     etl_jobs_file: Path = Path("config/jobs.yaml")
 
     # -- broker --------------------------------------------------------------------------------

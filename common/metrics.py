@@ -57,7 +57,7 @@ API_RATE_LIMITED = Counter("trialsync_api_rate_limited_total", "HTTP 429 answers
 
 # -- loader --------------------------------------------------------------------------------------
 CONSUMER_LAG = Gauge("trialsync_consumer_lag_messages", "Messages behind the partition's high watermark",
-                     ["group", "topic", "partition"], multiprocess_mode="max")
+                     ["group", "topic", "partition"], multiprocess_mode="livemax")
 BATCH_SIZE = Histogram("trialsync_loader_batch_size", "Records per flushed micro-batch", ["table"], buckets=_BATCH)
 FLUSH_DURATION = Histogram("trialsync_loader_flush_duration_seconds", "COPY + upsert + commit time of one batch",
                            ["table"], buckets=_FLUSH)
@@ -146,18 +146,23 @@ class MetricsServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, name=f"metrics-{service}", daemon=True)
 
     def readiness(self) -> tuple[bool, bytes]:
+        return self.evaluate(self.service, self.checks)
+
+    @staticmethod
+    def evaluate(service: str, checks: dict[str, ReadinessCheck]) -> tuple[bool, bytes]:
+        """Run every check; ready only when all pass. Also used by servers with their own HTTP stack."""
         import orjson
 
         results = {}
         ok = True
-        for name, check in self.checks.items():
+        for name, check in checks.items():
             try:
                 good, detail = check()
             except Exception as e:  # noqa: BLE001 - a failing check is a not-ready answer, not a crash
                 good, detail = False, f"{type(e).__name__}: {e}"
             results[name] = {"ok": good, "detail": detail}
             ok = ok and good
-        return ok, orjson.dumps({"ready": ok, "service": self.service, "checks": results})
+        return ok, orjson.dumps({"ready": ok, "service": service, "checks": results})
 
     def start(self) -> MetricsServer:
         self.thread.start()
@@ -169,11 +174,22 @@ class MetricsServer:
 
 
 def start_metrics_server(service: str, port: int | None = None, checks: dict[str, ReadinessCheck] | None = None,
-                         ) -> MetricsServer | None:
-    """Start the per-process server if ENABLE_METRICS; port from METRICS_PORT unless given."""
+                         standard_checks: bool = True) -> MetricsServer | None:
+    """Start the per-process server if ENABLE_METRICS; port from METRICS_PORT unless given.
+
+    ``/readyz`` runs the standard checks of the service type (``common.health.service_checks``:
+    database and broker; for extractors also the Clinical Conductor API) plus ``checks``, which
+    add to them or replace one of the same name.
+    """
     from common.config import get_settings
 
     s = get_settings()
     if not s.enable_metrics:
         return None
-    return MetricsServer(s.metrics_port if port is None else port, service, checks).start()
+    merged: dict[str, ReadinessCheck] = {}
+    if standard_checks:
+        from common.health import service_checks
+
+        merged.update(service_checks(service, s))
+    merged.update(checks or {})
+    return MetricsServer(s.metrics_port if port is None else port, service, merged).start()

@@ -10,6 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the top-level app."""
     app.command("demo")(demo)
+    __import__("orchestrator.ops_cli", fromlist=["register"]).register(app)
 
 
 def demo(scale: Annotated[float, typer.Option(help="simulated data volume (1.0 = production)")] = 0.01) -> None:

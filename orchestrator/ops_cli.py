@@ -1,0 +1,76 @@
+"""Operator commands: ``trialsync api`` (job-history HTTP API) and ``trialsync doctor``.
+
+Registered by ``orchestrator/cli.py``'s ``register()``; kept apart from the run/schedule commands
+so the orchestration package and the operations tooling evolve independently.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``api`` and ``doctor`` to the top-level app."""
+    app.command("api")(api)
+    app.command("doctor")(doctor)
+
+
+def api(
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 in containers)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the API")] = 8000,
+) -> None:
+    """Serve the read-only job-history API (JSON; OpenAPI at /openapi.json; bearer token from API_TOKEN).
+
+    Also serves /metrics, /healthz and /readyz on METRICS_PORT like every TrialSync service.
+    """
+    from common.config import get_settings
+    from common.health import service_checks
+    from common.logging import setup_logging
+    from common.metrics import start_metrics_server
+    from orchestrator.history_api import serve
+
+    setup_logging("api")
+    s = get_settings()
+    metrics = start_metrics_server("api", checks=service_checks("api", s)) if s.metrics_port != port else None
+    try:
+        serve(host=host, port=port, settings=s)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+
+
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="print the findings as JSON")] = False,
+    api_timeout: Annotated[float, typer.Option(help="seconds to wait for the Clinical Conductor API")] = 5.0,
+) -> None:
+    """Check configuration, database, broker and the Clinical Conductor API; say what to fix.
+
+    Exit code 0 when nothing is wrong (warnings allowed), 1 when any check failed.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.doctor import STATUS_STYLE, run_doctor
+
+    d = run_doctor(api_timeout=api_timeout)
+    if as_json:
+        print(json.dumps({"ok": not d.failed, "findings": [f.as_dict() for f in d.findings]}, indent=2))
+    else:
+        console = Console()
+        t = Table(title="trialsync doctor")
+        for col in ("area", "check", "status", "detail", "how to fix"):
+            t.add_column(col, overflow="fold")
+        for f in d.findings:
+            t.add_row(f.area, f.check, STATUS_STYLE[f.status](f.status), f.detail, f.fix)
+        console.print(t)
+        bad = [f for f in d.findings if f.status == "fail"]
+        if bad:
+            console.print(f"[bold red]{len(bad)} problem(s)[/] -- fix them in the order shown, then run "
+                          "`trialsync doctor` again", highlight=False)
+        else:
+            console.print("[green]everything TrialSync needs is in place[/]")
+    if d.failed:
+        raise typer.Exit(1)

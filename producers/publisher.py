@@ -1,0 +1,251 @@
+"""Publishing records to the broker: one idempotent, batched producer per process, and per-run
+delivery bookkeeping.
+
+Why per-run trackers on a shared producer: librdkafka batches best with one producer per process
+(the design card: "the idempotent producer is per process"), but several runs may share a process
+(the orchestrator runs jobs in threads). Every produced message carries its run's
+:class:`DeliveryTracker` as the delivery callback, so each run knows, from the broker's own
+acknowledgements, how many records landed in each partition and the offset of the last one --
+the ``end_offsets`` of ``run_finished``, which the loader compares with its committed offsets.
+
+The hot path (:meth:`Publisher.publish_records`) does per record only what cannot be batched: key
+lookup, ``orjson.dumps`` of the record (the value is the raw record), timestamp header, produce.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from common import kafka as K
+from common.config import Settings
+from common.logging import get_logger
+from producers.keys import KeyFn
+
+log = get_logger("publisher")
+
+
+class PublishError(RuntimeError):
+    """The broker did not acknowledge records (or refused a topic); the run cannot be complete."""
+
+
+class DeliveryTracker:
+    """Delivery reports of one run: per-partition counts and last offsets, and failures."""
+
+    __slots__ = ("topic", "produced", "delivered", "failed", "first_error", "per_partition", "last_offset",
+                 "_lock")
+
+    def __init__(self, topic: str):
+        self.topic = topic
+        self.produced = 0          # only the run's publishing thread increments this
+        self.delivered = 0
+        self.failed = 0
+        self.first_error: str | None = None
+        self.per_partition: dict[int, int] = {}
+        self.last_offset: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, err: KafkaError | None, msg: Any) -> None:
+        # librdkafka calls back on whichever thread polls; several threads may poll one producer
+        with self._lock:
+            if err is not None:
+                self.failed += 1
+                if self.first_error is None:
+                    self.first_error = f"{err.name()}: {err.str()}"
+                return
+            p = msg.partition()
+            off = msg.offset()
+            self.delivered += 1
+            self.per_partition[p] = self.per_partition.get(p, 0) + 1
+            if off > self.last_offset.get(p, -1):
+                self.last_offset[p] = off
+
+    @property
+    def pending(self) -> int:
+        return self.produced - self.delivered - self.failed
+
+    def merge(self, per_partition: Mapping[int, int], last_offset: Mapping[int, int], delivered: int,
+              failed: int, first_error: str | None) -> None:
+        """Fold in the bookkeeping of a worker process that published part of the run."""
+        with self._lock:
+            self.produced += delivered + failed
+            self.delivered += delivered
+            self.failed += failed
+            if first_error and self.first_error is None:
+                self.first_error = first_error
+            for p, n in per_partition.items():
+                self.per_partition[int(p)] = self.per_partition.get(int(p), 0) + n
+            for p, off in last_offset.items():
+                if off > self.last_offset.get(int(p), -1):
+                    self.last_offset[int(p)] = off
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"delivered": self.delivered, "failed": self.failed, "first_error": self.first_error,
+                    "per_partition": dict(self.per_partition), "last_offset": dict(self.last_offset)}
+
+
+class Publisher:
+    """Wraps the process's producer: topic creation on first use, batched produce, run flush."""
+
+    def __init__(self, settings: Settings, producer: Producer | None = None):
+        self.settings = settings
+        self.producer = producer or Producer(K.producer_config(settings, **{"client.id": "trialsync-extractor"}))
+        self._topics: set[str] = set()
+        self._topics_lock = threading.Lock()
+
+    # -- topics ----------------------------------------------------------------------------------
+    def ensure_topic(self, topic: str) -> None:
+        if topic in self._topics:
+            return
+        with self._topics_lock:
+            if topic in self._topics:
+                return
+            try:
+                K.ensure_topics([topic], self.settings)
+            except KafkaException as e:
+                raise PublishError(K.describe_broker_error(e, self.settings)) from None
+            self._topics.add(topic)
+
+    def ensure_system_topics(self) -> None:
+        if K.control_topic(self.settings) in self._topics:
+            return
+        try:
+            K.ensure_system_topics(self.settings)
+        except KafkaException as e:
+            raise PublishError(K.describe_broker_error(e, self.settings)) from None
+        self._topics.update({K.control_topic(self.settings), K.watermark_topic(self.settings)})
+
+    # -- records ---------------------------------------------------------------------------------
+    def publish_page(self, topic: str, records: list[Any], keyfn: KeyFn, params: Mapping[str, Any] | None,
+                     base_headers: list[tuple[str, bytes]], tracker: DeliveryTracker,
+                     ts_field: str | None = None) -> tuple[int, int, list[Any], int]:
+        """Produce one page of records in a single pass; return (produced, without key, timestamps,
+        repeats skipped).
+
+        A record whose key already appeared on the same page is not published again (APIs
+        occasionally repeat a record across a page boundary or within a page; the loader would
+        collapse it anyway, and "each record exactly once per run" is easier to check this way).
+
+        Value = ``orjson.dumps(record)`` (the raw record); key = ``keyfn(record, params)`` (None =
+        null key, the loader dead-letters it); the record's ``ts_field`` value, when present,
+        becomes the ``ts-modified-at`` header and is returned for the watermark. Blocks (polling)
+        while the local queue is full.
+        """
+        produce = self.producer.produce
+        poll = self.producer.poll
+        dumps = orjson.dumps
+        h_mod = K.H_MODIFIED_AT
+        stamps: list[Any] = []
+        seen: set[str] = set()
+        missing = repeats = 0
+        n = 0
+        try:
+            for rec in records:
+                key = keyfn(rec, params)
+                if key is None:
+                    missing += 1
+                elif key in seen:
+                    repeats += 1
+                    continue
+                else:
+                    seen.add(key)
+                headers = base_headers
+                if ts_field is not None and type(rec) is dict:
+                    ts = rec.get(ts_field)
+                    if ts is not None:
+                        stamps.append(ts)
+                        headers = [*base_headers, (h_mod, ts.encode() if type(ts) is str else str(ts).encode())]
+                value = dumps(rec)
+                while True:
+                    try:
+                        produce(topic, value, key, headers=headers, on_delivery=tracker)
+                        break
+                    except BufferError:
+                        poll(0.05)
+                n += 1
+        finally:
+            tracker.produced += n
+        poll(0)
+        return n, missing, stamps, repeats
+
+    def publish_values(self, topic: str, items: Iterable[tuple[bytes | str | None, bytes | None]],
+                       headers: list[tuple[str, bytes]] | None, tracker: DeliveryTracker) -> int:
+        """Produce pre-serialized (key, value) pairs (control and watermark messages)."""
+        n = 0
+        for key, value in items:
+            while True:
+                try:
+                    self.producer.produce(topic, value, key, headers=headers, on_delivery=tracker)
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
+            n += 1
+        tracker.produced += n
+        return n
+
+    def wait(self, tracker: DeliveryTracker, timeout: float | None = None,
+             progress: Callable[[], None] | None = None) -> None:
+        """Block until every message of ``tracker`` has a delivery report (success or failure).
+
+        Polls instead of ``flush()``: flush would also wait for other runs sharing the producer.
+        The producer's ``message.timeout.ms`` bounds the wait (undeliverable messages fail).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while tracker.pending > 0:
+            self.producer.poll(0.05)
+            if progress is not None:
+                progress()
+            if deadline is not None and time.monotonic() > deadline:
+                raise PublishError(f"{tracker.pending} records still unacknowledged by the broker after {timeout:.0f} s")
+
+    def flush(self, timeout: float = 60.0) -> int:
+        return self.producer.flush(timeout)
+
+
+_PUBLISHERS: dict[tuple[str, str], Publisher] = {}
+_PUBLISHERS_LOCK = threading.Lock()
+
+
+def get_publisher(settings: Settings) -> Publisher:
+    """The process-wide publisher for the configured broker (one idempotent producer per process)."""
+    from common.stack import bootstrap_servers
+
+    key = (bootstrap_servers(settings), settings.kafka_topic_prefix)
+    with _PUBLISHERS_LOCK:
+        pub = _PUBLISHERS.get(key)
+        if pub is None:
+            pub = Publisher(settings)
+            _PUBLISHERS[key] = pub
+        return pub
+
+
+def reset_publishers() -> None:
+    """Flush and forget the process's publishers (tests, and worker processes after fork)."""
+    with _PUBLISHERS_LOCK:
+        for p in _PUBLISHERS.values():
+            try:
+                p.flush(10)
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                pass
+        _PUBLISHERS.clear()
+
+
+def record_headers(job_id: int, run_id: int, instance_id: str, extracted_at: datetime,
+                   params: Mapping[str, Any] | None) -> list[tuple[str, bytes]]:
+    """Headers every record of one page shares (ts-modified-at is added per record)."""
+    h = [
+        (K.H_JOB_ID, str(job_id).encode()),
+        (K.H_RUN_ID, str(run_id).encode()),
+        (K.H_INSTANCE, instance_id.encode()),
+        (K.H_EXTRACTED_AT, extracted_at.isoformat().replace("+00:00", "Z").encode()),
+    ]
+    if params:
+        h.append((K.H_PARAMS, orjson.dumps(dict(params))))
+    return h

@@ -1,0 +1,175 @@
+"""Incremental runs: watermarks per job and per parent, exactly the changed records, --full,
+the database mirror when the (memory-only) watermark topic is gone, and what never moves them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from common import kafka as K
+from common.config import Settings
+from common.db import connect, migrate
+from orchestrator.catalog import load_catalog, sync
+from producers.extractor import run_job
+from producers.keys import parent_key
+from simulator.testing import SimulatorProcess
+from tests.integration.extract_helpers import (
+    ExtractEnv,
+    expected_by_key,
+    read_topic,
+    run_row,
+    seed_parents_from_sim,
+    truncate,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorProcess]:
+    """Each test mutates the data: its own simulator."""
+    with SimulatorProcess(scale=0.002, seed=7, api_key="it-incr-key-Pp3") as s:
+        yield s
+
+
+@pytest.fixture
+def env(sim: SimulatorProcess, fresh_db: str, unique: str) -> Iterator[Settings]:
+    migrate()
+    sync(load_catalog())
+    with ExtractEnv(sim, f"t{unique}", CC_INCREMENTAL_OVERLAP_SECONDS="0") as s:
+        yield s
+
+
+def run_keys(settings: Settings, table: str, run_id: int) -> list[str | None]:
+    return [m.key for m in read_topic(settings, K.bronze_topic(table, settings))
+            if m.headers.get(K.H_RUN_ID) == str(run_id)]
+
+
+def watermarks(settings: Settings, job_id: int) -> dict[str, object]:
+    with connect(settings, autocommit=True) as conn:
+        return dict(conn.execute("SELECT parent_key, value FROM etl.dw_etl_watermarks WHERE job_id = %s",
+                                 (job_id,)).fetchall())
+
+
+def test_incremental_publishes_exactly_the_changed_records(env: Settings, sim: SimulatorProcess) -> None:
+    job = load_catalog(env).get(9)
+    full = run_job(job, mode="full", settings=env)
+    assert full.status == "success" and full.records_published == 4595
+    wm1 = watermarks(env, 9)[""]
+
+    change = sim.mutate("patient_visits", modify_count=7, insert_count=3, delete_count=2)
+    changed = {f"cc1:{i}" for i in change["modified"] + change["inserted"]}
+    assert len(changed) == 10
+    sim.reset_stats()
+    inc = run_job(job, mode="incremental", settings=env)
+    assert inc.status == "success" and inc.mode == "incremental"
+    got = run_keys(env, job.target_table, inc.run_id)
+    assert sorted(got) == sorted(changed)
+    assert inc.api_calls == 1 and inc.watermark_from == wm1 and inc.watermark_to > wm1
+    row = run_row(env, inc.run_id)
+    assert row["mode"] == "incremental" and row["watermark_from"] == wm1
+    assert watermarks(env, 9)[""] == inc.watermark_to
+
+    # nothing changed since: one request, nothing published, watermark unchanged
+    again = run_job(job, mode="incremental", settings=env)
+    assert again.status == "success" and again.records_published == 0 and again.api_calls == 1
+    assert watermarks(env, 9)[""] == inc.watermark_to
+
+    # --full ignores the watermark
+    everything = run_job(job, mode="full", settings=env)
+    assert everything.records_published == len(expected_by_key(sim, job)) == 4595 + 3 - 2
+
+
+def test_parameterized_incremental_keeps_a_watermark_per_parent(env: Settings, sim: SimulatorProcess) -> None:
+    job = load_catalog(env).get(10)
+    truncate(env, "dim_studies_staging")
+    seed_parents_from_sim(env, sim, 2, "dim_studies_staging")
+    full = run_job(job, mode="full", settings=env)
+    assert full.status == "success"
+    wms = watermarks(env, 10)
+    studies_with_subjects = {str(r[0]["study"]["id"]) for r in expected_by_key(sim, job).values()}
+    assert set(wms) == {parent_key({"studyId": s}) for s in studies_with_subjects}
+
+    change = sim.mutate("subjects", modify_count=4, insert_count=3)
+    changed = {f"cc1:{i}" for i in change["modified"] + change["inserted"]}
+    inc = run_job(job, mode="incremental", settings=env)
+    assert inc.status == "success"
+    assert sorted(run_keys(env, job.target_table, inc.run_id)) == sorted(changed)
+    ctx = run_row(env, inc.run_id)["run_context"]
+    assert ctx["watermarks_committed"] >= 1
+    after = watermarks(env, 10)
+    moved = {pk for pk in after if pk not in wms or after[pk] > wms[pk]}
+    truth = expected_by_key(sim, job)
+    changed_studies = {str(truth[k][0]["study"]["id"]) for k in changed}
+    assert moved == {parent_key({"studyId": s}) for s in changed_studies}
+
+
+def test_database_mirror_is_the_truth_when_the_watermark_topic_is_gone(env: Settings, sim: SimulatorProcess) -> None:
+    job = load_catalog(env).get(9)
+    assert run_job(job, mode="full", settings=env).status == "success"
+    change = sim.mutate("patient_visits", modify_count=5)
+    # a new topic prefix = a broker that lost its (in-memory) topics: only etl.dw_etl_watermarks remains
+    with ExtractEnv(sim, f"lost{uuid.uuid4().hex[:6]}", CC_INCREMENTAL_OVERLAP_SECONDS="0") as s2:
+        assert read_topic(s2, K.watermark_topic(s2)) == []
+        inc = run_job(job, mode="incremental", settings=s2)
+        assert sorted(run_keys(s2, job.target_table, inc.run_id)) == sorted(f"cc1:{i}" for i in change["modified"])
+        republished = [m for m in read_topic(s2, K.watermark_topic(s2)) if m.key == "9:"]
+        assert republished and republished[-1].value["run_id"] == inc.run_id
+
+
+def test_overlap_window_refetches_recent_records(env: Settings, sim: SimulatorProcess) -> None:
+    job = load_catalog(env).get(9)
+    assert run_job(job, mode="full", settings=env).status == "success"
+    change = sim.mutate("patient_visits", modify_count=3, spread_ms=1000)
+    first = run_job(job, mode="incremental", settings=env)
+    assert len(run_keys(env, job.target_table, first.run_id)) == 3
+    with ExtractEnv(sim, env.kafka_topic_prefix, CC_INCREMENTAL_OVERLAP_SECONDS="3600") as s2:
+        second = run_job(job, mode="incremental", settings=s2)
+        # nothing changed, but the hour before the watermark is read again (late commits are not missed)
+        assert sorted(run_keys(s2, job.target_table, second.run_id)) == sorted(f"cc1:{i}" for i in change["modified"])
+
+
+def test_limited_and_failed_runs_never_move_watermarks(env: Settings, sim: SimulatorProcess) -> None:
+    job = load_catalog(env).get(9)
+    limited = run_job(job, mode="full", settings=env, limit=1500)
+    assert limited.status == "success" and limited.records_published == 1500
+    assert watermarks(env, 9) == {}
+    sim.set_faults("500@/api/v1/patient-visits/odata,after=2")
+    failed = run_job(job, mode="full", settings=env)
+    assert failed.status == "failed" and failed.records_published == 2000
+    assert watermarks(env, 9) == {}
+    sim.clear_faults()
+
+
+def test_failed_parent_keeps_its_old_watermark(env: Settings, sim: SimulatorProcess) -> None:
+    job = load_catalog(env).get(10)
+    truncate(env, "dim_studies_staging")
+    seed_parents_from_sim(env, sim, 2, "dim_studies_staging")
+    assert run_job(job, mode="full", settings=env).status == "success"
+    before = watermarks(env, 10)
+    change = sim.mutate("subjects", modify_count=6)
+    truth = expected_by_key(sim, job)
+    studies = sorted({str(truth[f"cc1:{i}"][0]["study"]["id"]) for i in change["modified"]})
+    sim.set_faults(f"500@/api/v1/studies/{studies[0]}/subjects/odata")
+    inc = run_job(job, mode="incremental", settings=env)
+    assert inc.status == "partial" and inc.failed_parents == [{"studyId": studies[0]}]
+    after = watermarks(env, 10)
+    pk = parent_key({"studyId": studies[0]})
+    assert after[pk] == before[pk]
+    sim.clear_faults()
+    retry = run_job(job, mode="incremental", settings=env, only_parents=inc.failed_parents)
+    assert retry.status == "success" and retry.records_published >= 1
+    assert watermarks(env, 10)[pk] > before[pk]
+
+
+def test_topic_restores_watermarks_when_the_database_mirror_is_empty(env: Settings, sim: SimulatorProcess) -> None:
+    job = load_catalog(env).get(9)
+    assert run_job(job, mode="full", settings=env).status == "success"
+    change = sim.mutate("patient_visits", modify_count=4)
+    with connect(env, autocommit=True) as conn:  # e.g. a new warehouse database, same broker
+        conn.execute("DELETE FROM etl.dw_etl_watermarks WHERE job_id = 9")
+    inc = run_job(job, mode="incremental", settings=env)
+    assert sorted(run_keys(env, job.target_table, inc.run_id)) == sorted(f"cc1:{i}" for i in change["modified"])
+    assert watermarks(env, 9)[""] == inc.watermark_to

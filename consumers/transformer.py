@@ -367,13 +367,8 @@ def serve(settings: Settings | None = None, tsettings: TransformSettings | None 
     """``trialsync transform``: the long-running service with its metrics endpoint."""
     s = settings or get_settings()
     t = Transformer(s, tsettings)
-
-    def _db_ready() -> tuple[bool, str]:
-        with connect(s, autocommit=True, connect_timeout=3, application_name="trialsync-transformer-ready") as c:
-            c.execute("SELECT 1")
-        return True, "ok"
-
-    server = start_metrics_server("transformer", metrics_port, {"postgres": _db_ready})
+    # /readyz: the standard checks of a transformer (database, broker; common.health)
+    server = start_metrics_server("transformer", metrics_port)
     t.install_signal_handlers()
     try:
         t.run_forever()

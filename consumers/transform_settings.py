@@ -36,6 +36,9 @@ class TransformSettings(BaseSettings):
     quality_timeout_seconds: int = Field(default=300, ge=1, le=86_400)
     #: safety margin below the oldest open transaction for the incremental horizon (see 0300 SQL)
     watermark_margin_seconds: float = Field(default=2.0, ge=0, le=3600)
+    #: transform runs and quality results older than this are pruned hourly (the latest per
+    #: procedure and per check always stay)
+    history_retention_days: int = Field(default=90, ge=1, le=36_500)
     #: work_mem of each procedure's transaction: full builds hash and sort millions of rows, and
     #: the server default (4MB) makes every hash spill to disk
     work_mem: str = Field(default="128MB", pattern=r"^\d{1,7}(kB|MB|GB)$")

@@ -155,6 +155,7 @@ class Transformer:
         self.consumer = None
         self._db: psycopg.Connection | None = None
         self._last_retry_check = 0.0
+        self._last_prune = 0.0
         self.batches: list[BatchResult] = []  # most recent last (tests, status); bounded below
         self.skipped = 0
 
@@ -299,6 +300,22 @@ class Transformer:
             self._remember(batch)
         return batch
 
+    def prune_history(self, force: bool = False) -> int:
+        """Hourly: drop transform runs and quality results past the retention (latest ones stay)."""
+        now = time.monotonic()
+        if not force and now - self._last_prune < 3600:
+            return 0
+        self._last_prune = now
+        try:
+            n = int(self._conn().execute("SELECT etl.prune_transform_history(make_interval(days => %s))",
+                                         (self.ts.history_retention_days,)).fetchone()[0])  # type: ignore[index]
+        except psycopg.Error as e:
+            log.warning("history_prune_failed", error=str(e).strip().splitlines()[0])
+            return 0
+        if n:
+            log.info("history_pruned", rows=n, retention_days=self.ts.history_retention_days)
+        return n
+
     def _remember(self, batch: BatchResult) -> None:
         self.batches.append(batch)
         del self.batches[:-20]
@@ -337,6 +354,7 @@ class Transformer:
         batch = self.run_ready() if self.batch_due() else None
         retry = self.run_due_retries()
         self._commit()
+        self.prune_history()
         return batch or retry
 
     def run_forever(self) -> None:

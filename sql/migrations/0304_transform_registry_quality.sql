@@ -133,6 +133,25 @@ SELECT c.check_name, c.target_table, c.severity, c.category, c.description, c.mi
 
 GRANT SELECT ON etl.dw_quality_checks, etl.dw_quality_results, etl.v_quality_latest TO trialsync_analytics;
 
+-- History retention: results and runs older than p_keep go, except the latest per check and per
+-- procedure (what the status views and alerting read). The transform consumer calls it hourly.
+CREATE OR REPLACE FUNCTION etl.prune_transform_history(p_keep interval DEFAULT interval '90 days')
+RETURNS bigint LANGUAGE sql VOLATILE AS $$
+    WITH q AS (
+        DELETE FROM etl.dw_quality_results r
+         WHERE r.checked_at < now() - p_keep
+           AND r.id <> (SELECT l.id FROM etl.dw_quality_results l WHERE l.check_name = r.check_name
+                         ORDER BY l.checked_at DESC, l.id DESC LIMIT 1)
+        RETURNING 1),
+    t AS (
+        DELETE FROM etl.dw_transform_runs r
+         WHERE r.started_at < now() - p_keep AND r.status <> 'running'
+           AND r.id <> (SELECT l.id FROM etl.dw_transform_runs l WHERE l.procedure_name = r.procedure_name
+                         ORDER BY l.started_at DESC, l.id DESC LIMIT 1)
+        RETURNING 1)
+    SELECT (SELECT count(*) FROM q) + (SELECT count(*) FROM t)
+$$;
+
 INSERT INTO etl.dw_quality_checks (check_name, target_table, severity, category, description, check_sql) VALUES
 -- uniqueness and SCD2 history -----------------------------------------------------------------------
 ('dim_studies_current_unique', 'silver.dim_studies', 'error', 'uniqueness',

@@ -135,3 +135,16 @@ def test_error_check_fails_the_transform_run_and_stays_visible(tx, tx_settings) 
                         "WHERE check_name = 'fact_visit_timelines_date_keys'")[0]["status"] == "pass"
     finally:
         runner.close()
+
+
+def test_history_pruning_keeps_the_latest_result_per_check(tx) -> None:
+    from consumers.quality import run_quality_checks as run
+
+    run(tx, ["silver.dim_sites"])
+    run(tx, ["silver.dim_sites"])
+    tx.execute("UPDATE etl.dw_quality_results SET checked_at = checked_at - interval '200 days'")
+    n_checks = scalar(tx, "SELECT count(DISTINCT check_name) FROM etl.dw_quality_results")
+    assert scalar(tx, "SELECT etl.prune_transform_history(interval '90 days')") == n_checks  # one old copy each
+    assert scalar(tx, "SELECT count(*) FROM etl.dw_quality_results") == n_checks
+    assert scalar(tx, "SELECT count(*) FROM etl.v_quality_latest WHERE target_table = 'silver.dim_sites' "
+                      "AND status = 'pass'") == n_checks

@@ -73,8 +73,8 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000, le=300_000)
 
     # -- loader --------------------------------------------------------------------------------
-    loader_batch_size: int = Field(default=5000, ge=1, le=1_000_000)
-    loader_flush_ms: int = Field(default=500, ge=1, le=600_000)
+    loader_batch_size: int = Field(default=20_000, ge=1, le=1_000_000)  # tuned by bench/loader_bench.py
+    loader_flush_ms: int = Field(default=250, ge=1, le=600_000)  # tuned by bench/loader_bench.py (lag)
 
     # -- embedded stack ------------------------------------------------------------------------
     trialsync_state_dir: Path = Field(default=Path(".trialsync"), validation_alias=AliasChoices("TRIALSYNC_STATE_DIR", "STATE_DIR"))

@@ -48,19 +48,11 @@ RunsLoaded = Callable[[psycopg.Connection, Sequence[int]], dict[int, bool]]
 
 
 def default_runs_loaded() -> RunsLoaded:
-    """The loader's "is this run in Bronze?" (consumers/run_progress.py); until that module exists,
-    the same question answered from ``etl.dw_etl_runs.load_completed_at``."""
-    try:
-        from consumers.run_progress import runs_loaded  # type: ignore[import-not-found]
+    """The loader's "is this run in Bronze?" (consumers/run_progress.py): evaluated from the
+    loader's committed positions, so it does not depend on a loader being up to set the flag."""
+    from consumers.run_progress import runs_loaded
 
-        return runs_loaded  # type: ignore[no-any-return]
-    except ImportError:  # pragma: no cover - only before the loader lands
-        def _from_runs_table(conn: psycopg.Connection, run_ids: Sequence[int]) -> dict[int, bool]:
-            rows = conn.execute("SELECT id, load_completed_at IS NOT NULL FROM etl.dw_etl_runs WHERE id = ANY(%s)",
-                                (list(run_ids),)).fetchall()
-            return {int(r[0]): bool(r[1]) for r in rows}
-
-        return _from_runs_table
+    return runs_loaded
 
 
 # -- offsets ---------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from consumers import loader_cli
+from consumers import loader_cli, transform_cli
 
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the top-level app."""
     loader_cli.register(app)
+    transform_cli.register(app)

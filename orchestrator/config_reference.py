@@ -111,6 +111,9 @@ EXPLAIN_ENV: dict[str, str] = {
     "TRANSFORM_QUALITY_TIMEOUT_SECONDS": "Statement timeout of each quality check.",
     "TRANSFORM_WATERMARK_MARGIN_SECONDS": "Safety margin below the oldest open transaction for the incremental "
                                           "horizon.",
+    "TRANSFORM_WORK_MEM": "work_mem of each procedure's transaction (full builds hash millions of rows).",
+    "TRANSFORM_HISTORY_RETENTION_DAYS": "Transform runs and quality results older than this are pruned hourly; "
+                                        "the latest per procedure and per check always stay.",
 }
 
 GROUPS = [("database_", "Database"), ("cc_", "Clinical Conductor API"), ("etl_", "ETL engine"),

@@ -1,0 +1,148 @@
+"""Data-quality checks run after each transform batch.
+
+A check is a row of ``etl.dw_quality_checks`` (migration 0304): a SELECT returning the key of every
+failing row, a target table and a severity. Running one means counting its rows and keeping up to
+ten sample keys; every run of every check is one row of ``etl.dw_quality_results`` (the latest per
+check: ``etl.v_quality_latest``, which alerting reads) and sets the ``QUALITY_STATUS`` /
+``QUALITY_FAILED_ROWS`` gauges. A check that itself breaks (timeout, bad SQL) is recorded with
+status ``error`` and never stops the other checks or the transformer.
+
+Why the checks live in SQL rows: they are data about the model, versioned with the migrations that
+define the model, readable by analysts, and extendable without a release of this code.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from common.logging import get_logger
+from common.metrics import QUALITY_FAILED_ROWS, QUALITY_STATUS
+
+log = get_logger("quality")
+SAMPLE_SIZE = 10
+
+
+@dataclass(frozen=True)
+class QualityCheck:
+    name: str
+    target_table: str
+    severity: str  # error | warning | info
+    category: str
+    description: str
+    check_sql: str
+
+
+@dataclass
+class QualityResult:
+    check: QualityCheck
+    status: str  # pass | fail | error
+    failed_rows: int = 0
+    sample_keys: list[str] = field(default_factory=list)
+    duration_ms: float = 0.0
+    error: str | None = None
+
+    @property
+    def is_blocking(self) -> bool:
+        """An error-severity check that did not pass fails the transform run of its table."""
+        return self.check.severity == "error" and self.status != "pass"
+
+    def summary(self) -> str:
+        if self.status == "error":
+            return f"{self.check.name} could not run ({self.error})"
+        return f"{self.check.name}: {self.failed_rows} rows (e.g. {', '.join(self.sample_keys[:3])})"
+
+
+def load_checks(conn: psycopg.Connection, tables: Iterable[str] | None = None,
+                names: Iterable[str] | None = None, force: bool = True) -> list[QualityCheck]:
+    """Active checks, optionally only those of ``tables`` (schema-qualified) or with ``names``.
+
+    Without ``force``, a check whose ``min_interval_seconds`` has not passed since its last result
+    is left out (its last result stays the latest in etl.v_quality_latest).
+    """
+    rows = conn.execute(
+        "SELECT c.check_name, c.target_table, c.severity, c.category, c.description, c.check_sql "
+        "FROM etl.dw_quality_checks c WHERE c.is_active "
+        "AND (%(t)s::text[] IS NULL OR c.target_table = ANY(%(t)s)) "
+        "AND (%(n)s::text[] IS NULL OR c.check_name = ANY(%(n)s)) "
+        "AND (%(force)s OR c.min_interval_seconds = 0 OR NOT EXISTS ("
+        "     SELECT 1 FROM etl.dw_quality_results r WHERE r.check_name = c.check_name AND r.status <> 'error' "
+        "        AND r.checked_at > now() - make_interval(secs => c.min_interval_seconds))) "
+        "ORDER BY c.target_table, c.check_name",
+        {"t": None if tables is None else list(tables), "n": None if names is None else list(names),
+         "force": force},
+    ).fetchall()
+    return [QualityCheck(*r) for r in rows]
+
+
+def _measure(check: QualityCheck) -> sql.Composed:
+    # the check's SELECT must yield exactly one column (q(k) fails otherwise: a clear error)
+    return sql.SQL("SELECT count(*), (array_agg(k::text ORDER BY k::text))[1:{}] FROM ({}) AS q(k)").format(
+        sql.Literal(SAMPLE_SIZE), sql.SQL(check.check_sql))  # type: ignore[arg-type]  # trusted: etl.dw_quality_checks
+
+
+class CheckDefinitionError(ValueError):
+    """A check's SELECT does not return exactly one column (the failing row's key)."""
+
+
+def run_check(conn: psycopg.Connection, check: QualityCheck, timeout_s: int = 300) -> QualityResult:
+    """Run one check in its own transaction (or savepoint, inside a caller's transaction)."""
+    t0 = time.perf_counter()
+    try:
+        with conn.transaction():
+            conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(int(timeout_s * 1000)),))
+            cur = conn.execute(sql.SQL("SELECT * FROM ({}) AS q LIMIT 0").format(sql.SQL(check.check_sql)))  # type: ignore[arg-type]
+            ncols = len(cur.description or ())
+            if ncols != 1:
+                raise CheckDefinitionError(f"the check's SELECT must return one column (the key), it returns {ncols}")
+            n, sample = conn.execute(_measure(check)).fetchone()  # type: ignore[misc]
+        status = "pass" if n == 0 else "fail"
+        return QualityResult(check, status, int(n), list(sample or []), (time.perf_counter() - t0) * 1000)
+    except (psycopg.Error, CheckDefinitionError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return QualityResult(check, "error", 0, [], (time.perf_counter() - t0) * 1000, f"{type(e).__name__}: {msg}")
+
+
+def record_results(conn: psycopg.Connection, results: list[QualityResult], batch_id: uuid.UUID | None,
+                   run_ids: dict[str, int] | None = None) -> None:
+    """One dw_quality_results row per result, plus the gauges."""
+    run_ids = run_ids or {}
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO etl.dw_quality_results (check_name, target_table, severity, status, failed_rows, "
+            "sample_keys, batch_id, transform_run_id, duration_ms, error_message) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [(r.check.name, r.check.target_table, r.check.severity, r.status, r.failed_rows, r.sample_keys,
+              batch_id, run_ids.get(r.check.target_table), round(r.duration_ms, 3), r.error) for r in results],
+        )
+    for r in results:
+        QUALITY_STATUS.labels(r.check.name, r.check.severity).set(1 if r.status == "pass" else 0)
+        QUALITY_FAILED_ROWS.labels(r.check.name, r.check.severity).set(r.failed_rows)
+
+
+def run_quality_checks(conn: psycopg.Connection, tables: Iterable[str] | None = None, *,
+                       batch_id: uuid.UUID | None = None, run_ids: dict[str, int] | None = None,
+                       timeout_s: int = 300, names: Iterable[str] | None = None,
+                       force: bool = True) -> list[QualityResult]:
+    """Run the active checks of ``tables`` (all when None), record and return the results.
+    ``force=False`` honours each check's min_interval_seconds (the consumer's mode)."""
+    checks = load_checks(conn, tables, names, force)
+    results = [run_check(conn, c, timeout_s) for c in checks]
+    for r in results:
+        fields = {"check": r.check.name, "table": r.check.target_table, "severity": r.check.severity,
+                  "failed_rows": r.failed_rows, "duration_ms": round(r.duration_ms, 1)}
+        if r.status == "pass":
+            log.debug("quality_check_passed", **fields)
+        elif r.status == "fail":
+            (log.error if r.check.severity == "error" else log.warning)(
+                "quality_check_failed", sample_keys=r.sample_keys[:5], **fields)
+        else:
+            log.error("quality_check_error", error=r.error, **fields)
+    with conn.transaction():
+        record_results(conn, results, batch_id, run_ids)
+    return results

@@ -459,8 +459,8 @@ class Runner:
             if self._running_count() < self.opt.parallel:
                 self._acquire_and_start(s, now)
             if s.phase == LOCKWAIT and s.lock_deadline is not None and now >= s.lock_deadline:
-                self._skip(s, f"job {j} stayed locked by another process for {self.opt.load_timeout:g} s "
-                              "(ETL_LOAD_TIMEOUT_SECONDS); not started twice")
+                self._skip(s, f"job {j} stayed locked by another process (or the database unreachable) for "
+                              f"{self.opt.load_timeout:g} s (ETL_LOAD_TIMEOUT_SECONDS); not started twice")
 
     def _check_backoff(self, now: float) -> None:
         for s in self.states.values():
@@ -498,10 +498,15 @@ class Runner:
         """--wait-load / the demo: block until every data run is loaded (bounded by the load timeout)."""
         deadline = self.clock() + self.opt.load_timeout
         while True:
-            pending = [r for s in self.states.values() if s.loaded is not True for r in s.data_run_ids]
+            # runs whose load already timed out (s.loaded False) were reported; do not wait for them again
+            pending = [r for s in self.states.values() if s.loaded is None for r in s.data_run_ids]
             if not pending:
                 return
-            got = self.store.loaded(pending)
+            try:
+                got = self.store.loaded(pending)
+            except Exception as e:  # noqa: BLE001 - database unreachable: keep waiting, the deadline applies
+                self.log.warning("load_check_failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+                got = {}
             for s in self.states.values():
                 if s.data_run_ids and s.loaded is not True and all(got.get(r, False) for r in s.data_run_ids):
                     s.loaded = True
@@ -584,8 +589,12 @@ class Runner:
         j = s.job_id
         try:
             got = self.store.try_lock(j)
-        except Exception as e:  # noqa: BLE001
-            self._skip(s, f"could not take the job's lock: {str(e).splitlines()[0] if str(e) else e}")
+        except Exception as e:  # noqa: BLE001 - database unreachable: wait for it like for a held lock
+            if s.phase != LOCKWAIT:
+                s.phase = LOCKWAIT
+                s.lock_deadline = now + self.opt.load_timeout
+                self.log.warning("job_lock_unavailable", job_id=j, error=str(e).splitlines()[0] if str(e) else "",
+                                 detail="the database is not reachable; the job starts when it is")
             return
         if not got:
             if s.phase != LOCKWAIT:

@@ -96,9 +96,19 @@ class Publisher:
 
     def __init__(self, settings: Settings, producer: Producer | None = None):
         self.settings = settings
-        self.producer = producer or Producer(K.producer_config(settings, **{"client.id": "trialsync-extractor"}))
+        #: set when librdkafka reports a fatal error (e.g. the idempotent producer's sequence got out
+        #: of step with the broker's after a broker restart): this producer can never send again
+        self.fatal: str | None = None
+        self.producer = producer or Producer(K.producer_config(
+            settings, **{"client.id": "trialsync-extractor", "error_cb": self._on_error}))
         self._topics: set[str] = set()
         self._topics_lock = threading.Lock()
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self.fatal = err.str()
+            log.error("producer_fatal_error", error=err.str(),
+                      note="this producer is replaced for the next run (get_publisher)")
 
     # -- topics ----------------------------------------------------------------------------------
     def ensure_topic(self, topic: str) -> None:
@@ -220,6 +230,10 @@ def get_publisher(settings: Settings) -> Publisher:
     key = (bootstrap_servers(settings), settings.kafka_topic_prefix)
     with _PUBLISHERS_LOCK:
         pub = _PUBLISHERS.get(key)
+        if pub is not None and pub.fatal is not None:
+            # a pooled worker keeps its publisher between runs: without this, one fatal error
+            # (found by the fault suite after a broker restart) failed every later run of the worker
+            pub = None
         if pub is None:
             pub = Publisher(settings)
             _PUBLISHERS[key] = pub

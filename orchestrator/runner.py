@@ -296,7 +296,10 @@ class Runner:
         statuses = [s.status for s in self.states.values()]
         if self.cancelled:
             return "cancelled"
-        if all(st == "success" for st in statuses):
+        # a job whose records never reached Bronze (load timeout) is not a success: found by the fault
+        # suite, where a broker restart lost records and `run --all --wait-load` still exited 0
+        unloaded = any(s.loaded is False for s in self.states.values())
+        if all(st == "success" for st in statuses) and not unloaded:
             return "success"
         if any(st == "success" or st == "partial" for st in statuses):
             return "partial"
@@ -513,7 +516,16 @@ class Runner:
             self._poll_counts(self.clock())
             if self.on_tick is not None:
                 self.on_tick(self)
-            if all(got.get(r, False) for r in pending) or self.clock() >= deadline or self.cancelled:
+            if all(got.get(r, False) for r in pending) or self.cancelled:
+                return
+            if self.clock() >= deadline:
+                for s in self.states.values():
+                    if s.data_run_ids and s.loaded is None:
+                        s.loaded = False
+                        late = [r for r in s.data_run_ids if not got.get(r, False)]
+                        s.reason = s.reason or (f"run(s) {late} not loaded within {self.opt.load_timeout:g} s "
+                                                "(ETL_LOAD_TIMEOUT_SECONDS): is `trialsync load` running?")
+                        self.log.error("load_timeout", job_id=s.job_id, run_ids=late, timeout_s=self.opt.load_timeout)
                 return
             self._wait([], self.opt.load_poll)
 

@@ -346,3 +346,17 @@ def test_wait_load_does_not_wait_again_for_a_timed_out_load() -> None:
     res = make_runner(small_catalog(), world, clock, ids=[5], load_timeout=60, wait_all_loads=True).run()
     assert res.jobs[5].loaded is False
     assert clock.t - t0 < 100, f"waited {clock.t - t0:.0f} s: the 60 s load timeout was applied twice"
+
+
+def test_a_run_whose_records_never_load_makes_the_orchestration_partial() -> None:
+    """Found by the fault suite: a broker restart lost published records, their runs never loaded,
+    and `trialsync run --all --wait-load` still reported success (exit 0)."""
+    clock = FakeClock()
+    world = FakeWorld(clock, scripts={(5, 1): Script(duration=1, load_delay=10_000)})
+    res = make_runner(small_catalog(), world, clock, ids=[5], load_timeout=30, wait_all_loads=True).run()
+    assert res.jobs[5].loaded is False and "not loaded within 30 s" in (res.jobs[5].reason or "")
+    assert res.status == "partial"
+    # with children: they are skipped, the orchestration is partial too
+    clock = FakeClock()
+    world = FakeWorld(clock, scripts={(1, 1): Script(load_delay=10_000)})
+    assert make_runner(small_catalog(), world, clock, load_timeout=30).run().status == "partial"

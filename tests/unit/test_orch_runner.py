@@ -3,6 +3,8 @@ timeouts, locks. The real child processes and database are exercised in tests/in
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from orchestrator.dag import build_plan
@@ -360,3 +362,25 @@ def test_a_run_whose_records_never_load_makes_the_orchestration_partial() -> Non
     clock = FakeClock()
     world = FakeWorld(clock, scripts={(1, 1): Script(load_delay=10_000)})
     assert make_runner(small_catalog(), world, clock, load_timeout=30).run().status == "partial"
+
+
+class _LoaderRejects(FakeWorld):
+    """The loader dead-lettered records of job 5's run."""
+
+    def run_rows(self, run_ids: list[int]) -> dict[int, Any]:
+        out = super().run_rows(run_ids)
+        for r in out.values():
+            if r.job_id == 5:
+                r.records_rejected = 3
+        return out
+
+
+def test_records_rejected_by_the_loader_make_the_job_partial() -> None:
+    """Found by the fault suite: three records the API served without their id were dead-lettered
+    and their run turned partial, but `trialsync run` still reported success."""
+    clock = FakeClock()
+    world = _LoaderRejects(clock)
+    res = make_runner(small_catalog(), world, clock, ids=[5, 1], wait_all_loads=True).run()
+    assert res.jobs[5].status == "partial" and "3 record(s)" in (res.jobs[5].reason or "")
+    assert res.jobs[1].status == "success"
+    assert res.status == "partial"

@@ -877,6 +877,8 @@ class _Extraction:
         return res
 
     def _control(self, publisher: Publisher, msg: RunStarted | RunFinished) -> None:
+        if publisher.fatal is not None:  # do not wait another 60 s on a producer known to be dead
+            raise PublishError(f"control message {msg.type} not sent: the producer is unusable ({publisher.fatal})")
         topic = K.control_topic(self.s)
         tr = DeliveryTracker(topic)
         publisher.publish_values(topic, [(str(msg.run_id).encode(), msg.to_bytes())], None, tr)

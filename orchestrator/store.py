@@ -248,11 +248,24 @@ class DbRunStore:
     # -- locks ---------------------------------------------------------------------------------
     def _locks(self) -> psycopg.Connection:
         if self._lock_conn is None or self._lock_conn.closed or self._lock_conn.broken:
-            if self._held:
-                log.warning("lock_session_lost", jobs=sorted(self._held))
-                self._held.clear()
+            lost = sorted(self._held)
+            self._held.clear()
             self._lock_conn = connect(self.settings, autocommit=True, application_name="trialsync-orchestrator-locks")
+            if lost:
+                # the session holding our advisory locks ended (database restart, network cut): take
+                # them again at once, so a second orchestrator cannot start these jobs meanwhile
+                regained = [j for j in lost if self._relock(j)]
+                log.warning("lock_session_lost", jobs=lost, regained=regained,
+                            not_regained=[j for j in lost if j not in regained])
         return self._lock_conn
+
+    def _relock(self, job_id: int) -> bool:
+        assert self._lock_conn is not None
+        got = self._lock_conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, job_id)).fetchone()
+        if got and got[0]:
+            self._held.add(job_id)
+            return True
+        return False
 
     def try_lock(self, job_id: int) -> bool:
         got = self._locks().execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, job_id)).fetchone()

@@ -60,7 +60,7 @@ import psycopg
 
 from common import kafka as K
 from common.config import ConfigError, Settings, get_settings
-from common.db import connect
+from common.db import DatabaseError, connect
 from common.logging import get_logger, scrub
 from common.metrics import (
     JOB_DURATION,
@@ -798,14 +798,28 @@ class _Extraction:
             "warnings": self.warnings,
             "watermarks_committed": len(new_wm),
         }
+        # Everything below survives a database restart: the records are published, and a run whose
+        # end offsets are not recorded can never be seen as loaded (its children would wait for
+        # ETL_LOAD_TIMEOUT_SECONDS, then be skipped). Not recorded after FINISH_DB_WAIT_SECONDS: the
+        # run is reported failed, so the orchestrator retries it.
+        db_deadline = time.monotonic() + FINISH_DB_WAIT_SECONDS
+        db = _Db(self.s, conn)
+        recorded = True
         try:
-            runs_mod.record_results(conn, self.run_id, counters, context, wm_from, wm_to)
+            db.call("record_results", lambda c: runs_mod.record_results(c, self.run_id, counters, context, wm_from,
+                                                                        wm_to), db_deadline, self.log)
         except Exception as e:  # noqa: BLE001
+            recorded = False
             self.log.error("record_results_failed", error=_describe(e))
+            if status != "failed":
+                status, error_class = "failed", "DatabaseError"
+                error = f"the run's results could not be recorded in the database: {_describe(e)}"
+            new_wm = {}  # never advance watermarks past a run the warehouse knows nothing of
         if new_wm and publisher is not None:
             try:
-                wm_mod.commit(conn, publisher, job_id=job.id, field=job.timestamp_field, run_id=self.run_id,
-                              values=new_wm, previous=self.previous_wm)
+                db.call("watermarks", lambda c: wm_mod.commit(c, publisher, job_id=job.id, field=job.timestamp_field,
+                                                              run_id=self.run_id, values=new_wm,
+                                                              previous=self.previous_wm), db_deadline, self.log)
             except Exception as e:  # noqa: BLE001 - stale watermarks only cost a larger next run
                 self.log.error("watermark_commit_failed", error=_describe(e))
                 self.warnings.append(f"watermarks not saved: {_describe(e)}")
@@ -819,10 +833,18 @@ class _Extraction:
             except Exception as e:  # noqa: BLE001 - the DB row below still records the outcome
                 self.log.error("run_finished_publish_failed", error=_describe(e))
         try:
-            runs_mod.finish_run(conn, self.run_id, job.id, status, error_class=error_class,
-                                error_message=scrub(error) if error else None, records=snap["delivered"])
+            db.call("finish_run", lambda c: runs_mod.finish_run(c, self.run_id, job.id, status, error_class=error_class,
+                                                                error_message=scrub(error) if error else None,
+                                                                records=snap["delivered"]), db_deadline, self.log)
         except Exception as e:  # noqa: BLE001
             self.log.error("finish_run_failed", error=_describe(e))
+            if recorded and status != "failed":
+                # the row stays 'running' (closed later as stale): report the run failed so it is retried
+                status, error_class = "failed", "DatabaseError"
+                error = f"the run's final status could not be recorded in the database: {_describe(e)}"
+        if db.conn is not conn:  # a replacement made above; the run closes its own
+            db.close()
+        res.status = status
         duration = time.monotonic() - t0
         JOB_RUNS.labels(str(job.id), status).inc()
         JOB_DURATION.labels(str(job.id)).observe(duration)
@@ -855,12 +877,51 @@ class _Extraction:
         return res
 
     def _control(self, publisher: Publisher, msg: RunStarted | RunFinished) -> None:
+        if publisher.fatal is not None:  # do not wait another 60 s on a producer known to be dead
+            raise PublishError(f"control message {msg.type} not sent: the producer is unusable ({publisher.fatal})")
         topic = K.control_topic(self.s)
         tr = DeliveryTracker(topic)
         publisher.publish_values(topic, [(str(msg.run_id).encode(), msg.to_bytes())], None, tr)
         publisher.wait(tr, timeout=60)
         if tr.failed:
             raise PublishError(f"control message {msg.type} not acknowledged: {tr.first_error}")
+
+
+#: how long the end of a run waits for the database (records are already published: recording the
+#: run, its end offsets and watermarks is worth waiting for through a restart or failover)
+FINISH_DB_WAIT_SECONDS = 120.0
+_DB_DOWN = (psycopg.OperationalError, psycopg.InterfaceError, DatabaseError)
+
+
+class _Db:
+    """The run's database connection, replaced when it breaks (server restart, network cut)."""
+
+    def __init__(self, settings: Settings, conn: psycopg.Connection):
+        self.s, self.conn = settings, conn
+
+    def call(self, what: str, fn: Callable[[psycopg.Connection], Any], deadline: float, log: Any) -> Any:
+        """``fn(conn)``; on a lost connection reconnect and retry with backoff until ``deadline``."""
+        delay = 0.25
+        while True:
+            try:
+                return fn(self.conn)
+            except _DB_DOWN as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("database_unavailable_retrying", step=what, retry_in_s=round(delay, 2), error=_describe(e))
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+            try:
+                self.conn = connect(self.s, autocommit=True, application_name="trialsync-extract")
+            except _DB_DOWN:
+                pass  # still down: the next call fails fast and we wait again
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class _EndpointInvalid(Exception):

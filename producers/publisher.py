@@ -14,6 +14,7 @@ lookup, ``orjson.dumps`` of the record (the value is the raw record), timestamp 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -96,9 +97,21 @@ class Publisher:
 
     def __init__(self, settings: Settings, producer: Producer | None = None):
         self.settings = settings
-        self.producer = producer or Producer(K.producer_config(settings, **{"client.id": "trialsync-extractor"}))
+        #: set when librdkafka reports a fatal error (e.g. the idempotent producer's sequence got out
+        #: of step with the broker's after a broker restart): this producer can never send again
+        self.fatal: str | None = None
+        self.producer = producer or Producer(K.producer_config(
+            settings, **{"client.id": "trialsync-extractor", "error_cb": self._on_error}))
         self._topics: set[str] = set()
+        #: partition count of each cached topic when first checked (a change = topic recreated)
+        self._partitions: dict[str, int] = {}
         self._topics_lock = threading.Lock()
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self.fatal = err.str()
+            log.error("producer_fatal_error", error=err.str(),
+                      note="this producer is replaced for the next run (get_publisher)")
 
     # -- topics ----------------------------------------------------------------------------------
     def ensure_topic(self, topic: str) -> None:
@@ -112,6 +125,37 @@ class Publisher:
             except KafkaException as e:
                 raise PublishError(K.describe_broker_error(e, self.settings)) from None
             self._topics.add(topic)
+
+    def refresh_topics(self, timeout: float = 5.0) -> bool:
+        """Check the cached topics against the broker; False when it lost them (then replace me).
+
+        Why: a pooled worker keeps its publisher between runs. When the broker lost its topics
+        meanwhile (the embedded broker restarted with memory storage), they are gone -- or
+        auto-created again with another partition count -- and this producer's idempotence
+        state (producer id, sequence numbers) means nothing to the new broker: records were never
+        acknowledged and every later run of the worker failed after a 60 s wait (found by the
+        fault suite). One metadata request on the producer's connection per run."""
+        if not self._topics:
+            return True
+        try:
+            md = self.producer.list_topics(timeout=timeout)
+        except KafkaException:
+            return True  # broker unreachable: producing will say so
+        with self._topics_lock:
+            changed = []
+            for t in sorted(self._topics):
+                meta = md.topics.get(t)
+                n = len(meta.partitions) if meta is not None and not meta.error else None
+                if n is None or self._partitions.setdefault(t, n) != n:
+                    changed.append(t)
+            if not changed:
+                return True
+            log.warning("broker_lost_topics", topics=changed[:10], count=len(changed),
+                        note="the broker restarted without its data: new producer, topics created again")
+            self._topics.clear()
+            self._partitions.clear()
+            self.fatal = f"the broker lost {len(changed)} topic(s) (restarted without its data)"
+            return False
 
     def ensure_system_topics(self) -> None:
         if K.control_topic(self.settings) in self._topics:
@@ -203,6 +247,8 @@ class Publisher:
             if progress is not None:
                 progress()
             if deadline is not None and time.monotonic() > deadline:
+                # the broker may have lost its state: the next run gets a new producer and topics
+                self.fatal = f"{tracker.pending} records unacknowledged after {timeout:.0f} s"
                 raise PublishError(f"{tracker.pending} records still unacknowledged by the broker after {timeout:.0f} s")
 
     def flush(self, timeout: float = 60.0) -> int:
@@ -220,6 +266,13 @@ def get_publisher(settings: Settings) -> Publisher:
     key = (bootstrap_servers(settings), settings.kafka_topic_prefix)
     with _PUBLISHERS_LOCK:
         pub = _PUBLISHERS.get(key)
+        if pub is not None and (pub.fatal is not None or not pub.refresh_topics()):
+            # a pooled worker keeps its publisher between runs: without this, one fatal error or a
+            # broker that lost its data (found by the fault suite) failed every later run of the worker
+            with contextlib.suppress(Exception):
+                pub.producer.purge()
+                pub.producer.flush(0)
+            pub = None
         if pub is None:
             pub = Publisher(settings)
             _PUBLISHERS[key] = pub

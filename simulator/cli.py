@@ -195,3 +195,38 @@ def extract_spec(
     print(f"wrote {SPEC_FILE} ({len(sub['paths'])} paths, {len(sub['definitions'])} definitions)")
 
 
+
+
+@simulator_app.command("reconcile")
+def reconcile_cmd(
+    job: Annotated[list[int] | None, typer.Option("--job", "-j", help="job id (repeatable; default: every runnable job)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the full report as JSON")] = False,
+    problems_only: Annotated[bool, typer.Option("--problems-only", help="list only tables that are not exact")] = False,
+    url: AdminUrl = DEFAULT_ADMIN,
+) -> None:
+    """Compare every staging table with the simulator's ground truth (ids and content).
+
+    Exit code 0 when exact (no missing, duplicated, stale or extra rows), 1 otherwise.
+    """
+    from common.cli import UserError
+    from common.config import get_settings
+    from common.db import connect
+    from orchestrator.catalog import load_catalog
+    from schemas.jobs import CatalogError
+    from simulator.reconcile import format_table, reconcile
+
+    _admin(url, "GET", "/health")  # a clear error when no simulator answers
+    s = get_settings()
+    catalog = load_catalog(s)
+    ids = job or [j.id for j in catalog.runnable]
+    with connect(s, autocommit=True, application_name="trialsync-reconcile") as conn:
+        try:
+            rec = reconcile(conn, url, catalog, ids, instance=s.cc_instance_id)
+        except CatalogError as e:
+            raise UserError(str(e), code=2) from None
+    if as_json:
+        _print(rec.as_dict())
+    else:
+        print(format_table(rec, only_problems=problems_only))
+    if not rec.exact:
+        raise typer.Exit(1)

@@ -316,10 +316,12 @@ def personnel_refs(m: DataModel, e: Entity, idx, h, parent):
     sp = m.build(staff, np.unique(s1), refs=False)
     by_idx = dict(zip(np.unique(s1).tolist(), sp, strict=True))
     staff_lists = []
-    for j, si in enumerate(s1.tolist()):
+    # Priority follows the record's position under its study, never its place in the batch being
+    # built: the API (one study's list) and /_sim/expected (all studies at once) must agree.
+    for si, p in zip(s1.tolist(), np.asarray(pos).tolist(), strict=True):
         s = by_idx[si]
         staff_lists.append([{"Id": s["id"], "UID": s["uid"], "LastName": s["lastName"], "FirstName": s["firstName"],
-                             "MiddleName": "", "FullName": s["displayName"], "Priority": 1 + (j % 2),
+                             "MiddleName": "", "FullName": s["displayName"], "Priority": 1 + (int(p) % 2),
                              "Username": s["login"]}])
     return {"Role": [{"Id": ROLES[r][0], "RoleName": ROLES[r][1], "Coordinator": ROLES[r][2]} for r in roles],
             "Staff": staff_lists}

@@ -3,6 +3,8 @@ timeouts, locks. The real child processes and database are exercised in tests/in
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from orchestrator.dag import build_plan
@@ -293,3 +295,92 @@ def test_cancel_lets_extractions_stop_cleanly_before_killing() -> None:
     by_job = {r["job_id"]: r for r in world.runs.values() if r.get("attempt") == 1}
     assert by_job[1]["status"] == "cancelled" and by_job[1]["error"] == "scheduler shut down"
     assert by_job[5]["status"] == "cancelled"
+
+
+class _DatabaseDown(FakeWorld):
+    """The database is unreachable between ``down_from`` and ``down_until`` (virtual seconds)."""
+
+    def __init__(self, clock: FakeClock, down_from: float, down_until: float, **kw: object) -> None:
+        super().__init__(clock, **kw)  # type: ignore[arg-type]
+        self.down = (down_from, down_until)
+        self.lock_errors = 0
+
+    def _check(self) -> None:
+        if self.down[0] <= self.clock.t < self.down[1]:
+            raise RuntimeError("cannot connect to PostgreSQL (connection refused)")
+
+    def try_lock(self, job_id: int) -> bool:
+        try:
+            self._check()
+        except RuntimeError:
+            self.lock_errors += 1
+            raise
+        return super().try_lock(job_id)
+
+    def loaded(self, run_ids: list[int]) -> dict[int, bool]:
+        self._check()
+        return super().loaded(run_ids)
+
+
+def test_database_outage_delays_jobs_instead_of_skipping_them() -> None:
+    """Found by the fault suite: a PostgreSQL restart mid-run skipped every job that was about to
+    start ("could not take the job's lock"). Jobs now wait for the database like for a held lock."""
+    clock = FakeClock()
+    world = _DatabaseDown(clock, down_from=clock.t, down_until=clock.t + 12, default=Script(duration=3, load_delay=1))
+    res = make_runner(small_catalog(), world, clock, load_timeout=100).run()
+    assert world.lock_errors > 0, "the outage did not hit a lock attempt: the test proves nothing"
+    assert res.status == "success", {j: (s.status, s.reason) for j, s in res.jobs.items()}
+    assert not world.skipped
+
+
+def test_database_outage_longer_than_the_load_timeout_skips_with_reason() -> None:
+    clock = FakeClock()
+    world = _DatabaseDown(clock, down_from=clock.t, down_until=clock.t + 10_000, default=Script(duration=3))
+    res = make_runner(small_catalog(), world, clock, load_timeout=50).run()
+    assert res.status != "success"
+    assert any("database unreachable" in why for why in world.skipped.values()), world.skipped
+
+
+def test_wait_load_does_not_wait_again_for_a_timed_out_load() -> None:
+    clock = FakeClock()
+    t0 = clock.t
+    world = FakeWorld(clock, scripts={(5, 1): Script(duration=1, load_delay=10_000)})
+    res = make_runner(small_catalog(), world, clock, ids=[5], load_timeout=60, wait_all_loads=True).run()
+    assert res.jobs[5].loaded is False
+    assert clock.t - t0 < 100, f"waited {clock.t - t0:.0f} s: the 60 s load timeout was applied twice"
+
+
+def test_a_run_whose_records_never_load_makes_the_orchestration_partial() -> None:
+    """Found by the fault suite: a broker restart lost published records, their runs never loaded,
+    and `trialsync run --all --wait-load` still reported success (exit 0)."""
+    clock = FakeClock()
+    world = FakeWorld(clock, scripts={(5, 1): Script(duration=1, load_delay=10_000)})
+    res = make_runner(small_catalog(), world, clock, ids=[5], load_timeout=30, wait_all_loads=True).run()
+    assert res.jobs[5].loaded is False and "not loaded within 30 s" in (res.jobs[5].reason or "")
+    assert res.status == "partial"
+    # with children: they are skipped, the orchestration is partial too
+    clock = FakeClock()
+    world = FakeWorld(clock, scripts={(1, 1): Script(load_delay=10_000)})
+    assert make_runner(small_catalog(), world, clock, load_timeout=30).run().status == "partial"
+
+
+class _LoaderRejects(FakeWorld):
+    """The loader dead-lettered records of job 5's run."""
+
+    def run_rows(self, run_ids: list[int]) -> dict[int, Any]:
+        out = super().run_rows(run_ids)
+        for r in out.values():
+            if r.job_id == 5:
+                r.records_rejected = 3
+        return out
+
+
+def test_records_rejected_by_the_loader_make_the_job_partial() -> None:
+    """Found by the fault suite: three records the API served without their id were dead-lettered
+    and their run turned partial, but `trialsync run` still reported success."""
+    clock = FakeClock()
+    world = _LoaderRejects(clock)
+    res = make_runner(small_catalog(), world, clock, ids=[5, 1], wait_all_loads=True).run()
+    assert res.jobs[5].status == "partial" and "3 record(s)" in (res.jobs[5].reason or "")
+    assert res.jobs[1].status == "success"
+    assert res.status == "partial"

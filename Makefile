@@ -9,7 +9,7 @@ PYTHON ?= $(shell for p in python3.12 python3.13 python3 python; do \
 SCALE ?= 0.01
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint stack-up stack-down clean bench lock
+.PHONY: install demo test test-heavy test-all lint stack-up stack-down clean bench lock
 
 install: $(VENV)/.installed
 
@@ -24,9 +24,17 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 demo: install
 	$(BIN)/trialsync demo --scale $(SCALE)
 
+# `make test` (CI): everything except the minutes-long `heavy` suites; `make test-heavy` runs those
+# (the end-to-end fault scenarios and the benchmark smoke test), `make test-all` both.
 test: install lint
-	@set +e; $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@set +e; $(BIN)/python -m pytest -m "not heavy" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-heavy: install
+	@set +e; $(BIN)/python -m pytest -m heavy $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-all: test test-heavy
 
 lint: install
 	$(BIN)/ruff check .

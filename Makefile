@@ -9,7 +9,7 @@ PYTHON ?= $(shell for p in python3.12 python3.13 python3 python; do \
 SCALE ?= 0.01
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint stack-up stack-down clean bench
+.PHONY: install demo test lint stack-up stack-down clean bench lock
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ stack-down: install
 
 bench: install
 	$(BIN)/python -m bench.run
+
+# the lock holds the test and bench extras (dlt: the peer in bench/run.py and its smoke test)
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra bench -o requirements.lock --python-version 3.12
 
 clean:
 	-$(BIN)/trialsync demo --stop

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from simulator.data import DataModel, Entity, EntityDef, fmt_ts, mix_np, unit, uuids
+from simulator.values import STATUSES
 
 FIRST = ("James Mary Robert Patricia John Jennifer Michael Linda David Elizabeth William Barbara Richard "
          "Susan Joseph Jessica Thomas Sarah Charles Karen Daniel Nancy Matthew Lisa Anthony Betty Mark "
@@ -86,9 +87,21 @@ def named_scalars(prefix: str, field: str = "name"):
     return hook
 
 
-def subject_scalars(m: DataModel, e: Entity, idx, h, parent):
+def study_status_scalars(m: DataModel, e: Entity, idx, h, parent):
+    """The configured study statuses: the vocabulary studies use first, then extra ones."""
     ids = (e.d.id_base + idx).tolist()
-    return {"screeningNumber": [f"SCR-{i}" for i in ids]}
+    return {"name": [STATUSES[i - 1] if 0 < i <= len(STATUSES) else f"Status {i}" for i in ids]}
+
+
+DAY_MS = 86_400_000
+
+
+def subject_scalars(m: DataModel, e: Entity, idx, h, parent):
+    """Enrolment falls between the subject's Screened (day 14) and Randomized (day 28) status events
+    (see subject_status_scalars), so the milestones of a subject are in order, as in a real CTMS."""
+    ids = (e.d.id_base + idx).tolist()
+    enrolled = e.created[idx] + 21 * DAY_MS + (h % np.uint64(DAY_MS)).astype(np.int64)
+    return {"screeningNumber": [f"SCR-{i}" for i in ids], "enrollmentDate": fmt_ts(enrolled)}
 
 
 def subject_status_scalars(m: DataModel, e: Entity, idx, h, parent):
@@ -102,8 +115,13 @@ def subject_status_scalars(m: DataModel, e: Entity, idx, h, parent):
 
 
 def patient_visit_scalars(m: DataModel, e: Entity, idx, h, parent):
+    """Visits are due every four weeks from the subject's creation, each with a +/- 7-day window
+    around its target date (min <= target <= max, as the protocol's schedule defines them)."""
     pos = m.position(e, idx, parent)
-    return {"sequence": (pos + 1).tolist()}
+    target = m.entity("subjects").created[parent] + (pos * 28 + 28) * DAY_MS \
+        + (h % np.uint64(DAY_MS // 2)).astype(np.int64)
+    return {"sequence": (pos + 1).tolist(), "targetDueDate": fmt_ts(target),
+            "minDueDate": fmt_ts(target - 7 * DAY_MS), "maxDueDate": fmt_ts(target + 7 * DAY_MS)}
 
 
 def visit_element_scalars(m: DataModel, e: Entity, idx, h, parent):
@@ -415,7 +433,7 @@ ENTITIES: list[EntityDef] = [
         mutable="description"),
     _mk("study_subcategories", "StudySubcategoryViewModel", 8, id_base=1, scalars=named_scalars("Subcategory"),
         mutable="description"),
-    _mk("study_statuses", "StudyStatusTypeViewModel", 15, id_base=1, scalars=named_scalars("Status"),
+    _mk("study_statuses", "StudyStatusTypeViewModel", 15, id_base=1, min_count=15, scalars=study_status_scalars,
         mutable="description"),
     _mk("study_types", "StudyTypeViewModel", 12, id_base=1, mutable="TypeDescription",
         scalars=lambda m, e, idx, h, p: {"Id": (e.d.id_base + idx).tolist(), "TypeId": (e.d.id_base + idx).tolist(),

@@ -41,7 +41,9 @@ WORDS = ("screening baseline follow-up dose safety efficacy randomized cohort pr
          "infusion assessment laboratory imaging consent eligibility adverse visit window").split()
 THERAPY = ("Oncology Cardiology Neurology Dermatology Endocrinology Immunology Nephrology Psychiatry "
            "Rheumatology Vaccines").split()
-STATUSES = ("Active Enrolling Closed Pending Completed On Hold Start-up Terminated").split()
+#: study statuses; also the names of the first entries of /system/study-statuses (job 132), so a
+#: study's status is one the instance has configured
+STATUSES = ("Active", "Enrolling", "Closed", "Pending", "Completed", "On Hold", "Start-up", "Terminated")
 RACES = ("White", "Black or African American", "Asian", "American Indian or Alaska Native",
          "Native Hawaiian or Other Pacific Islander", "Other")
 ETHNICITIES = ("Hispanic or Latino", "Not Hispanic or Latino", "Unknown")

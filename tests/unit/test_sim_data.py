@@ -147,3 +147,19 @@ def test_scale_one_model_stays_under_two_gib():
     n, maxrss_kib = map(int, out.stdout.split())
     assert n == 2_297_271
     assert maxrss_kib < 2 * 1024 * 1024, f"peak RSS {maxrss_kib / 1024:.0f} MiB"
+
+
+def test_values_are_plausible_where_the_warehouse_checks_them():
+    """The transform's quality checks (sql/migrations/0304) hold on simulated data: visit windows
+    contain their target date, enrolment follows screening, study statuses are configured ones."""
+    m = _model()
+    for v in _all(m, "patient_visits"):
+        assert v["minDueDate"] <= v["targetDueDate"] <= v["maxDueDate"], v
+    screened = {s["subject"]["id"] if "subject" in s else None: s["eventDate"]
+                for s in _all(m, "subject_statuses") if s["status"] == "Screened"}
+    subjects = _all(m, "subjects")
+    checked = [s for s in subjects if s["id"] in screened]
+    assert checked and all(screened[s["id"]] < s["enrollmentDate"] for s in checked)
+    configured = {s["name"] for s in _all(m, "study_statuses")}
+    assert len(configured) == 15 and {s["status"] for s in _all(m, "studies")} <= configured
+    assert "On Hold" in configured

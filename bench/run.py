@@ -1,0 +1,550 @@
+"""The benchmark suite in one command: TrialSync against its limits and its peer, in one run.
+
+    .venv/bin/python -m bench.run                         # scales 0.05 and 0.2 (make bench)
+    .venv/bin/python -m bench.run --quick                 # tiny scale, < 3 min (the smoke test)
+    .venv/bin/python -m bench.run --scales 0.05 --only e2e,peer --out-dir /tmp/b
+
+Starts its own embedded stack (PostgreSQL 16 + tansu) in a temporary directory and, per scale, one
+CC simulator; everything below runs against that simulator and that PostgreSQL server:
+
+* ``e2e``: ``trialsync run --all --full --wait-load`` of the 72 jobs through the real loader and
+  transformer services: records/s into staging (records loaded / first request -> last record
+  committed), wall time, peak RSS per process type, API calls (the simulator's own count);
+* ``incremental``: 1 % of every entity's records changed (the simulated clock a day later), then
+  ``trialsync run --all`` (incremental): time and API calls vs the full run;
+* ``limit``: the largest staging table's records -- plain ``COPY`` into an empty staging-shaped
+  table vs one loader draining the same table's topic into an empty table; the ratio;
+* ``peer``: dlt's ``rest_api`` source -> ``postgres`` vs ``trialsync run`` on the 43
+  non-parameterized jobs, each into an empty database (bench/peer_dlt.py says how it is made fair);
+* ``fanout``: the largest parameterized job at 0 ms (vs the simulator's measured capacity) and at
+  50 ms added latency (vs C / 50 ms), through ``bench.extract_bench.run``;
+* ``scaling``: 1 vs 2 loader processes draining every topic of the full run; 1 vs 2 extractor
+  processes on the fan-out job.
+
+``e2e`` and ``limit`` run at every scale; ``incremental``, ``peer``, ``fanout`` and ``scaling`` at
+the first (``--incremental-scales``, ``--peer-scales`` change that): at scale 0.2 the run is
+bound by ~2.2 M API calls, and an incremental run makes almost all of them again. Writes ``<out-dir>/<date>.json`` and ``.md``.
+Numbers from a shared 2-core machine are indicative; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.harness import SIM_KEY, Harness, orchestration_stats, staging_rows  # noqa: E402
+from bench.procwatch import ProcWatch  # noqa: E402
+
+SECTIONS = ("e2e", "incremental", "limit", "peer", "fanout", "scaling")
+#: the largest parameterized job: /patient-visits/{patientVisitId}/elements/odata, one call per visit
+FANOUT_JOB = 24
+
+
+def tag_of(scale: float) -> str:
+    return "s" + f"{scale:g}".replace(".", "_").replace("-", "m")
+
+
+def rate(n: float | None, seconds: float | None) -> float | None:
+    return round(n / seconds, 1) if n and seconds else None
+
+
+def log(msg: str) -> None:
+    print(f"[bench {datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- e2e ---------------------------------------------------------------------------------------------
+
+def watch_services(h: Harness) -> ProcWatch:
+    """Memory and CPU of every part: simulator, loader, transformer (when running), PostgreSQL, broker."""
+    w = ProcWatch()
+    w.add("simulator", h.sim.pid)
+    w.add("loader", h.service_pid("loader"))
+    w.add("transformer", h.service_pid("transformer"))
+    w.add("postgresql", h.pg_pid)
+    w.add("broker", h.broker_pid)
+    return w
+
+
+def run_all(h: Harness, args: list[str], sampler: ProcWatch | None) -> dict[str, Any]:
+    """One ``trialsync run ...`` with the simulator's request counter reset first."""
+    h.sim_reset_stats()
+
+    def on_start(pid: int) -> None:
+        if sampler is not None:
+            sampler.add("orchestrator", pid, "self")
+            sampler.add("extractor_workers", pid, "below")
+
+    run = h.trialsync(["run", *args, "--wait-load"], on_start=on_start)
+    if run.result is None:
+        raise RuntimeError(f"`trialsync run {' '.join(args)}` exited {run.code} without a result: {run.stderr_tail}")
+    with h.connect() as conn:
+        stats = orchestration_stats(conn, run.result["orchestration_id"])
+        rows = staging_rows(conn)
+    stats.update({
+        "status": run.result["status"], "jobs": len(run.result["jobs"]), "counts": run.result["counts"],
+        "api_calls": h.sim_api_calls(), "cli_wall_s": round(run.wall_s, 2),
+        "orchestration_s": run.result["duration_seconds"], "staging_rows": sum(rows.values()),
+        "records_per_s": rate(stats["records_loaded"], stats["first_request_to_last_commit_s"]),
+        "run_ids": [rid for j in run.result["jobs"] for rid in j.get("run_ids") or []],
+        "not_ok": {str(j["job_id"]): j.get("error") or j.get("reason") or j["status"]
+                   for j in run.result["jobs"] if j["status"] != "success"},
+    })
+    stats["largest_tables"] = dict(sorted(rows.items(), key=lambda kv: -kv[1])[:5])
+    return stats
+
+
+def wait_transforms(h: Harness, run_ids: list[int], timeout: float) -> float:
+    from common.config import get_settings
+    from orchestrator.demo import wait_for_transforms
+
+    t0 = time.monotonic()
+    wait_for_transforms(get_settings(), run_ids, timeout)
+    return round(time.monotonic() - t0, 1)
+
+
+def section_e2e(h: Harness, scale: float) -> dict[str, Any]:
+    tag = tag_of(scale)
+    h.use_database(f"bench_{tag}")
+    h.use_prefix(f"bench_{tag}")
+    h.start_loader()
+    h.start_transformer()
+    watch = watch_services(h).start()
+    log(f"e2e scale {scale}: trialsync run --all --full")
+    try:
+        out = run_all(h, ["--all", "--full"], watch)
+    finally:
+        procs = watch.stop()
+    out["procs"] = procs
+    out["transform_wait_s"] = wait_transforms(h, out.pop("run_ids"), 1800)
+    out["database"], out["topic_prefix"] = f"bench_{tag}", f"bench_{tag}"
+    return out
+
+
+# -- incremental ----------------------------------------------------------------------------------
+
+def mutate_one_percent(h: Harness, fraction: float = 0.01) -> dict[str, int]:
+    """A day passes on the simulated clock, then ``fraction`` of every entity's live records change."""
+    h.sim_post("/clock", {"advance_seconds": 86400})
+    changed: dict[str, int] = {}
+    for name in h.sim_get("/entities"):
+        try:
+            res = h.sim_post("/mutate", {"entity": name, "modify": fraction})
+        except RuntimeError:  # an entity without a field to modify (plain lookup values)
+            continue
+        if res.get("modified"):
+            changed[name] = len(res["modified"])
+    return changed
+
+
+def section_incremental(h: Harness, full: dict[str, Any]) -> dict[str, Any]:
+    changed = mutate_one_percent(h)
+    log(f"incremental: {sum(changed.values())} records changed; trialsync run --all")
+    out = run_all(h, ["--all"], None)
+    out.pop("run_ids", None)
+    full_s = full["first_request_to_last_commit_s"]
+    inc_s = out["first_request_to_last_commit_s"]
+    return {"records_changed": sum(changed.values()), "entities_changed": len(changed), "full_s": full_s,
+            "incremental_s": inc_s, "time_ratio": round(inc_s / full_s, 3) if inc_s and full_s else None,
+            "full_api_calls": full["api_calls"], "api_calls": out["api_calls"],
+            "api_calls_ratio": round(out["api_calls"] / full["api_calls"], 3) if full["api_calls"] else None,
+            "records_extracted": out["records_extracted"], "records_loaded": out["records_loaded"],
+            "cli_wall_s": out["cli_wall_s"], "status": out["status"], "not_ok": out["not_ok"],
+            "top_jobs_by_api_calls": top_jobs(h, out)}
+
+
+def top_jobs(h: Harness, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The five jobs of the latest orchestration with the most API calls (where incremental time goes)."""
+    with h.connect() as conn:
+        rows = conn.execute(
+            """SELECT r.job_id, r.api_calls, r.records_extracted, r.duration_seconds FROM etl.dw_etl_runs r
+                WHERE r.orchestration_id = (SELECT id FROM etl.dw_orchestrations ORDER BY started_at DESC LIMIT 1)
+                ORDER BY r.api_calls DESC LIMIT 5""").fetchall()
+    return [{"job": r[0], "api_calls": r[1], "records": r[2], "s": float(r[3] or 0)} for r in rows]
+
+
+# -- loader drains (limit, scaling) -----------------------------------------------------------------
+
+def loader_drain(h: Harness, table: str, processes: int, group: str) -> dict[str, Any]:
+    """``processes`` loader processes (one consumer group; bench/loader_bench.py's timed child) drain
+    the current prefix's topics for ``table`` ('*' = every table) into the current database."""
+    from bench.loader_bench import child_result, run_child
+    from consumers.loader import DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_MS
+
+    env = dict(os.environ)
+    procs = [run_child(["once", "--table", table, "--group", group, "--batch-size", str(DEFAULT_BATCH_SIZE),
+                        "--flush-ms", str(DEFAULT_FLUSH_MS)], env) for _ in range(processes)]
+    rs = [child_result(p, timeout=1800) for p in procs]
+    done = [r for r in rs if r.get("first")]
+    records = sum(r["records"] for r in rs)
+    secs = (max(r["last"] for r in done) - min(r["first"] for r in done)) if done else None
+    return {"processes": processes, "records": records, "seconds": round(secs, 3) if secs else None,
+            "records_per_s": rate(records, secs),
+            "per_process": [{k: r.get(k) for k in ("records", "seconds", "records_per_second",
+                                                     "loader_process_cpu_us_per_record",
+                                                     "postgres_backend_cpu_us_per_record")} for r in rs]}
+
+
+def plain_copy(h: Harness, source_dsn: str, table: str) -> dict[str, Any]:
+    """Read the table's (source_id, data) from the full run's database, COPY it into an empty
+    staging-shaped table in the current database; time only the COPY (and its commit)."""
+    import psycopg
+    from psycopg import sql
+
+    from bench.loader_bench import proc_cpu
+    from common.db import staging_table
+
+    with psycopg.connect(source_dsn, autocommit=True) as src, src.cursor() as cur:
+        buf = bytearray()
+        with cur.copy(sql.SQL("COPY (SELECT source_id, data FROM {}) TO STDOUT").format(staging_table(table))) as cp:
+            for chunk in cp:
+                buf += chunk
+        rows = cur.execute(sql.SQL("SELECT count(*) FROM {}").format(staging_table(table))).fetchone()[0]
+    target = "zz_bench_plain_copy"
+    with h.connect() as conn:
+        conn.execute("SELECT etl.create_staging_table(%s)", (target,))
+        conn.execute("SELECT etl.add_loader_columns(%s)", (target,))
+        conn.execute("CHECKPOINT")
+        payload = bytes(buf)
+        backend = conn.info.backend_pid
+        cpu0 = proc_cpu(backend)
+        t0 = time.monotonic()
+        with conn.transaction(), conn.cursor() as cur:
+            with cur.copy(sql.SQL("COPY {} (source_id, data) FROM STDIN").format(staging_table(target))) as cp:
+                for i in range(0, len(payload), 1 << 20):
+                    cp.write(payload[i:i + (1 << 20)])
+        secs = time.monotonic() - t0
+        cpu1 = proc_cpu(backend)
+    return {"rows": int(rows), "bytes": len(payload), "seconds": round(secs, 3), "rows_per_s": rate(rows, secs),
+            "postgres_cpu_us_per_row": round((cpu1 - cpu0) * 1e6 / rows, 1) if cpu0 is not None and cpu1 is not None
+            and rows else None}
+
+
+def section_limit(h: Harness, scale: float, e2e: dict[str, Any]) -> dict[str, Any]:
+    tag = tag_of(scale)
+    table = next(iter(e2e["largest_tables"]))
+    source_dsn = h.admin_dsn(e2e["database"])
+    h.stop_consumers()
+    h.use_prefix(e2e["topic_prefix"])  # read the full run's topics
+    h.use_database(f"bench_{tag}_limit")
+    log(f"limit scale {scale}: plain COPY vs one loader, {table}")
+    copy = plain_copy(h, source_dsn, table)
+    loader = loader_drain(h, table, 1, f"bench-limit-{tag}")
+    return {"table": table, "copy": copy, "loader": loader,
+            "ratio": round(loader["records_per_s"] / copy["rows_per_s"], 3)
+            if loader["records_per_s"] and copy["rows_per_s"] else None}
+
+
+def section_loader_scaling(h: Harness, scale: float, e2e: dict[str, Any]) -> dict[str, Any]:
+    tag = tag_of(scale)
+    h.stop_consumers()
+    h.use_prefix(e2e["topic_prefix"])
+    out = {}
+    for n in (1, 2):
+        h.use_database(f"bench_{tag}_drain{n}")
+        log(f"scaling: {n} loader process(es) drain every topic of the full run")
+        out[n] = loader_drain(h, "*", n, f"bench-drain{n}-{tag}")
+    one, two = out[1]["records_per_s"], out[2]["records_per_s"]
+    return {"what": f"loader processes draining all topics of the scale-{scale} full run", "unit": "records/s",
+            "one": one, "two": two, "speedup": round(two / one, 2) if one and two else None,
+            "detail": {"1": out[1], "2": out[2]}}
+
+
+# -- fan-out and extractor processes -------------------------------------------------------------
+
+def quick_capacity(h: Harness, paths: list[str]) -> dict[str, Any]:
+    """--quick: one short round of each load generator instead of extract_bench's three."""
+    from urllib.parse import urlsplit
+
+    from bench.simulator_bench import python_load, wrk_load
+
+    u = urlsplit(h.sim.urls["api"])
+    full = [u.path + p for p in paths]
+    py = python_load(u.port or 80, full, 1.5, 8, False)
+    wrk = wrk_load(u.port or 80, full, 2, 16, None, 1)
+    return {"python": py, "wrk": wrk,
+            "requests_per_s": max(py["requests_per_s"], (wrk or {}).get("requests_per_s") or 0)}
+
+
+def section_fanout(h: Harness, scale: float, e2e: dict[str, Any], quick: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """In this process (bench.extract_bench.run -> producers.extractor.run_job), on a subset of the
+    job's real parents (from the full run's database), publishing to a topic prefix nobody loads."""
+    from bench.extract_bench import run as extract_run
+    from bench.extract_bench import sim_capacity
+    from common import config
+    from common.db import connect
+    from orchestrator.catalog import load_catalog
+    from orchestrator.settings import get_orchestrator_settings
+    from producers.parents import load_parents
+
+    h.stop_consumers()
+    os.environ["DATABASE_URL"] = h.admin_dsn(e2e["database"])
+    h.use_prefix(f"bench_{tag_of(scale)}_fanout")
+    config.reset_settings()
+    s = config.get_settings()
+    job = load_catalog().get(FANOUT_JOB)
+    with connect() as conn:
+        parents = load_parents(conn, job)
+    conf_c = get_orchestrator_settings().etl_fanout_workers or s.etl_parallel_jobs
+    n0 = min(len(parents), 400 if quick else 20_000)
+    subset = parents[:n0]
+    h.sim_faults(None)
+    paths = [job.render_endpoint(p) for p in subset[:5000]]
+    log(f"fan-out: simulator capacity on {job.endpoint}")
+    cap = quick_capacity(h, paths) if quick else sim_capacity(SimpleNamespace(base_url=h.sim.urls["api"], key=SIM_KEY),
+                                                               paths, seconds=5.0)
+    runs: list[dict[str, Any]] = []
+
+    def one(latency_ms: int, c: int, parts: list[dict[str, str]], ref_name: str, ref: float,
+            processes: int | None = None) -> dict[str, Any]:
+        r = extract_run(FANOUT_JOB, workers=c, only_parents=parts, processes=processes)
+        rps = r.get("requests_per_s")
+        return {"latency_ms": latency_ms, "workers": c, "processes": processes or 1, "parents": len(parts),
+                "requests_per_s": rps, "reference": ref_name, "reference_requests_per_s": round(ref),
+                "share": round(rps / ref, 3) if rps and ref else None, "status": r["status"],
+                "api_calls": r["api_calls"], "records": r["records"], "fetch_s": r["fetch_s"],
+                "cpu_us_per_request": r.get("cpu_us_per_request")}
+
+    extract_run(FANOUT_JOB, workers=conf_c, only_parents=subset[:200])  # warm-up: topic, connections
+    for c in sorted({conf_c, 32}):
+        log(f"fan-out: 0 ms, C={c}, {len(subset)} parents")
+        runs.append(one(0, c, subset, "simulator capacity", cap["requests_per_s"]))
+    h.sim_faults("latency,ms=50")
+    try:
+        for c in ([conf_c] if quick else sorted({conf_c, 20, 50})):
+            parts = parents[: min(len(parents), max(100, c * (10 if quick else 60)))]
+            log(f"fan-out: 50 ms, C={c}, {len(parts)} parents")
+            runs.append(one(50, c, parts, "C / 50 ms", c / 0.05))
+    finally:
+        h.sim_faults(None)
+    log("scaling: extractor processes 1 vs 2")
+    c = 16
+    ones = one(0, c, subset, "simulator capacity", cap["requests_per_s"])
+    twos = one(0, c, subset, "simulator capacity", cap["requests_per_s"], processes=2)
+    from producers.publisher import reset_publishers
+
+    reset_publishers()  # this process's producer must not outlive the broker
+    gc.collect()
+    fan = {"job": job.id, "name": job.name, "endpoint": job.endpoint, "parents_available": len(parents),
+           "simulator_capacity": cap, "runs": runs}
+    ext = {"what": f"extractor processes on job {job.id} ({len(subset)} parents, {c} in flight each, 0 ms)",
+           "unit": "requests/s", "one": ones["requests_per_s"], "two": twos["requests_per_s"],
+           "speedup": round(twos["requests_per_s"] / ones["requests_per_s"], 2)
+           if ones["requests_per_s"] and twos["requests_per_s"] else None, "detail": {"1": ones, "2": twos}}
+    return fan, ext
+
+
+# -- peer ------------------------------------------------------------------------------------------------
+
+def section_peer(h: Harness, scale: float) -> dict[str, Any]:
+    from common.config import get_settings
+    from orchestrator.catalog import load_catalog
+
+    tag = tag_of(scale)
+    jobs = [j for j in load_catalog().runnable if not j.requires_parameters and j.source_type == "cc_api"]
+    s = get_settings()
+    # TrialSync: the same jobs, full, into an empty database, through the loader service
+    h.stop_consumers()
+    args = ["--full"] + [a for j in jobs for a in ("--job", str(j.id))]
+    sides: dict[str, dict[str, Any]] = {}
+    for state in ("cold", "warm"):
+        # cold: a new installation -- the topics appear while the jobs run, and the running loader
+        # finds them at its next metadata refresh (<= 5 s) and rebalances; warm: every night after
+        # the first -- the topics exist (a durable broker keeps them) and the loader is assigned
+        h.use_database(f"bench_{tag}_peer_{state}")
+        h.use_prefix(f"bench_{tag}_peer_{state}")
+        if state == "warm":
+            from common.kafka import bronze_topic, ensure_topics
+
+            ensure_topics(sorted({bronze_topic(j.target_table) for j in jobs}))
+        h.start_loader(wait_assigned=30.0 if state == "warm" else 0.0)
+        log(f"peer scale {scale}: trialsync run on {len(jobs)} non-parameterized jobs ({state} topics)")
+        watch = watch_services(h).start()
+        try:
+            side = run_all(h, args, watch)
+        finally:
+            procs = watch.stop()
+        side["procs"] = procs
+        side.pop("run_ids", None)
+        sides[state] = side
+        h.stop_consumers()
+    ts = sides["warm"]
+    # dlt: the same endpoints into an empty database of the same server
+    dsn = h.use_database(f"bench_{tag}_peer_dlt")
+    spec = {"base_url": h.sim.urls["api"], "key_header": s.cc_api_key_header,
+            "dsn": dsn.replace("postgres@", "postgres:unused@"),  # trust auth; dlt wants a password field
+            "dataset": "dlt_peer", "workers": s.etl_parallel_jobs, "page_size": 1000, "file_format": "csv",
+            "pipelines_dir": str(h.state / f"dlt-{tag}"),
+            "jobs": [{"id": j.id, "name": j.name, "endpoint": j.endpoint, "odata": j.is_odata} for j in jobs]}
+    log(f"peer scale {scale}: dlt rest_api -> postgres on the same {len(jobs)} endpoints")
+    h.sim_reset_stats()
+    watch = watch_services(h)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.peer_dlt"], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "BENCH_CC_API_KEY": SIM_KEY})
+    watch.add("dlt", proc.pid)
+    watch.start()
+    out, err = proc.communicate(json.dumps(spec), timeout=3600)
+    procs = watch.stop()
+    if proc.returncode != 0 or not out.strip():
+        raise RuntimeError(f"dlt peer exited {proc.returncode}: {err[-2000:]}")
+    d = json.loads(out.strip().splitlines()[-1])
+    d.update({"process_wall_s": round(time.perf_counter() - t0, 2), "api_calls": h.sim_api_calls(),
+              "records_per_s": rate(d["records"], d["wall_s"]), "procs": procs})
+    d.pop("rows", None)
+    cold = sides["cold"]
+    return {"jobs": len(jobs), "trialsync": ts, "trialsync_cold": cold, "dlt": d,
+            "ratio": round(ts["records_per_s"] / d["records_per_s"], 2)
+            if ts["records_per_s"] and d["records_per_s"] else None,
+            "ratio_cold": round(cold["records_per_s"] / d["records_per_s"], 2)
+            if cold["records_per_s"] and d["records_per_s"] else None,
+            "config": {"parallel_jobs": s.etl_parallel_jobs, "page_size": 1000, "dlt_file_format": "csv",
+                       "dlt_write_disposition": "append", "dlt_max_table_nesting": 0}}
+
+
+# -- targets and output ---------------------------------------------------------------------------------
+
+def targets(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, value: float | None, goal: str, met: bool | None) -> None:
+        out[name] = {"value": value, "goal": goal, "met": met}
+
+    for scale, x in res.get("limit", {}).items():
+        add(f"loader / plain COPY @ {scale}", x["ratio"], ">= 0.6", x["ratio"] is not None and x["ratio"] >= 0.6)
+    for scale, x in res.get("peer", {}).items():
+        add(f"TrialSync / dlt records/s @ {scale}", x["ratio"], ">= 3", x["ratio"] is not None and x["ratio"] >= 3)
+    for scale, x in res.get("incremental", {}).items():
+        v = x["time_ratio"]
+        add(f"incremental / full time @ {scale}", v, "<= 0.1", v is not None and v <= 0.1)
+    for r in res.get("fanout", {}).get("runs", []):
+        add(f"fan-out {r['latency_ms']} ms C={r['workers']} share of {r['reference']}", r["share"], ">= 0.8",
+            r["share"] is not None and r["share"] >= 0.8)
+    return out
+
+
+def write(res: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    from bench.report import to_markdown
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
+    jp, mp = out_dir / f"{stamp}.json", out_dir / f"{stamp}.md"
+    jp.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    mp.write_text(to_markdown(res) + "\n")
+    return jp, mp
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny scale (0.002), small subsets: < 3 min")
+    ap.add_argument("--scales", help="comma-separated simulator scales (default 0.05,0.2; --quick: 0.002)")
+    ap.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
+    ap.add_argument("--peer-scales", help="scales for the dlt comparison (default: the first scale)")
+    ap.add_argument("--incremental-scales", help="scales for the incremental run (default: the first scale)")
+    ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    ns = ap.parse_args(argv)
+    ns.scale_list = [float(x) for x in (ns.scales or ("0.002" if ns.quick else "0.05,0.2")).split(",")]
+    ns.sections = set(ns.only.split(",")) if ns.only else set(SECTIONS)
+    unknown = ns.sections - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown section(s) {sorted(unknown)}: choose from {','.join(SECTIONS)}")
+    ns.peer_list = [float(x) for x in ns.peer_scales.split(",")] if ns.peer_scales else ns.scale_list[:1]
+    ns.incremental_list = ([float(x) for x in ns.incremental_scales.split(",")] if ns.incremental_scales
+                           else ns.scale_list[:1])
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    t_start = time.monotonic()
+    from bench.report import machine_facts
+
+    h = Harness()
+    res: dict[str, Any] = {"argv": sys.argv[1:] if argv is None else argv, "scales": ns.scale_list}
+    errors: dict[str, str] = {}
+    try:
+        h.up()
+        res["machine"] = machine_facts(h.pg_version())
+        from common.config import get_settings
+        from orchestrator.settings import get_orchestrator_settings
+
+        s, o = get_settings(), get_orchestrator_settings()
+        res["config"] = {"ETL_PARALLEL_JOBS": s.etl_parallel_jobs,
+                         "ETL_FANOUT_WORKERS": o.etl_fanout_workers or s.etl_parallel_jobs,
+                         "ETL_PLAIN_WORKERS": o.etl_plain_workers or s.etl_parallel_jobs,
+                         "ETL_HTTP_ENGINE": s.etl_http_engine, "KAFKA_PARTITIONS": s.kafka_partitions,
+                         "LOADER_BATCH_SIZE": s.loader_batch_size, "LOADER_FLUSH_MS": s.loader_flush_ms,
+                         "CC_PAGE_SIZE": s.cc_page_size, "ETL_TIMEOUT_SECONDS": s.etl_timeout_seconds}
+        need_e2e = bool(ns.sections & {"e2e", "incremental", "limit", "fanout", "scaling"})
+        for i, scale in enumerate(ns.scale_list):
+            key = f"{scale:g}"
+            log(f"simulator at scale {scale}")
+            h.start_simulator(scale)
+            res.setdefault("simulator_start", {})[key] = True
+            e2e = None
+            if need_e2e:
+                e2e = section_e2e(h, scale)
+                res.setdefault("e2e", {})[key] = e2e
+            steps: list[tuple[str, Any]] = []
+            if e2e is not None and "incremental" in ns.sections and scale in ns.incremental_list:
+                steps.append(("incremental", lambda e=e2e: section_incremental(h, e)))
+            if e2e is not None and i == 0 and ns.sections & {"fanout", "scaling"}:
+                steps.append(("fanout", lambda e=e2e, sc=scale: section_fanout(h, sc, e, ns.quick)))
+            if e2e is not None and "limit" in ns.sections:
+                steps.append(("limit", lambda e=e2e, sc=scale: section_limit(h, sc, e)))
+            if e2e is not None and i == 0 and "scaling" in ns.sections:
+                steps.append(("scaling", lambda e=e2e, sc=scale: section_loader_scaling(h, sc, e)))
+            if "peer" in ns.sections and scale in ns.peer_list:
+                steps.append(("peer", lambda sc=scale: section_peer(h, sc)))
+            for name, fn in steps:
+                try:
+                    value = fn()
+                except Exception as e:  # noqa: BLE001 - one failed section must not lose the others
+                    errors[f"{name}@{key}"] = f"{type(e).__name__}: {e}"
+                    log(f"{name} failed: {traceback.format_exc()}")
+                    continue
+                if name == "fanout":
+                    fan, ext = value
+                    if "fanout" in ns.sections:
+                        res["fanout"] = fan
+                    if "scaling" in ns.sections:
+                        res.setdefault("scaling", {})["extractor_processes"] = ext
+                elif name == "scaling":
+                    res.setdefault("scaling", {})["loader_processes"] = value
+                else:
+                    res.setdefault(name, {})[key] = value
+            if "e2e" not in ns.sections:
+                res.pop("e2e", None)
+    except Exception as e:  # noqa: BLE001 - report what was measured, then fail
+        errors["run"] = f"{type(e).__name__}: {e}"
+        log(traceback.format_exc())
+    finally:
+        h.close()
+    res.pop("simulator_start", None)
+    res["targets"] = targets(res)
+    res.setdefault("machine", {})["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    res["wall_s"] = round(time.monotonic() - t_start, 1)
+    if errors:
+        res["errors"] = errors
+    jp, mp = write(res, ns.out_dir)
+    log(f"wrote {jp} and {mp} ({res['wall_s']} s)")
+    print(mp.read_text())
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

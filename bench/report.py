@@ -99,7 +99,9 @@ def _cpu(procs: dict[str, Any]) -> str:
 
 def to_markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
-    lines = [f"# TrialSync benchmark {m['date']}", "",
+    lines = [f"# TrialSync benchmark {m.get('date', '')}", "",
+             *(["**Partial result**: the run was still going (or was stopped) when this was written.", ""]
+               if res.get("partial") else []),
              f"`python -m bench.run {' '.join(res['argv'])}` -- {_n(res.get('wall_s'))} s in all.", "",
              "| machine | |", "|---|---|"]
     for k in ("cpu_model", "cores", "ram_gib", "os", "python", "postgresql", "dlt", "git_sha", "load_avg_before",

@@ -437,11 +437,10 @@ def targets(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def write(res: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+def write(res: dict[str, Any], out_dir: Path, stamp: str) -> tuple[Path, Path]:
     from bench.report import to_markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
     jp, mp = out_dir / f"{stamp}.json", out_dir / f"{stamp}.md"
     jp.write_text(json.dumps(res, indent=2, default=str) + "\n")
     mp.write_text(to_markdown(res) + "\n")
@@ -474,7 +473,17 @@ def main(argv: list[str] | None = None) -> int:
     from bench.report import machine_facts
 
     h = Harness()
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
     res: dict[str, Any] = {"argv": sys.argv[1:] if argv is None else argv, "scales": ns.scale_list}
+
+    def checkpoint() -> None:
+        """Write what is measured so far (marked partial): a run stopped midway keeps its numbers."""
+        try:
+            write({**res, "partial": True, "targets": targets(res), "wall_s": round(time.monotonic() - t_start, 1),
+                   **({"errors": errors} if errors else {})}, ns.out_dir, stamp)
+        except Exception as e:  # noqa: BLE001 - a failed checkpoint must not stop the run
+            log(f"checkpoint not written: {e}")
+
     errors: dict[str, str] = {}
     try:
         h.up()
@@ -499,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             if need_e2e:
                 e2e = section_e2e(h, scale)
                 res.setdefault("e2e", {})[key] = e2e
+                checkpoint()
             steps: list[tuple[str, Any]] = []
             if e2e is not None and "incremental" in ns.sections and scale in ns.incremental_list:
                 steps.append(("incremental", lambda e=e2e: section_incremental(h, e)))
@@ -527,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                     res.setdefault("scaling", {})["loader_processes"] = value
                 else:
                     res.setdefault(name, {})[key] = value
+                checkpoint()
             if "e2e" not in ns.sections:
                 res.pop("e2e", None)
     except Exception as e:  # noqa: BLE001 - report what was measured, then fail
@@ -540,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     res["wall_s"] = round(time.monotonic() - t_start, 1)
     if errors:
         res["errors"] = errors
-    jp, mp = write(res, ns.out_dir)
+    jp, mp = write(res, ns.out_dir, stamp)
     log(f"wrote {jp} and {mp} ({res['wall_s']} s)")
     print(mp.read_text())
     return 1 if errors else 0

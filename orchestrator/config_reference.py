@@ -55,6 +55,14 @@ EXPLAIN: dict[str, str] = {
     "etl_timeout_seconds": "Default job timeout; per job `timeout_seconds` in config/jobs.yaml wins. A run over "
                            "its timeout is stopped and marked failed.",
     "etl_request_timeout_seconds": "Timeout of one HTTP request to Clinical Conductor.",
+    "etl_fanout_incremental": "Incremental runs of parameterized (fan-out) jobs: `all` asks every parent again "
+                              "(with its own modifiedDate filter: always right, one call per parent); `changed` "
+                              "asks only parents whose staging row changed since the job's last complete run, "
+                              "plus a rotating sweep slice. `changed` is right only if Clinical Conductor moves a "
+                              "parent's modifiedDate when its children change (verify first; docs/extraction.md); "
+                              "per job: `fanout_incremental` in config/jobs.yaml.",
+    "etl_fanout_sweep_runs": "With `changed`: the parents are split into N hash slices and each run also asks "
+                             "one slice, so a child change the parent did not show is picked up within N runs.",
     "etl_jobs_file": "Operator overrides of the job catalog (schedules, priorities, dependencies, timeouts, "
                      "CSV sources).",
     "kafka_bootstrap_servers": "Broker address list. Unset = the embedded broker of `trialsync stack up`.",

@@ -365,6 +365,9 @@ class _Extraction:
         self.previous_wm: dict[str, datetime] = {}
         self.used_wm: list[datetime] = []
         self.filtered_streams = 0
+        #: parameterized runs: the database clock when the parents were read (complete runs only)
+        self.parents_as_of: datetime | None = None
+        self.fanout: dict[str, Any] = {}
         self.warnings: list[str] = []
         self.client: CCClient | None = None
         self.tracker = DeliveryTracker(self.topic)
@@ -386,7 +389,7 @@ class _Extraction:
                         raise ConfigError(f"parent {p} for job {job.id} lacks parameters {missing}")
                     values.append(tuple(str(p[n]) for n in names))
             else:
-                values = parents_mod.load_parent_values(conn, job)
+                values = self._select_parents(conn)
             self.parents_total = len(values)
         if self.tracks_watermarks:
             self.previous_wm = wm_mod.load(conn, self.s, job.id)
@@ -401,6 +404,48 @@ class _Extraction:
             self.filtered_streams = len(used)
         self.streams = StreamPlan(job, values, names, self.previous_wm if self.incremental else None,
                                   self.s.cc_incremental_overlap_seconds)
+
+    @property
+    def fanout_policy(self) -> str:
+        return self.job.fanout_incremental or self.s.etl_fanout_incremental
+
+    def _select_parents(self, conn: psycopg.Connection) -> list[tuple[str, ...]]:
+        """Every parent, or -- incremental run, ``changed`` policy, a complete earlier run to start
+        from -- the parents changed since that run plus this run's sweep slice.
+
+        The reference is the last *successful* run that read its parents (every stream asked and
+        answered): a partial run's failed parents stay inside the next run's "changed since" window.
+        Its time is ``parents.read_point()``, which no row written after that read can predate.
+        """
+        job = self.job
+        self.parents_as_of = None
+        if not (self.requested_mode == "incremental" and self.fanout_policy == "changed" and self.limit is None
+                and job.source_type == "cc_api"):
+            self.parents_as_of = parents_mod.read_point(conn)
+            return parents_mod.load_parent_values(conn, job)
+        ref = conn.execute(
+            """SELECT (run_context->>'parents_as_of')::timestamptz FROM etl.dw_etl_runs
+               WHERE job_id = %s AND run_status = 'success' AND run_context ? 'parents_as_of'
+               ORDER BY id DESC LIMIT 1""", (job.id,)).fetchone()
+        last_slice = conn.execute(
+            """SELECT (run_context->'fanout'->>'sweep_slice')::int FROM etl.dw_etl_runs
+               WHERE job_id = %s AND run_context->'fanout' ? 'sweep_slice' ORDER BY id DESC LIMIT 1""",
+            (job.id,)).fetchone()
+        n = self.s.etl_fanout_sweep_runs
+        if ref is None or ref[0] is None:
+            self.fanout = {"policy": "changed", "asked": "all", "reason": "no complete earlier run to start from"}
+            self.parents_as_of = parents_mod.read_point(conn)
+            return parents_mod.load_parent_values(conn, job)
+        slice_ = 0 if last_slice is None or last_slice[0] is None else (last_slice[0] + 1) % n
+        since = ref[0]
+        sel = parents_mod.select_changed_parents(conn, job, since=since, sweep_runs=n, sweep_slice=slice_)
+        self.parents_as_of = sel.as_of
+        self.fanout = {"policy": "changed", "asked": "changed", "since": since.isoformat(),
+                       "parents_changed": sel.changed, "parents_swept": sel.swept, "parent_rows": sel.parent_rows,
+                       "sweep_slice": slice_, "sweep_runs": n}
+        self.log.info("fanout_parents_selected", parents_changed=sel.changed, parents_swept=sel.swept,
+                      parent_rows=sel.parent_rows, since=since.isoformat(), sweep_slice=slice_, sweep_runs=n)
+        return sel.values
 
     # -- dry run --------------------------------------------------------------------------------
     def dry_run(self) -> RunResult:
@@ -425,6 +470,13 @@ class _Extraction:
                             f"({', '.join(f'{k} <- data.{v}' for k, v in job.parameters.items())})")
                 if not self.streams:
                     plan.append("no parents: the run would finish with 0 records (load the parent job first)")
+            if self.fanout.get("asked") == "changed":
+                f = self.fanout
+                plan.append(f"fan-out policy changed: {f['parents_changed']} parents changed since {f['since']} + "
+                            f"{f['parents_swept']} in sweep slice {f['sweep_slice']}/{f['sweep_runs']} "
+                            f"(of {f['parent_rows']} parent rows)")
+            elif job.requires_parameters and self.fanout_policy == "changed" and self.requested_mode == "incremental":
+                plan.append(f"fan-out policy changed: asking every parent ({self.fanout.get('reason', 'see log')})")
             if self.tracks_watermarks:
                 plan.append(f"watermarks: {len(self.previous_wm)} stored; {self.filtered_streams} of "
                             f"{len(self.streams)} "
@@ -798,6 +850,11 @@ class _Extraction:
             "warnings": self.warnings,
             "watermarks_committed": len(new_wm),
         }
+        if job.requires_parameters and self.only_parents is None and self.limit is None \
+                and self.parents_as_of is not None:
+            # the next `changed`-policy run starts from here if this one succeeds
+            context["parents_as_of"] = self.parents_as_of.isoformat()
+            context["fanout"] = self.fanout or {"policy": self.fanout_policy, "asked": "all"}
         # Everything below survives a database restart: the records are published, and a run whose
         # end offsets are not recorded can never be seen as loaded (its children would wait for
         # ETL_LOAD_TIMEOUT_SECONDS, then be skipped). Not recorded after FINISH_DB_WAIT_SECONDS: the

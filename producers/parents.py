@@ -18,6 +18,8 @@ dicts look the same in headers, run records and watermark keys run after run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -69,3 +71,77 @@ def load_parents(conn: psycopg.Connection, job: Job) -> list[dict[str, str]]:
     """Every distinct parameter dict for ``job``, ordered (``[]`` when the parent table is empty)."""
     names = job.placeholders or list(job.parameters)
     return [dict(zip(names, row, strict=True)) for row in load_parent_values(conn, job)]
+
+
+@dataclass(frozen=True)
+class ParentSelection:
+    """The parents an incremental run of a fan-out job asks under the ``changed`` policy."""
+
+    values: list[tuple[str, ...]]
+    changed: int  # of ``values``: rows updated since ``since`` (new parents included)
+    swept: int  # of ``values``: unchanged, asked because they fall in this run's sweep slice
+    parent_rows: int  # live rows in the parent table (the ``all`` policy would ask about this many)
+    as_of: datetime  # see read_point()
+
+
+#: when other sessions' transaction start times are hidden (another role without pg_read_all_stats),
+#: assume none of them ran longer than this
+HIDDEN_TRANSACTION_MARGIN = timedelta(minutes=10)
+
+
+def read_point(conn: psycopg.Connection) -> datetime:
+    """A time T such that every staging row the next read cannot see yet will carry
+    ``updated_at >= T``: the earlier of now and the start of the oldest transaction still open.
+
+    The loader stamps ``updated_at`` with ``now()``, its transaction's *start*; a batch that began
+    before this read and commits after it is invisible to the read yet stamped earlier than it.
+    Its start is in ``pg_stat_activity.xact_start``, so the next run's "changed since T" window
+    includes it. Sessions of other roles hide that column: then T moves back by
+    ``HIDDEN_TRANSACTION_MARGIN``. Rows seen now *and* stamped after T are asked twice (harmless).
+    """
+    row = conn.execute(
+        """SELECT least(clock_timestamp(), min(xact_start)), count(*) FILTER (WHERE state IS NULL)
+           FROM pg_stat_activity
+           WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"""
+    ).fetchone()
+    assert row is not None
+    t, hidden = row
+    if t is None:  # pragma: no cover - least() with clock_timestamp() is never NULL
+        t = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+    return t - HIDDEN_TRANSACTION_MARGIN if hidden else t
+
+
+def select_changed_parents(conn: psycopg.Connection, job: Job, *, since: datetime, sweep_runs: int,
+                           sweep_slice: int) -> ParentSelection:
+    """Parents whose staging row changed after ``since`` (``updated_at`` moves only when a row's
+    content changes or it is new), plus the parents whose hash falls in slice ``sweep_slice`` of
+    ``sweep_runs``. The hash is of the parameter values, so a parent stays in its slice run after
+    run and every parent is asked at least once every ``sweep_runs`` runs."""
+    names = job.placeholders or list(job.parameters)
+    params: dict[str, Any] = {"since": since, "n": sweep_runs, "slice": sweep_slice % sweep_runs}
+    exprs, conds = [], []
+    for i, name in enumerate(names):
+        params[f"p{i}"] = job.parameters[name].split(".")
+        exprs.append(sql.SQL("data #>> {}").format(sql.Placeholder(f"p{i}")))
+        conds.append(sql.SQL("data #>> {} IS NOT NULL").format(sql.Placeholder(f"p{i}")))
+    cols = sql.SQL(", ").join(sql.SQL("{} AS {}").format(e, sql.Identifier(f"p{i}")) for i, e in enumerate(exprs))
+    group = sql.SQL(", ").join(sql.Literal(i + 1) for i in range(len(names)))
+    hashed = sql.SQL("(hashtext(concat_ws(chr(31), {})) & 2147483647) %% %(n)s").format(sql.SQL(", ").join(exprs))
+    table = staging_table(job.parameter_source_table or "")
+    q = sql.SQL(
+        "SELECT {cols}, bool_or(updated_at > %(since)s) AS changed FROM {table} "
+        "WHERE NOT is_deleted AND {conds} AND (updated_at > %(since)s OR {hashed} = %(slice)s) "
+        "GROUP BY {group} ORDER BY {group}"
+    ).format(cols=cols, table=table, conds=sql.SQL(" AND ").join(conds), hashed=hashed, group=group)
+    count = sql.SQL("SELECT count(*) FROM {table} WHERE NOT is_deleted").format(table=table)
+    try:
+        with conn.cursor() as cur:
+            as_of = read_point(conn)
+            rows = cur.execute(q, params).fetchall()
+            total = cur.execute(count).fetchone()[0]  # type: ignore[index]
+    except psycopg.errors.UndefinedTable:
+        raise ParentsError(
+            f"parent table bronze.{job.parameter_source_table} of job {job.id} does not exist: "
+            "run `trialsync jobs sync` (creates staging tables), then the parent job") from None
+    changed = sum(1 for r in rows if r[-1])
+    return ParentSelection([tuple(r[:-1]) for r in rows], changed, len(rows) - changed, int(total), as_of)

@@ -92,6 +92,8 @@ class Job(BaseModel):
     primary_key: tuple[str, ...] = ("id",)
     timestamp_field: str = "modifiedDate"
     incremental: bool | None = None
+    #: incremental runs of a parameterized job: ask every parent, or only the changed ones (None = setting)
+    fanout_incremental: Literal["all", "changed"] | None = None
     category: Category = "core"
     page_size: int = Field(default=1000, ge=1, le=1000)
     priority: int = 5
@@ -205,6 +207,7 @@ class JobOverride(BaseModel):
     depends_on: list[int | str] = Field(default_factory=list)
     timeout_seconds: int | None = Field(default=None, gt=0)
     incremental: bool | None = None
+    fanout_incremental: Literal["all", "changed"] | None = None
     page_size: int | None = Field(default=None, ge=1, le=1000)
 
     @field_validator("schedule")
@@ -364,7 +367,10 @@ class JobCatalog:
                 if ov.enabled and not job.is_valid:
                     raise CatalogError(f"config/jobs.yaml enables job {job.id} ({job.name}), but its endpoint is invalid: {job.invalid_reason}")
                 change["is_active"] = ov.enabled
-            for f in ("schedule", "priority", "timeout_seconds", "incremental", "page_size"):
+            if ov.fanout_incremental is not None and not job.requires_parameters:
+                raise CatalogError(f"config/jobs.yaml sets fanout_incremental for job {job.id} ({job.name}), "
+                                   "which is not parameterized: remove it (it only applies to fan-out jobs)")
+            for f in ("schedule", "priority", "timeout_seconds", "incremental", "fanout_incremental", "page_size"):
                 v = getattr(ov, f)
                 if v is not None:
                     change[f] = v

@@ -143,7 +143,7 @@ def _clock_post(sim: Simulator, params: dict[str, str], body: dict[str, Any]) ->
 
 
 _MUTATE_KEYS = {"entity", "endpoint", "modify", "insert", "delete", "modify_count", "insert_count", "delete_count",
-                "modify_ids", "delete_ids", "parent_id", "spread_ms"}
+                "modify_ids", "delete_ids", "parent_id", "spread_ms", "touch_parents"}
 
 
 def _mutate(sim: Simulator, params: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:

@@ -108,10 +108,13 @@ def mutate(
     delete: Annotated[float, typer.Option(help="fraction of live records to delete")] = 0.0,
     modify_ids: Annotated[str | None, typer.Option("--modify-ids", help="comma-separated ids")] = None,
     delete_ids: Annotated[str | None, typer.Option("--delete-ids", help="comma-separated ids")] = None,
+    touch_parents: Annotated[bool, typer.Option(help="also stamp the changed records' parents (and theirs) with "
+                                                     "the change's time, as if CC cascaded modifiedDate")] = False,
     url: AdminUrl = DEFAULT_ADMIN,
 ) -> None:
     """Modify / insert / delete records of a running simulator (deterministic per seed and call order)."""
-    body: dict = {"entity": entity, "endpoint": endpoint, "modify": modify, "insert": insert, "delete": delete}
+    body: dict = {"entity": entity, "endpoint": endpoint, "modify": modify, "insert": insert, "delete": delete,
+                  "touch_parents": touch_parents or None}
     if modify_ids:
         body["modify_ids"] = [int(x) for x in modify_ids.split(",")]
     if delete_ids:

@@ -11,6 +11,13 @@ may share a millisecond, as bulk updates do in real systems.
 
 Deletes do not cascade: a deleted parent answers 404 on its sub-endpoints, its children stay in
 top-level listings (``/patient-visits/odata``), exactly like the ground truth reports them.
+
+``touch_parents``: whether Clinical Conductor moves a parent's ``modifiedDate`` when one of its
+children changes is not known (verify on the real API). By default the simulator assumes it does
+not -- the worst case for an extractor that only re-asks changed parents. With
+``touch_parents=true`` a mutation also stamps every ancestor of the changed records (patient-visit
+element -> patient visit -> subject -> study) with the change's time, which is what the
+extractor's ``changed`` fan-out policy relies on (docs/extraction.md).
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ class SimState:
     def mutate(self, entity: str, *, modify: float = 0.0, insert: float = 0.0, delete: float = 0.0,
                modify_count: int | None = None, insert_count: int | None = None, delete_count: int | None = None,
                modify_ids: list[int] | None = None, delete_ids: list[int] | None = None,
-               parent_id: int | None = None, spread_ms: int = 1000) -> MutationResult:
+               parent_id: int | None = None, spread_ms: int = 1000, touch_parents: bool = False) -> MutationResult:
         """Delete, then modify, then insert records of ``entity``; return what changed."""
         try:
             e = self.model.entity(entity)
@@ -119,11 +126,29 @@ class SimState:
             res.inserted = self._describe(e, new)
         if len(chosen_del) or len(chosen_mod) or n_ins:
             e.version += 1
+        if touch_parents and e.parent is not None:
+            changed = [chosen_del, chosen_mod] + ([new] if n_ins else [])
+            idx = np.concatenate(changed) if changed else np.zeros(0, dtype=np.int64)
+            if len(idx):
+                self._touch_ancestors(e, idx, start + spread_ms - 1)
         self.clock_ms = start + spread_ms
         res.clock = self.clock_iso
         self.log.append({"op": "mutate", "entity": entity, "seq": self.seq, "modified": len(res.modified),
                          "inserted": len(res.inserted), "deleted": len(res.deleted)})
         return res
+
+    def _touch_ancestors(self, e: Entity, idx: np.ndarray, stamp_ms: int) -> None:
+        """Stamp the parents (and their parents, ...) of ``e``'s records ``idx`` with ``stamp_ms``."""
+        child = e
+        while child.parent is not None and len(idx):
+            parent = child.parent
+            pidx = self.model.parent_of(child, idx)
+            pidx = np.unique(pidx[pidx >= 0])
+            if not len(pidx):
+                return
+            parent.modified[pidx] = np.maximum(parent.modified[pidx], stamp_ms)
+            parent.version += 1
+            child, idx = parent, pidx
 
     def _live(self, e: Entity) -> np.ndarray:
         idx = np.arange(e.n_total, dtype=np.int64)

@@ -158,7 +158,7 @@ class SimulatorProcess:
 
     def mutate(self, entity: str | None = None, *, endpoint: str | None = None, **changes: Any) -> dict[str, Any]:
         """``modify``/``insert``/``delete`` (fractions), ``*_count``, ``modify_ids``/``delete_ids``,
-        ``parent_id``, ``spread_ms``; returns ids (or records, for entities without ids)."""
+        ``parent_id``, ``spread_ms``, ``touch_parents``; returns ids (or records, for entities without ids)."""
         body = {"entity": entity, "endpoint": endpoint, **changes}
         return self._admin("POST", "/mutate", json={k: v for k, v in body.items() if v is not None}).json()
 

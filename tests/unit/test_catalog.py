@@ -155,3 +155,12 @@ def test_cannot_enable_invalid_endpoint(catalog: JobCatalog) -> None:
 def test_repo_overrides_file_is_valid() -> None:
     cat = JobCatalog.load(overrides_path=REPO / "config/jobs.yaml")
     assert cat.get(2).schedule == "0 2 * * *"
+
+
+def test_fanout_incremental_override_only_for_parameterized_jobs(catalog: JobCatalog) -> None:
+    cat = catalog.with_overrides(OverridesFile(jobs={"24": {"fanout_incremental": "changed"}}))
+    assert cat.get(24).fanout_incremental == "changed" and cat.get(166).fanout_incremental is None
+    with pytest.raises(CatalogError, match="not parameterized"):
+        catalog.with_overrides(OverridesFile(jobs={"9": {"fanout_incremental": "changed"}}))
+    with pytest.raises(ValueError, match="all"):
+        OverridesFile(jobs={"24": {"fanout_incremental": "some"}})

@@ -85,3 +85,28 @@ def test_mutations_are_deterministic_and_consistent():
         st.mutate("patients", delete_ids=a1.deleted[:1])
     with pytest.raises(MutationError, match="only moves forward"):
         st.advance(-1)
+
+
+def test_touch_parents_stamps_every_ancestor_of_a_changed_child_and_nothing_else():
+    m = DataModel(9, 0.002, definitions(), ENTITIES)
+    st = SimState(m)
+    pve, pv, subj, study = (m.entity(n) for n in ("patient_visit_elements", "patient_visits", "subjects", "studies"))
+    before = {e.name: e.modified.copy() for e in (pv, subj, study)}
+
+    st.mutate("patient_visit_elements", modify_count=1)  # default: parents untouched
+    assert all((e.modified == before[e.name]).all() for e in (pv, subj, study))
+
+    r = st.mutate("patient_visit_elements", modify_count=2, touch_parents=True)
+    child = np.asarray([pve.index_of_id(i) for i in r.modified])
+    stamp = int(pve.modified[child].max())
+    chain = {"patient_visits": m.parent_of(pve, child)}
+    chain["subjects"] = m.parent_of(pv, chain["patient_visits"])
+    chain["studies"] = m.parent_of(subj, chain["subjects"])
+    for e in (pv, subj, study):
+        touched = np.unique(chain[e.name])
+        assert (e.modified[touched] >= stamp).all(), e.name
+        untouched = np.setdiff1d(np.arange(e.n_base), touched)
+        assert (e.modified[untouched] == before[e.name][untouched]).all(), e.name
+    # the API shows it: the touched visit's modifiedDate is the change's time
+    rec = m.build(pv, chain["patient_visits"][:1])[0]
+    assert rec["modifiedDate"] >= max(c["modifiedDate"] for c in m.build(pve, child))

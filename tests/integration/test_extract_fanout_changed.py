@@ -1,0 +1,138 @@
+"""The ``changed`` fan-out policy on the real chain (simulator -> extractor -> broker -> loader ->
+staging): an incremental run of a parameterized job asks only the parents whose staging row changed
+since the job's last complete run, plus one sweep slice; a partial run's failed parents are asked
+again; a child change its parent does not show is picked up by the sweep within N runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from common import kafka as K
+from common.config import Settings
+from common.db import migrate
+from orchestrator.catalog import load_catalog, sync
+from producers.extractor import RunResult, run_job
+from simulator.testing import SimulatorProcess
+from tests.integration.extract_helpers import ExtractEnv, expected_by_key, read_topic, run_row
+from tests.loader_support import load_once
+
+pytestmark = pytest.mark.integration
+
+SUBJECTS_ENDPOINT = "/api/v1/studies/{studyId}/subjects/odata"
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorProcess]:
+    with SimulatorProcess(scale=0.002, seed=11, api_key="it-fanout-changed-Kk4") as s:
+        yield s
+
+
+def _env(sim: SimulatorProcess, prefix: str, sweep_runs: int) -> ExtractEnv:
+    return ExtractEnv(sim, prefix, CC_INCREMENTAL_OVERLAP_SECONDS="0", ETL_FANOUT_INCREMENTAL="changed",
+                      ETL_FANOUT_SWEEP_RUNS=str(sweep_runs))
+
+
+@pytest.fixture
+def env(sim: SimulatorProcess, fresh_db: str, unique: str) -> Iterator[Settings]:
+    migrate()
+    sync(load_catalog())
+    with _env(sim, f"fc{unique}", 1000) as s:
+        yield s
+
+
+def parents_night(env: Settings) -> None:
+    """The parent job's incremental run, loaded by the real loader (updated_at moves only on change)."""
+    studies = load_catalog(env).get(2)
+    r = run_job(studies, mode="incremental", settings=env)
+    assert r.status == "success", r.error
+    load_once(env, "fc-loader", [studies.target_table], batch_size=5000)
+
+
+def published(env: Settings, run: RunResult) -> set[str]:
+    return {m.key for m in read_topic(env, K.bronze_topic("dim_subjects_staging", env))
+            if m.headers.get(K.H_RUN_ID) == str(run.run_id)}
+
+
+def fanout(env: Settings, run: RunResult) -> dict:
+    return run_row(env, run.run_id)["run_context"]["fanout"]
+
+
+def test_only_changed_parents_are_asked_when_cc_touches_them(env: Settings, sim: SimulatorProcess) -> None:
+    subjects = load_catalog(env).get(10)
+    parents_night(env)
+    first = run_job(subjects, mode="incremental", settings=env)
+    assert first.status == "success"
+    assert fanout(env, first) == {"policy": "changed", "asked": "all", "reason": "no complete earlier run to start from"}
+    all_parents = first.parents_total
+    assert all_parents and all_parents > 100
+
+    change = sim.mutate("subjects", modify_count=4, insert_count=2, touch_parents=True)
+    changed = {f"cc1:{i}" for i in change["modified"] + change["inserted"]}
+    truth = expected_by_key(sim, subjects)
+    changed_studies = {str(truth[k][-1]["study"]["id"]) for k in changed}
+    parents_night(env)
+    sim.reset_stats()
+    inc = run_job(subjects, mode="incremental", settings=env)
+    assert inc.status == "success"
+    f = fanout(env, inc)
+    assert f["asked"] == "changed" and f["parents_changed"] == len(changed_studies)
+    assert f["sweep_slice"] == 0 and f["sweep_runs"] == 1000
+    assert inc.parents_total == f["parents_changed"] + f["parents_swept"] < all_parents // 10
+    assert sim.requests_to(SUBJECTS_ENDPOINT) == inc.api_calls == inc.parents_total
+    assert published(env, inc) == changed  # exactly the changed records, nothing missed
+
+    # nothing changed since: only the next sweep slice is asked, nothing is published
+    again = run_job(subjects, mode="incremental", settings=env)
+    assert again.status == "success" and fanout(env, again)["parents_changed"] == 0
+    assert fanout(env, again)["sweep_slice"] == 1 and published(env, again) == set()
+    # --full still asks every parent
+    full = run_job(subjects, mode="full", settings=env)
+    assert full.parents_total == all_parents + 0 and fanout(env, full)["asked"] == "all"
+
+
+def test_a_partial_runs_failed_parent_is_asked_again(env: Settings, sim: SimulatorProcess) -> None:
+    subjects = load_catalog(env).get(10)
+    parents_night(env)
+    assert run_job(subjects, mode="incremental", settings=env).status == "success"
+    change = sim.mutate("subjects", modify_count=6, touch_parents=True)
+    truth = expected_by_key(sim, subjects)
+    changed = {f"cc1:{i}" for i in change["modified"]}
+    studies = sorted({str(truth[k][-1]["study"]["id"]) for k in changed})
+    assert len(studies) >= 2
+    parents_night(env)
+    sim.set_faults(f"500@/api/v1/studies/{studies[0]}/subjects/odata")
+    partial = run_job(subjects, mode="incremental", settings=env)
+    assert partial.status == "partial" and partial.failed_parents == [{"studyId": studies[0]}]
+    sim.clear_faults()
+    nxt = run_job(subjects, mode="incremental", settings=env)
+    assert nxt.status == "success"
+    # the window still starts at the last complete run: the failed study is asked again
+    assert fanout(env, nxt)["parents_changed"] == len(studies)
+    assert published(env, partial) | published(env, nxt) == changed
+    missed = {k for k in changed if str(truth[k][-1]["study"]["id"]) == studies[0]}
+    assert missed and missed <= published(env, nxt)
+
+
+def test_child_changes_the_parent_does_not_show_arrive_within_the_sweep(
+        sim: SimulatorProcess, fresh_db: str, unique: str) -> None:
+    migrate()
+    sync(load_catalog())
+    with _env(sim, f"fs{unique}", 2) as env:
+        subjects = load_catalog(env).get(10)
+        parents_night(env)
+        first = run_job(subjects, mode="incremental", settings=env)
+        assert first.status == "success"
+        change = sim.mutate("subjects", modify_count=8)  # CC did not touch the studies
+        changed = {f"cc1:{i}" for i in change["modified"]}
+        parents_night(env)
+        r1 = run_job(subjects, mode="incremental", settings=env)
+        r2 = run_job(subjects, mode="incremental", settings=env)
+        f1, f2 = fanout(env, r1), fanout(env, r2)
+        assert f1["parents_changed"] == f2["parents_changed"] == 0
+        assert {f1["sweep_slice"], f2["sweep_slice"]} == {0, 1}
+        # two slices of two partition the parents: every parent asked once, every change arrived
+        assert r1.parents_total + r2.parents_total == first.parents_total
+        assert published(env, r1) | published(env, r2) == changed
+        assert published(env, r1) and published(env, r2)  # some in each slice (8 changes, ~300 studies)

@@ -64,11 +64,8 @@ class Settings(BaseSettings):
         default="auto", description="extraction HTTP engine: async (uvloop) | threads (requests); auto = async "
                                     "unless an HTTP(S) proxy is configured")
     etl_jobs_file: Path = Path("config/jobs.yaml")
-    etl_fanout_incremental: Literal["all", "changed"] = Field(
-        default="all", description="incremental runs of parameterized jobs ask every parent (all) or only the "
-                                   "parents changed since the job's last complete run plus a sweep slice (changed)")
-    etl_fanout_sweep_runs: int = Field(default=30, ge=1, le=10_000,
-                                       description="changed: every parent is asked at least once every N runs")
+    etl_fanout_incremental: Literal["all", "changed"] = "all"  # see docs/extraction.md
+    etl_fanout_sweep_runs: int = Field(default=30, ge=1, le=10_000)
 
     # -- broker --------------------------------------------------------------------------------
     kafka_bootstrap_servers: str | None = Field(default=None, description="host:port[,host:port]; unset = embedded broker")

@@ -166,12 +166,22 @@ def to_markdown(res: dict[str, Any]) -> str:
 
     if res.get("incremental"):
         lines += ["## Incremental run after changing 1% of the records", "",
-                  "| scale | records changed | full s | incremental s | ratio (goal <= 0.1) | full API calls "
-                  "| incremental API calls | records extracted |", "|---|---|---|---|---|---|---|---|"]
+                  "Fan-out policy `all` asks every parent again; `changed` asks parents changed since the last "
+                  "complete run plus a 1/30 sweep slice, after a change where the simulated CC also moved the "
+                  "parents' modifiedDate (docs/extraction.md). Each run is reconciled against the simulator; "
+                  "'embedded refs' are rows whose own timestamp is current but which embed a preview of another "
+                  "record that changed (a renamed arm inside a subject): no timestamp filter sees those, a full run "
+                  "or the `changed` policy's unfiltered sweep does.", "",
+                  "| scale | fan-out | records changed | full s | incremental s | ratio (goal <= 0.1) | full API calls "
+                  "| incremental API calls | records extracted | missing / dup / stale (of which only embedded refs) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for scale, x in res["incremental"].items():
-            lines.append(f"| {scale} | {_n(x['records_changed'])} | {_n(x['full_s'], 1)} | {_n(x['incremental_s'], 1)} | "
-                         f"**{_n(x['time_ratio'], 2)}** | {_n(x['full_api_calls'])} | {_n(x['api_calls'])} | "
-                         f"{_n(x['records_extracted'])} |")
+            for policy, p in x["policies"].items():
+                r = p.get("reconciliation") or {}
+                lines.append(f"| {scale} | {policy} | {_n(p['records_changed'])} | {_n(x['full_s'], 1)} | "
+                             f"{_n(p['incremental_s'], 1)} | **{_n(p['time_ratio'], 3)}** | {_n(x['full_api_calls'])} | "
+                             f"{_n(p['api_calls'])} | {_n(p['records_extracted'])} | "
+                             f"{r.get('missing')} / {r.get('duplicated')} / {r.get('stale')} ({r.get('stale_refs')}) |")
         lines.append("")
 
     f = res.get("fanout")

@@ -368,6 +368,7 @@ class _Extraction:
         #: parameterized runs: the database clock when the parents were read (complete runs only)
         self.parents_as_of: datetime | None = None
         self.fanout: dict[str, Any] = {}
+        self.swept: list[tuple[str, ...]] = []  # `changed` policy: unchanged parents asked for the sweep
         self.warnings: list[str] = []
         self.client: CCClient | None = None
         self.tracker = DeliveryTracker(self.topic)
@@ -402,7 +403,13 @@ class _Extraction:
                 used = list(wms.values())
             self.used_wm = [min(used)] if used else []
             self.filtered_streams = len(used)
-        self.streams = StreamPlan(job, values, names, self.previous_wm if self.incremental else None,
+        wms_used = self.previous_wm if self.incremental else None
+        if wms_used and self.swept:
+            # the sweep asks its parents without a filter: it also refreshes what moved without the
+            # child's timestamp moving (a renamed arm inside a subject's `arm` preview)
+            swept_keys = {parent_key(dict(zip(names, v, strict=True))) for v in self.swept}
+            wms_used = {pk: v for pk, v in wms_used.items() if pk not in swept_keys}
+        self.streams = StreamPlan(job, values, names, wms_used,
                                   self.s.cc_incremental_overlap_seconds)
 
     @property
@@ -440,6 +447,7 @@ class _Extraction:
         since = ref[0]
         sel = parents_mod.select_changed_parents(conn, job, since=since, sweep_runs=n, sweep_slice=slice_)
         self.parents_as_of = sel.as_of
+        self.swept = sel.swept_values
         self.fanout = {"policy": "changed", "asked": "changed", "since": since.isoformat(),
                        "parents_changed": sel.changed, "parents_swept": sel.swept, "parent_rows": sel.parent_rows,
                        "sweep_slice": slice_, "sweep_runs": n}

@@ -78,6 +78,7 @@ class ParentSelection:
     """The parents an incremental run of a fan-out job asks under the ``changed`` policy."""
 
     values: list[tuple[str, ...]]
+    swept_values: list[tuple[str, ...]]  # the unchanged ones, asked for the sweep
     changed: int  # of ``values``: rows updated since ``since`` (new parents included)
     swept: int  # of ``values``: unchanged, asked because they fall in this run's sweep slice
     parent_rows: int  # live rows in the parent table (the ``all`` policy would ask about this many)
@@ -144,4 +145,5 @@ def select_changed_parents(conn: psycopg.Connection, job: Job, *, since: datetim
             f"parent table bronze.{job.parameter_source_table} of job {job.id} does not exist: "
             "run `trialsync jobs sync` (creates staging tables), then the parent job") from None
     changed = sum(1 for r in rows if r[-1])
-    return ParentSelection([tuple(r[:-1]) for r in rows], changed, len(rows) - changed, int(total), as_of)
+    return ParentSelection([tuple(r[:-1]) for r in rows], [tuple(r[:-1]) for r in rows if not r[-1]], changed,
+                           len(rows) - changed, int(total), as_of)

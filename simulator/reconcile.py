@@ -11,7 +11,9 @@ the same key builders the extractor uses and compares it with every staging tabl
   from their own ``data`` (and ``source_params``), collides with another row's. ``UNIQUE
   (source_id)`` cannot catch this (the same record under two ids, e.g. a key or instance change);
 * **stale** -- a live row whose ``data`` differs from the current record (canonical JSON: keys
-  sorted, no whitespace) of the job that wrote it;
+  sorted, no whitespace) of the job that wrote it; ``stale_refs`` counts the stale rows whose own
+  timestamp field equals the current record's (only an embedded copy of another record changed,
+  which no ``modifiedDate`` filter can see -- an incremental run leaves these for a full one);
 * **extra** -- live rows whose source id the API no longer serves (deleted upstream, or never).
 
 Used by the fault suite (``tests/faults``), the fault runner (``python -m bench.faults``) and
@@ -60,6 +62,10 @@ class TableReport:
     missing: int = 0
     duplicated: int = 0
     stale: int = 0
+    #: of ``stale``: the row's own timestamp equals the truth's -- only content the record's
+    #: timestamp does not cover differs (an embedded preview of another record, e.g. a renamed
+    #: arm inside a subject): a ``modifiedDate`` filter cannot see it, a full re-read does
+    stale_refs: int = 0
     extra: int = 0
     #: source ids the truth serves with two different contents (ambiguous; informational)
     truth_conflicts: int = 0
@@ -84,7 +90,8 @@ class Reconciliation:
 
     @property
     def totals(self) -> dict[str, int]:
-        return {k: self.total(k) for k in ("expected", "loaded", "missing", "duplicated", "stale", "extra")}
+        return {k: self.total(k) for k in ("expected", "loaded", "missing", "duplicated", "stale", "stale_refs",
+                                           "extra")}
 
     @property
     def exact(self) -> bool:
@@ -160,6 +167,10 @@ def _reconcile_table(conn: psycopg.Connection, table: str, jobs: list[int], cata
             if canonical(record) not in wanted:
                 rep.stale += 1
                 rep._sample("stale", sid)
+                ts = catalog.get(job_id if job_id in keyfns else jobs[0]).timestamp_field
+                if ts and record.get(ts) is not None and any(orjson.loads(c).get(ts) == record.get(ts) for c in wanted):
+                    rep.stale_refs += 1
+                    rep._sample("stale_refs", sid)
     missing = truth.keys() - seen
     rep.missing = len(missing)
     for sid in sorted(missing)[:_SAMPLES]:

@@ -83,10 +83,11 @@ def test_only_changed_parents_are_asked_when_cc_touches_them(env: Settings, sim:
     assert sim.requests_to(SUBJECTS_ENDPOINT) == inc.api_calls == inc.parents_total
     assert published(env, inc) == changed  # exactly the changed records, nothing missed
 
-    # nothing changed since: only the next sweep slice is asked, nothing is published
+    # nothing changed since: only the next sweep slice is asked (test 3: the sweep reads unfiltered)
     again = run_job(subjects, mode="incremental", settings=env)
-    assert again.status == "success" and fanout(env, again)["parents_changed"] == 0
-    assert fanout(env, again)["sweep_slice"] == 1 and published(env, again) == set()
+    f = fanout(env, again)
+    assert again.status == "success" and f["parents_changed"] == 0 and f["sweep_slice"] == 1
+    assert again.parents_total == f["parents_swept"] < all_parents // 10
     # --full still asks every parent
     full = run_job(subjects, mode="full", settings=env)
     assert full.parents_total == all_parents + 0 and fanout(env, full)["asked"] == "all"
@@ -132,7 +133,7 @@ def test_child_changes_the_parent_does_not_show_arrive_within_the_sweep(
         f1, f2 = fanout(env, r1), fanout(env, r2)
         assert f1["parents_changed"] == f2["parents_changed"] == 0
         assert {f1["sweep_slice"], f2["sweep_slice"]} == {0, 1}
-        # two slices of two partition the parents: every parent asked once, every change arrived
+        # two slices of two partition the parents: every parent asked once, unfiltered, so every
+        # record was read again within two runs -- the changes the studies did not show included
         assert r1.parents_total + r2.parents_total == first.parents_total
-        assert published(env, r1) | published(env, r2) == changed
-        assert published(env, r1) and published(env, r2)  # some in each slice (8 changes, ~300 studies)
+        assert changed <= published(env, r1) | published(env, r2) == set(expected_by_key(sim, subjects))

@@ -65,10 +65,15 @@ def test_exact_copy_reconciles_and_each_defect_is_counted(warehouse: Any, cc_sim
     d = truth[3]["record"]  # the same record once more under another id: duplicated (and extra)
     conn.execute("INSERT INTO bronze.dim_studies_staging (data, source_id, etl_job_id) VALUES (%s::jsonb, %s, %s)",
                  (orjson.dumps(d).decode(), f"cc1:{d['id']}.0", JOB))
+    e = truth[4]["record"]  # stale with an older timestamp: a missed change (not only a reference)
+    conn.execute("UPDATE bronze.dim_studies_staging SET data = data || '{\"lastUpdatedOn\": \"2001-01-01T00:00:00Z\"}' "
+                 "WHERE source_id = %s", (f"cc1:{e['id']}",))
     rec = _reconcile(conn, sim)
     t = rec.tables["dim_studies_staging"]
-    assert (t.missing, t.stale, t.duplicated, t.extra) == (2, 1, 1, 2), rec.problems()
-    assert t.samples["stale"] == [f"cc1:{c['id']}"]
+    assert (t.missing, t.stale, t.duplicated, t.extra) == (2, 2, 1, 2), rec.problems()
+    assert sorted(t.samples["stale"]) == sorted([f"cc1:{c['id']}", f"cc1:{e['id']}"])
+    # the tampered status kept its timestamp (lastUpdatedOn for job 2): what a timestamp filter cannot see
+    assert t.stale_refs == 1 and t.samples["stale_refs"] == [f"cc1:{c['id']}"]
     assert not rec.exact
 
 

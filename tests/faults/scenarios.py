@@ -252,9 +252,18 @@ def broker_restart(lab: Lab, selection: tuple[str, ...] = ("--all",)) -> Outcome
             sc.wait_mid_run(MID_RUN)
         else:  # a small selection: restart while a fan-out publishes
             wait_until(lambda: any(r["fanout"] for r in sc.running_runs()), 300, "a running fan-out extraction")
-            time.sleep(1.0)
+            if not durable:
+                # The loader falls behind (stopped): what it has not consumed exists only in the
+                # broker. Without this the restart can land when everything is already loaded (a
+                # fast loader on an idle machine) and there is no loss to show.
+                for p in list(sc.loaders):
+                    p.stop()
+                sc.note("loader stopped: the fan-out's records now live only in the broker")
+            time.sleep(1.5)
         lab.restart_broker(down_seconds=1.0)
         sc.fault(f"broker restarted ({kind} storage, down 1 s) after {sc.runs_done()} job runs finished")
+        if not durable and jobs is not None:
+            sc.start_loader()
         rc = _wait_run(sc, run, out)
         if durable:
             if rc != 0:

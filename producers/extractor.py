@@ -425,35 +425,30 @@ class _Extraction:
         Its time is ``parents.read_point()``, which no row written after that read can predate.
         """
         job = self.job
-        self.parents_as_of = None
-        if not (self.requested_mode == "incremental" and self.fanout_policy == "changed" and self.limit is None
-                and job.source_type == "cc_api"):
-            self.parents_as_of = parents_mod.read_point(conn)
-            return parents_mod.load_parent_values(conn, job)
-        ref = conn.execute(
-            """SELECT (run_context->>'parents_as_of')::timestamptz FROM etl.dw_etl_runs
-               WHERE job_id = %s AND run_status = 'success' AND run_context ? 'parents_as_of'
-               ORDER BY id DESC LIMIT 1""", (job.id,)).fetchone()
-        last_slice = conn.execute(
-            """SELECT (run_context->'fanout'->>'sweep_slice')::int FROM etl.dw_etl_runs
-               WHERE job_id = %s AND run_context->'fanout' ? 'sweep_slice' ORDER BY id DESC LIMIT 1""",
-            (job.id,)).fetchone()
-        n = self.s.etl_fanout_sweep_runs
-        if ref is None or ref[0] is None:
+        if self.requested_mode == "incremental" and self.fanout_policy == "changed" and self.limit is None \
+                and job.source_type == "cc_api":
+            # the last complete run's read point, and the sweep slice the latest run used
+            since, last_slice = conn.execute(
+                """SELECT (SELECT (run_context->>'parents_as_of')::timestamptz FROM etl.dw_etl_runs
+                            WHERE job_id = %(j)s AND run_status = 'success' AND run_context ? 'parents_as_of'
+                            ORDER BY id DESC LIMIT 1),
+                          (SELECT (run_context->'fanout'->>'sweep_slice')::int FROM etl.dw_etl_runs
+                            WHERE job_id = %(j)s AND run_context->'fanout' ? 'sweep_slice'
+                            ORDER BY id DESC LIMIT 1)""", {"j": job.id}).fetchone()  # type: ignore[misc]
+            if since is not None:
+                n = self.s.etl_fanout_sweep_runs
+                slice_ = 0 if last_slice is None else (last_slice + 1) % n
+                sel = parents_mod.select_changed_parents(conn, job, since=since, sweep_runs=n, sweep_slice=slice_)
+                self.parents_as_of, self.swept = sel.as_of, sel.swept_values
+                self.fanout = {"policy": "changed", "asked": "changed", "since": since.isoformat(),
+                               "parents_changed": sel.changed, "parents_swept": sel.swept,
+                               "parent_rows": sel.parent_rows, "sweep_slice": slice_, "sweep_runs": n}
+                self.log.info("fanout_parents_selected", **{k: v for k, v in self.fanout.items()
+                                                           if k not in ("policy", "asked")})
+                return sel.values
             self.fanout = {"policy": "changed", "asked": "all", "reason": "no complete earlier run to start from"}
-            self.parents_as_of = parents_mod.read_point(conn)
-            return parents_mod.load_parent_values(conn, job)
-        slice_ = 0 if last_slice is None or last_slice[0] is None else (last_slice[0] + 1) % n
-        since = ref[0]
-        sel = parents_mod.select_changed_parents(conn, job, since=since, sweep_runs=n, sweep_slice=slice_)
-        self.parents_as_of = sel.as_of
-        self.swept = sel.swept_values
-        self.fanout = {"policy": "changed", "asked": "changed", "since": since.isoformat(),
-                       "parents_changed": sel.changed, "parents_swept": sel.swept, "parent_rows": sel.parent_rows,
-                       "sweep_slice": slice_, "sweep_runs": n}
-        self.log.info("fanout_parents_selected", parents_changed=sel.changed, parents_swept=sel.swept,
-                      parent_rows=sel.parent_rows, since=since.isoformat(), sweep_slice=slice_, sweep_runs=n)
-        return sel.values
+        self.parents_as_of = parents_mod.read_point(conn)
+        return parents_mod.load_parent_values(conn, job)
 
     # -- dry run --------------------------------------------------------------------------------
     def dry_run(self) -> RunResult:

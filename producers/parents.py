@@ -33,24 +33,46 @@ class ParentsError(RuntimeError):
     """The parent table cannot be read (missing table, bad configuration)."""
 
 
-def parent_query(job: Job) -> tuple[sql.Composed, dict[str, Any]]:
-    """The DISTINCT query for ``job``'s parents and its parameters."""
+@dataclass(frozen=True)
+class _ParentSql:
+    """The pieces every parent query shares: one ``data #>> path`` per placeholder (paths passed
+    as ``text[]`` parameters), their NOT NULL conditions, the positional ORDER/GROUP list, the table."""
+
+    params: dict[str, Any]
+    exprs: list[sql.Composed]
+    conds: sql.Composable
+    positions: sql.Composable
+    table: sql.Composed
+
+    @property
+    def cols(self) -> sql.Composable:
+        return sql.SQL(", ").join(sql.SQL("{} AS {}").format(e, sql.Identifier(f"p{i}"))
+                                  for i, e in enumerate(self.exprs))
+
+
+def _parent_sql(job: Job) -> _ParentSql:
     if not job.requires_parameters or not job.parameter_source_table:
         raise ParentsError(f"job {job.id} ({job.name}) is not parameterized")
     names = job.placeholders or list(job.parameters)
-    params: dict[str, Any] = {}
-    cols, conds = [], []
-    for i, name in enumerate(names):
-        path = job.parameters[name]
-        params[f"p{i}"] = path.split(".")
-        cols.append(sql.SQL("data #>> {} AS {}").format(sql.Placeholder(f"p{i}"), sql.Identifier(f"p{i}")))
-        conds.append(sql.SQL("data #>> {} IS NOT NULL").format(sql.Placeholder(f"p{i}")))
-    order = sql.SQL(", ").join(sql.Literal(i + 1) for i in range(len(names)))
+    params: dict[str, Any] = {f"p{i}": job.parameters[name].split(".") for i, name in enumerate(names)}
+    exprs = [sql.SQL("data #>> {}").format(sql.Placeholder(f"p{i}")) for i in range(len(names))]
+    return _ParentSql(params, exprs, sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(e) for e in exprs),
+                      sql.SQL(", ").join(sql.Literal(i + 1) for i in range(len(names))),
+                      staging_table(job.parameter_source_table))
+
+
+def _missing_table(job: Job) -> ParentsError:
+    return ParentsError(
+        f"parent table bronze.{job.parameter_source_table} of job {job.id} does not exist: "
+        "run `trialsync jobs sync` (creates staging tables), then the parent job")
+
+
+def parent_query(job: Job) -> tuple[sql.Composed, dict[str, Any]]:
+    """The DISTINCT query for ``job``'s parents and its parameters."""
+    ps = _parent_sql(job)
     q = sql.SQL("SELECT DISTINCT {cols} FROM {table} WHERE NOT is_deleted AND {conds} ORDER BY {order}").format(
-        cols=sql.SQL(", ").join(cols), table=staging_table(job.parameter_source_table),
-        conds=sql.SQL(" AND ").join(conds), order=order,
-    )
-    return q, params
+        cols=ps.cols, table=ps.table, conds=ps.conds, order=ps.positions)
+    return q, ps.params
 
 
 def load_parent_values(conn: psycopg.Connection, job: Job) -> list[tuple[str, ...]]:
@@ -62,9 +84,7 @@ def load_parent_values(conn: psycopg.Connection, job: Job) -> list[tuple[str, ..
             cur.execute(q, params)
             return cur.fetchall()
     except psycopg.errors.UndefinedTable:
-        raise ParentsError(
-            f"parent table bronze.{job.parameter_source_table} of job {job.id} does not exist: "
-            "run `trialsync jobs sync` (creates staging tables), then the parent job") from None
+        raise _missing_table(job) from None
 
 
 def load_parents(conn: psycopg.Connection, job: Job) -> list[dict[str, str]]:
@@ -78,11 +98,18 @@ class ParentSelection:
     """The parents an incremental run of a fan-out job asks under the ``changed`` policy."""
 
     values: list[tuple[str, ...]]
-    swept_values: list[tuple[str, ...]]  # the unchanged ones, asked for the sweep
-    changed: int  # of ``values``: rows updated since ``since`` (new parents included)
-    swept: int  # of ``values``: unchanged, asked because they fall in this run's sweep slice
+    swept_values: list[tuple[str, ...]]  # of ``values``: unchanged, asked because of this run's sweep slice
     parent_rows: int  # live rows in the parent table (the ``all`` policy would ask about this many)
     as_of: datetime  # see read_point()
+
+    @property
+    def swept(self) -> int:
+        return len(self.swept_values)
+
+    @property
+    def changed(self) -> int:
+        """Parents whose row was updated since ``since`` (new parents included)."""
+        return len(self.values) - len(self.swept_values)
 
 
 #: when other sessions' transaction start times are hidden (another role without pg_read_all_stats),
@@ -105,10 +132,8 @@ def read_point(conn: psycopg.Connection) -> datetime:
            FROM pg_stat_activity
            WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"""
     ).fetchone()
-    assert row is not None
+    assert row is not None  # an aggregate always answers one row; least() ignores a NULL min()
     t, hidden = row
-    if t is None:  # pragma: no cover - least() with clock_timestamp() is never NULL
-        t = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
     return t - HIDDEN_TRANSACTION_MARGIN if hidden else t
 
 
@@ -118,32 +143,21 @@ def select_changed_parents(conn: psycopg.Connection, job: Job, *, since: datetim
     content changes or it is new), plus the parents whose hash falls in slice ``sweep_slice`` of
     ``sweep_runs``. The hash is of the parameter values, so a parent stays in its slice run after
     run and every parent is asked at least once every ``sweep_runs`` runs."""
-    names = job.placeholders or list(job.parameters)
-    params: dict[str, Any] = {"since": since, "n": sweep_runs, "slice": sweep_slice % sweep_runs}
-    exprs, conds = [], []
-    for i, name in enumerate(names):
-        params[f"p{i}"] = job.parameters[name].split(".")
-        exprs.append(sql.SQL("data #>> {}").format(sql.Placeholder(f"p{i}")))
-        conds.append(sql.SQL("data #>> {} IS NOT NULL").format(sql.Placeholder(f"p{i}")))
-    cols = sql.SQL(", ").join(sql.SQL("{} AS {}").format(e, sql.Identifier(f"p{i}")) for i, e in enumerate(exprs))
-    group = sql.SQL(", ").join(sql.Literal(i + 1) for i in range(len(names)))
-    hashed = sql.SQL("(hashtext(concat_ws(chr(31), {})) & 2147483647) %% %(n)s").format(sql.SQL(", ").join(exprs))
-    table = staging_table(job.parameter_source_table or "")
+    ps = _parent_sql(job)
+    params = {**ps.params, "since": since, "n": sweep_runs, "slice": sweep_slice % sweep_runs}
+    hashed = sql.SQL("(hashtext(concat_ws(chr(31), {})) & 2147483647) %% %(n)s").format(sql.SQL(", ").join(ps.exprs))
     q = sql.SQL(
         "SELECT {cols}, bool_or(updated_at > %(since)s) AS changed FROM {table} "
         "WHERE NOT is_deleted AND {conds} AND (updated_at > %(since)s OR {hashed} = %(slice)s) "
         "GROUP BY {group} ORDER BY {group}"
-    ).format(cols=cols, table=table, conds=sql.SQL(" AND ").join(conds), hashed=hashed, group=group)
-    count = sql.SQL("SELECT count(*) FROM {table} WHERE NOT is_deleted").format(table=table)
+    ).format(cols=ps.cols, table=ps.table, conds=ps.conds, hashed=hashed, group=ps.positions)
+    count = sql.SQL("SELECT count(*) FROM {table} WHERE NOT is_deleted").format(table=ps.table)
     try:
         with conn.cursor() as cur:
             as_of = read_point(conn)
             rows = cur.execute(q, params).fetchall()
             total = cur.execute(count).fetchone()[0]  # type: ignore[index]
     except psycopg.errors.UndefinedTable:
-        raise ParentsError(
-            f"parent table bronze.{job.parameter_source_table} of job {job.id} does not exist: "
-            "run `trialsync jobs sync` (creates staging tables), then the parent job") from None
-    changed = sum(1 for r in rows if r[-1])
-    return ParentSelection([tuple(r[:-1]) for r in rows], [tuple(r[:-1]) for r in rows if not r[-1]], changed,
-                           len(rows) - changed, int(total), as_of)
+        raise _missing_table(job) from None
+    return ParentSelection([tuple(r[:-1]) for r in rows], [tuple(r[:-1]) for r in rows if not r[-1]],
+                           int(total), as_of)

@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -174,15 +175,8 @@ def section_incremental(h: Harness, full: dict[str, Any]) -> dict[str, Any]:
         changed = mutate_one_percent(h, touch_parents=touch)
         log(f"incremental ({policy}): {sum(changed.values())} records changed"
             f"{' (parents touched)' if touch else ''}; trialsync run --all")
-        saved = os.environ.get("ETL_FANOUT_INCREMENTAL")
-        os.environ["ETL_FANOUT_INCREMENTAL"] = policy
-        try:
+        with mock.patch.dict(os.environ, {"ETL_FANOUT_INCREMENTAL": policy}):  # the CLI child reads it
             run = run_all(h, ["--all"], None)
-        finally:
-            if saved is None:
-                os.environ.pop("ETL_FANOUT_INCREMENTAL", None)
-            else:
-                os.environ["ETL_FANOUT_INCREMENTAL"] = saved
         run.pop("run_ids", None)
         inc_s = run["first_request_to_last_commit_s"]
         out["policies"][policy] = {

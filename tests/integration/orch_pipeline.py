@@ -154,9 +154,12 @@ def reconcile(conn: psycopg.Connection, sim: Any, catalog: Any, job_ids: Iterabl
     return problems
 
 
-def wait_until(pred: Any, timeout: float, what: str, poll: float = 0.2) -> None:
+def wait_until(pred: Any, timeout: float, what: str, poll: float = 0.2,
+               detail: Any = None) -> None:
+    """Poll ``pred`` until true; on timeout fail with ``detail()`` (e.g. process logs) in the message."""
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            extra = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
         time.sleep(poll)

@@ -82,12 +82,30 @@ def fires(p: Pipeline, job_id: int) -> list[tuple[Any, ...]]:
 
 
 def test_two_replicas_run_one_fire_once(pipeline: Pipeline) -> None:  # noqa: F811
+    """Both replicas catch the same missed fire up; one extracts, the other waits for its lock and
+    reuses that run. (A replica that starts *after* the other recorded the fire does not catch it up
+    at all: its catch-up reference is the latest recorded fire. The test makes both read their
+    reference first, by holding inserts into the fires table until both have started; otherwise
+    a slow start on a busy machine turned this into that other, one-fire case.)"""
     pipeline.sim.set_faults("latency@/api/v1/sites,ms=3000")  # the run lasts a while: the replicas overlap
     fire = schedule_missed_fire(pipeline, 1)
+    gate = pipeline.conn()
+    gate.execute("BEGIN")
+    gate.execute("LOCK TABLE etl.dw_scheduler_fires IN SHARE MODE")  # readers pass, record_fire waits
     a, b = Replica(pipeline, "a"), Replica(pipeline, "b")
+
+    def logs() -> str:
+        return "\n".join(f"--- replica {r.log.name}:\n{r.text()[-3000:]}" for r in (a, b))
+
     try:
-        wait_until(lambda: len([f for f in fires(pipeline, 1) if f[2] != "running"]) >= 2, 90,
-                   "both replicas to finish their fire")
+        try:
+            wait_until(lambda: all('"event":"scheduler_started"' in r.text() for r in (a, b)), 90,
+                       "both replicas to start", detail=logs)
+        finally:
+            gate.execute("COMMIT")
+            gate.close()
+        wait_until(lambda: len([f for f in fires(pipeline, 1) if f[2] != "running"]) >= 2, 120,
+                   "both replicas to finish their fire", detail=lambda: f"fires: {fires(pipeline, 1)}\n{logs()}")
         time.sleep(2)  # nothing else may happen
         got = fires(pipeline, 1)
         assert len(got) == 2, got
@@ -98,6 +116,16 @@ def test_two_replicas_run_one_fire_once(pipeline: Pipeline) -> None:  # noqa: F8
         assert len(runs) == 1 and runs[0][1:] == ("success", "scheduler"), runs  # extracted exactly once
         assert {f[3] for f in got} == {runs[0][0]}  # the reusing replica points at that run
         assert len({f[4] for f in got}) == 2  # two orchestrations, one per replica
+        # a replica started now finds the fire recorded: it does not catch it up again
+        late = Replica(pipeline, "late")
+        try:
+            wait_until(lambda: '"event":"scheduler_started"' in late.text(), 90, "the late replica to start",
+                       detail=lambda: late.text()[-3000:])
+            time.sleep(2)
+            assert len(fires(pipeline, 1)) == 2, fires(pipeline, 1)
+            assert '"event":"schedule_fired"' not in late.text()
+        finally:
+            assert late.stop() == 0
     finally:
         codes = (a.stop(), b.stop())
     assert codes == (0, 0), (a.text()[-2000:], b.text()[-2000:])

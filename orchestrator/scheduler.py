@@ -28,7 +28,13 @@ asleep, a long pause). When a scheduler starts, and whenever APScheduler wakes u
   and the range) and counted in ``trialsync_scheduler_fires_total{outcome="missed"}``;
 * the reference for "missed since when" is the job's latest fire in ``etl.dw_scheduler_fires``
   (any replica), or, for a schedule that never fired, when the schedule was set
-  (``dw_etl_jobs.schedule_updated_at``) -- a new schedule never fires for times before it existed.
+  (``dw_etl_jobs.schedule_updated_at``) -- a new schedule never fires for times before it existed;
+* a fire that did not finish does not count as the reference: ``cancelled`` (a shutdown stopped
+  it after the grace) and ``abandoned`` (its scheduler died: at start-up a scheduler marks the
+  ``running`` fires of dead scheduler processes on its host so). The next start therefore runs an
+  interrupted nightly fire again -- a deploy or a crash at 02:30 does not cost the night's data.
+  A dead replica on *another* host cannot be told from a slow one; its fire stays ``running``
+  and counts as done (the other replicas' own fires of that time still run it).
 
 Shutdown
 --------
@@ -41,6 +47,7 @@ caught up by the next scheduler start if within the grace.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import signal
 import threading
@@ -280,12 +287,14 @@ class SchedulerService:
         return connect(self.s, autocommit=True, application_name="trialsync-scheduler")
 
     def load_schedules(self) -> tuple[dict[int, str], dict[int, datetime]]:
-        """Active jobs' schedules, and per job the catch-up reference time."""
+        """Active jobs' schedules, and per job the catch-up reference time (the latest fire that
+        was not interrupted)."""
         with self._conn() as conn:
             rows = conn.execute(
                 """SELECT j.id, j.schedule, greatest(j.schedule_updated_at, f.last_fire)
                      FROM etl.dw_etl_jobs j
                      LEFT JOIN (SELECT job_id, max(scheduled_for) AS last_fire FROM etl.dw_scheduler_fires
+                                 WHERE outcome NOT IN ('cancelled', 'abandoned')
                                  GROUP BY job_id) f ON f.job_id = j.id
                     WHERE j.schedule IS NOT NULL AND j.is_active AND j.is_valid""").fetchall()
         return ({int(r[0]): str(r[1]) for r in rows}, {int(r[0]): r[2] for r in rows if r[2] is not None})
@@ -298,9 +307,10 @@ class SchedulerService:
                 row = conn.execute(
                     """INSERT INTO etl.dw_scheduler_fires (job_id, scheduled_for, kind, outcome, host, pid, detail,
                                                            finished_at)
-                       VALUES (%s, %s, %s, %s, %s, pg_backend_pid(), %s,
+                       VALUES (%s, %s, %s, %s, %s, %s, %s,
                                CASE WHEN %s = 'running' THEN NULL ELSE now() END) RETURNING id""",
-                    (fire.job_id, fire.scheduled_for, fire.kind, outcome, HOST, detail, outcome)).fetchone()
+                    (fire.job_id, fire.scheduled_for, fire.kind, outcome, HOST, os.getpid(), detail,
+                     outcome)).fetchone()
             return int(row[0]) if row else None
         except Exception as e:  # noqa: BLE001 - the log row is bookkeeping; the run still happens
             log.error("fire_not_recorded", job_id=fire.job_id, error=str(e).splitlines()[0] if str(e) else "")
@@ -318,6 +328,38 @@ class SchedulerService:
                     (outcome, run_id, orchestration_id, detail, fire.row_id))
         except Exception as e:  # noqa: BLE001
             log.error("fire_not_updated", job_id=fire.job_id, error=str(e).splitlines()[0] if str(e) else "")
+
+    def close_abandoned_fires(self) -> list[int]:
+        """Mark ``abandoned`` the ``running`` fires of scheduler processes on this host that are gone.
+
+        Called at start-up, before the catch-up reference is read, so a fire that a killed
+        scheduler left behind is caught up instead of counting as done. Only this host's processes
+        can be checked (``kill(pid, 0)``); the fire's extraction died with its scheduler
+        (``PR_SET_PDEATHSIG``) and its advisory lock with the scheduler's database session.
+        """
+        from common.stack import pid_alive
+        from orchestrator.store import HOST
+
+        closed: list[int] = []
+        with self._conn() as conn:
+            rows = conn.execute("""SELECT id, job_id, pid FROM etl.dw_scheduler_fires
+                                    WHERE outcome = 'running' AND host = %s""", (HOST,)).fetchall()
+            for fire_id, job_id, pid in rows:
+                # no fire of this process exists yet: a row with our pid is a predecessor's (a
+                # container restarted with the same pid)
+                if pid is not None and pid != os.getpid() and pid_alive(int(pid)):
+                    continue
+                conn.execute(
+                    """UPDATE etl.dw_scheduler_fires SET outcome = 'abandoned', finished_at = now(), detail = %s
+                        WHERE id = %s AND outcome = 'running'""",
+                    (f"the scheduler process {pid} on {HOST} stopped before this fire finished; a scheduler "
+                     f"start within SCHEDULER_MISFIRE_GRACE_SECONDS of the fire time runs it again", fire_id))
+                SCHEDULER_FIRES.labels(str(job_id), "abandoned").inc()
+                closed.append(int(fire_id))
+        if closed:
+            log.warning("scheduler_fires_abandoned", fire_ids=closed,
+                        detail="their scheduler process died; the catch-up policy runs them again")
+        return closed
 
     # -- fire intake (APScheduler threads) -------------------------------------------------------
     def on_fire(self, job_id: int, scheduled_for: datetime, kind: str) -> None:
@@ -350,6 +392,10 @@ class SchedulerService:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        try:
+            self.close_abandoned_fires()
+        except Exception as e:  # noqa: BLE001 - bookkeeping: scheduling goes on without it
+            log.warning("abandoned_fire_check_failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
         schedules, refs = self.load_schedules()
         self.scheduler.start()
         changes = self.book.sync(schedules)

@@ -173,3 +173,43 @@ def test_sigterm_cancels_a_running_orchestration_after_the_grace(pipeline: Pipel
     assert status == "cancelled" and "scheduler shut down" in error
     (f,) = fires(pipeline, 1)
     assert f[2] == "cancelled"
+    # the next start runs the interrupted fire again (a deploy at 02:30 does not cost the night)
+    assert_next_start_catches_up(pipeline, f[0], "after-stop")
+
+
+def assert_next_start_catches_up(p: Pipeline, scheduled_for: datetime, name: str) -> None:
+    p.sim.clear_faults()
+    r = Replica(p, name)
+    try:
+        wait_until(lambda: any(f[2] not in ("running", "cancelled", "abandoned") for f in fires(p, 1)), 90,
+                   "the interrupted fire to be caught up", detail=lambda: f"fires: {fires(p, 1)}\n{r.text()[-3000:]}")
+        done = [f for f in fires(p, 1) if f[2] not in ("cancelled", "abandoned")]
+        assert [(f[0], f[1], f[2]) for f in done] == [(scheduled_for, "catch_up", "success")], done
+        with p.conn() as c:
+            runs = c.execute("SELECT run_status FROM etl.dw_etl_runs WHERE job_id = 1 AND run_status = 'success'"
+                             ).fetchall()
+            assert len(runs) == 1
+            wait_until(lambda: c.execute("SELECT count(*) FROM bronze.dim_sites_staging").fetchone()[0] > 0, 60,
+                       "the loader to load the caught-up run")
+    finally:
+        assert r.stop() == 0
+
+
+def test_fire_of_a_killed_scheduler_is_abandoned_and_run_again_at_the_next_start(pipeline: Pipeline) -> None:  # noqa: F811
+    pipeline.sim.set_faults("latency@/api/v1/sites,ms=120000")
+    fire = schedule_missed_fire(pipeline, 1)
+    r = Replica(pipeline, "killed")
+    with pipeline.conn() as c:
+        wait_until(lambda: c.execute("SELECT count(*) FROM etl.dw_etl_runs WHERE job_id = 1 AND run_status = 'running'")
+                   .fetchone()[0] == 1, 60, "the scheduled run to start", detail=lambda: r.text()[-3000:])
+    r.proc.kill()  # kill -9: no shutdown, no fire bookkeeping
+    r.proc.wait(30)
+    r.out.close()
+    (f,) = fires(pipeline, 1)
+    assert f[2] == "running"
+    assert_next_start_catches_up(pipeline, fire, "after-kill")
+    abandoned = [x for x in fires(pipeline, 1) if x[2] == "abandoned"]
+    assert len(abandoned) == 1 and abandoned[0][0] == fire
+    with pipeline.conn() as c:
+        (detail,) = c.execute("""SELECT detail FROM etl.dw_scheduler_fires WHERE outcome = 'abandoned'""").fetchone()
+    assert f"scheduler process {r.proc.pid}" in detail and "runs it again" in detail

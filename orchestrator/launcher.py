@@ -8,8 +8,14 @@ measured in ``bench/orch_overhead.py``) instead of a fresh interpreter and its i
 
 * becomes its own process group (``setsid``), so a timeout kills it together with any worker
   processes the extractor forked;
-* dies with the orchestrator (``PR_SET_PDEATHSIG`` on Linux; the forkserver exits when its parent
-  does), so an orchestrator killed with ``kill -9`` leaves no orphan extractions behind;
+* dies with the orchestrator, so an orchestrator killed with ``kill -9`` leaves no orphan
+  extraction running without its job lock (another scheduler would run the job beside it). A
+  forkserver child's parent is the forkserver, which does *not* exit with the orchestrator:
+  every forkserver child holds the forkserver's "alive" pipe, so the forkserver waits for its
+  children and ``PR_SET_PDEATHSIG`` never fires (seen: a scheduler killed mid-run, its extraction
+  finished 40 s later). Each child therefore watches the orchestrator's pid and SIGKILLs its own
+  process group within a second of the orchestrator's death (:func:`_watch_owner`);
+  ``PR_SET_PDEATHSIG`` stays for the other start methods;
 * gets the orchestrator's environment at launch time (the forkserver's own environment is from
   when it started), so settings such as the demo's throwaway API key reach it without ever being
   printed or written to disk;
@@ -126,11 +132,34 @@ def _redirect_output(log_path: str) -> None:
     os.close(fd)
 
 
-def _prepare_process(log_path: str | None) -> None:
-    """Own process group (killable as a whole), die with the parent, logs to a file if asked."""
+OWNER_POLL_SECONDS = 1.0
+
+
+def _watch_owner(owner_pid: int, interval: float = OWNER_POLL_SECONDS) -> None:
+    """Kill this process group as soon as the orchestrator ``owner_pid`` is gone (module docstring)."""
+    import threading
+
+    from common.stack import pid_alive
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if not pid_alive(owner_pid):
+                if os.getpgrp() == os.getpid():  # our own group (setsid): the workers the extraction forked
+                    with contextlib.suppress(OSError):
+                        os.killpg(os.getpid(), signal.SIGKILL)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="trialsync-owner-watch", daemon=True).start()
+
+
+def _prepare_process(log_path: str | None, owner_pid: int | None = None) -> None:
+    """Own process group (killable as a whole), die with the orchestrator, logs to a file if asked."""
     with contextlib.suppress(OSError):
         os.setsid()
     _set_parent_death_signal()
+    if owner_pid is not None:
+        _watch_owner(owner_pid)
     if log_path:
         _redirect_output(log_path)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -169,9 +198,9 @@ def _run_one(request: LaunchRequest, conn: multiprocessing.connection.Connection
 
 
 def child_main(request: LaunchRequest, env: dict[str, str], conn: multiprocessing.connection.Connection,
-               log_path: str | None) -> None:
+               log_path: str | None, owner_pid: int | None = None) -> None:
     """Entry point of a one-shot child process: run the attempt, report its result, exit."""
-    _prepare_process(log_path)
+    _prepare_process(log_path, owner_pid)
     os.environ.clear()
     _apply_env(env)
     try:
@@ -184,14 +213,15 @@ def child_main(request: LaunchRequest, env: dict[str, str], conn: multiprocessin
             conn.close()
 
 
-def worker_main(conn: multiprocessing.connection.Connection, log_path: str | None) -> None:
+def worker_main(conn: multiprocessing.connection.Connection, log_path: str | None,
+                owner_pid: int | None = None) -> None:
     """Entry point of a pooled worker: run attempts one after the other until told to exit.
 
     The process keeps its Kafka producer, database driver and imports warm between attempts, which
     is most of what a fresh process pays (~1 s, see bench/orch_overhead.py). It is still a process
     of its own: a timeout kills it (and its group) and the pool starts a fresh one.
     """
-    _prepare_process(log_path)
+    _prepare_process(log_path, owner_pid)
     os.environ.clear()
     try:
         while True:
@@ -296,7 +326,7 @@ class ProcessLauncher:
 
     def start(self, request: LaunchRequest) -> ProcessHandle:
         parent, child = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=child_main, args=(request, dict(os.environ), child, self.log_path),
+        proc = self.ctx.Process(target=child_main, args=(request, dict(os.environ), child, self.log_path, os.getpid()),
                                 name=f"trialsync-job-{request.job.id}", daemon=False)
         proc.start()
         child.close()
@@ -393,7 +423,7 @@ class PoolLauncher:
 
     def _spawn(self) -> _Worker:
         parent, child = self.ctx.Pipe(duplex=True)
-        proc = self.ctx.Process(target=worker_main, args=(child, self.log_path), name="trialsync-extract-worker",
+        proc = self.ctx.Process(target=worker_main, args=(child, self.log_path, os.getpid()), name="trialsync-extract-worker",
                                 daemon=False)
         proc.start()
         child.close()

@@ -334,32 +334,32 @@ class SchedulerService:
 
         Called at start-up, before the catch-up reference is read, so a fire that a killed
         scheduler left behind is caught up instead of counting as done. Only this host's processes
-        can be checked (``kill(pid, 0)``); the fire's extraction died with its scheduler
-        (``PR_SET_PDEATHSIG``) and its advisory lock with the scheduler's database session.
+        can be checked (``kill(pid, 0)``); the fire's extraction died with its scheduler (the
+        launcher's owner watch) and its advisory lock with the scheduler's database session.
         """
         from common.stack import pid_alive
         from orchestrator.store import HOST
 
-        closed: list[int] = []
         with self._conn() as conn:
             rows = conn.execute("""SELECT id, job_id, pid FROM etl.dw_scheduler_fires
                                     WHERE outcome = 'running' AND host = %s""", (HOST,)).fetchall()
-            for fire_id, job_id, pid in rows:
-                # no fire of this process exists yet: a row with our pid is a predecessor's (a
-                # container restarted with the same pid)
-                if pid is not None and pid != os.getpid() and pid_alive(int(pid)):
-                    continue
-                conn.execute(
-                    """UPDATE etl.dw_scheduler_fires SET outcome = 'abandoned', finished_at = now(), detail = %s
-                        WHERE id = %s AND outcome = 'running'""",
-                    (f"the scheduler process {pid} on {HOST} stopped before this fire finished; a scheduler "
-                     f"start within SCHEDULER_MISFIRE_GRACE_SECONDS of the fire time runs it again", fire_id))
-                SCHEDULER_FIRES.labels(str(job_id), "abandoned").inc()
-                closed.append(int(fire_id))
-        if closed:
-            log.warning("scheduler_fires_abandoned", fire_ids=closed,
-                        detail="their scheduler process died; the catch-up policy runs them again")
-        return closed
+            # no fire of this process exists yet: a row with our pid is a predecessor's (a container
+            # restarted with the same pid)
+            dead = [(i, j) for i, j, pid in rows if pid is None or pid == os.getpid() or not pid_alive(int(pid))]
+            if not dead:
+                return []
+            conn.execute(
+                """UPDATE etl.dw_scheduler_fires
+                      SET outcome = 'abandoned', finished_at = now(),
+                          detail = 'the scheduler process ' || coalesce(pid::text, '?') || ' on ' || host
+                                   || ' stopped before this fire finished; a scheduler start within '
+                                   || 'SCHEDULER_MISFIRE_GRACE_SECONDS of the fire time runs it again'
+                    WHERE id = ANY(%s) AND outcome = 'running'""", ([i for i, _ in dead],))
+        for _, job_id in dead:
+            SCHEDULER_FIRES.labels(str(job_id), "abandoned").inc()
+        log.warning("scheduler_fires_abandoned", fire_ids=[i for i, _ in dead],
+                    detail="their scheduler process died; the catch-up policy runs them again")
+        return [int(i) for i, _ in dead]
 
     # -- fire intake (APScheduler threads) -------------------------------------------------------
     def on_fire(self, job_id: int, scheduled_for: datetime, kind: str) -> None:

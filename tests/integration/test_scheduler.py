@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from bench.procwatch import descendants, proc_table
 from common.stack import pid_alive
 from tests.integration.orch_pipeline import (
     REPO,
@@ -61,23 +62,6 @@ class Replica:
 
     def text(self) -> str:
         return Path(self.log).read_text(errors="replace")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def schedule_missed_fire(p: Pipeline, job_id: int) -> datetime:
@@ -220,7 +204,7 @@ def test_fire_of_a_killed_scheduler_is_abandoned_and_run_again_at_the_next_start
     with pipeline.conn() as c:
         wait_until(lambda: c.execute("SELECT count(*) FROM etl.dw_etl_runs WHERE job_id = 1 AND run_status = 'running'")
                    .fetchone()[0] == 1, 60, "the scheduled run to start", detail=lambda: r.text()[-3000:])
-    tree = descendants(r.proc.pid)  # forkserver, extraction worker, resource tracker
+    tree = descendants(r.proc.pid, proc_table())[1:]  # forkserver, extraction worker, resource tracker
     assert tree, "the scheduler runs its extraction in child processes"
     r.proc.kill()  # kill -9: no shutdown, no fire bookkeeping
     r.proc.wait(30)

@@ -105,8 +105,8 @@ def seed_parents(table: str, records: list[dict[str, Any]], instance: str) -> in
 
 
 def run(job_id: int, **kw: Any) -> dict[str, Any]:
+    from common.catalog import load_catalog
     from common.config import get_settings
-    from orchestrator.catalog import load_catalog
     from producers.extractor import run_job
 
     job = load_catalog().get(job_id)
@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         config.reset_settings()
         stack_mod.up()
         own_stack = True
+    from common.catalog import load_catalog, sync
     from common.db import migrate
     from common.logging import setup_logging
-    from orchestrator.catalog import load_catalog, sync
 
     setup_logging("bench")
     migrate()

@@ -90,8 +90,8 @@ class Harness:
         """Create database ``name`` (dropping an old one), point this process and its children at it,
         apply the migrations and sync the job catalog. Returns its DSN."""
         from common import config, kafka
+        from common.catalog import load_catalog, sync
         from common.db import migrate
-        from orchestrator.catalog import load_catalog, sync
 
         with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

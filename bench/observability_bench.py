@@ -44,8 +44,8 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def _seed(settings: Any, runs: int, rejects: int) -> dict[str, Any]:
+    from common.catalog import load_catalog, sync
     from common.db import connect, migrate
-    from orchestrator.catalog import load_catalog, sync
 
     migrate(settings)
     catalog = load_catalog(settings)

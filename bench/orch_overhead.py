@@ -55,9 +55,9 @@ def main() -> None:
     out: dict[str, Any] = {"reps": args.reps, "scale": args.scale, "jobs": {}}
     try:
         stack.up()
+        from common.catalog import load_catalog, sync
         from common.db import migrate
         from common.logging import setup_logging
-        from orchestrator.catalog import load_catalog, sync
 
         setup_logging("bench", level="WARNING")
         migrate()

@@ -158,7 +158,7 @@ INCREMENTAL_POLICIES = (("all", False), ("changed", True))
 
 def reconcile_all(h: Harness) -> dict[str, int]:
     """Every staging table against the simulator's truth: missing / duplicated / stale / extra."""
-    from orchestrator.catalog import load_catalog
+    from common.catalog import load_catalog
     from simulator.reconcile import reconcile
 
     catalog = load_catalog()
@@ -349,8 +349,8 @@ def section_fanout(h: Harness, scale: float, e2e: dict[str, Any], quick: bool) -
     from bench.extract_bench import run as extract_run
     from bench.extract_bench import sim_capacity
     from common import config
+    from common.catalog import load_catalog
     from common.db import connect
-    from orchestrator.catalog import load_catalog
     from orchestrator.settings import get_orchestrator_settings
     from producers.parents import load_parents
 
@@ -414,8 +414,8 @@ def section_fanout(h: Harness, scale: float, e2e: dict[str, Any], quick: bool) -
 # -- peer ------------------------------------------------------------------------------------------------
 
 def section_peer(h: Harness, scale: float) -> dict[str, Any]:
+    from common.catalog import load_catalog
     from common.config import get_settings
-    from orchestrator.catalog import load_catalog
 
     tag = tag_of(scale)
     jobs = [j for j in load_catalog().runnable if not j.requires_parameters and j.source_type == "cc_api"]
@@ -452,7 +452,7 @@ def section_peer(h: Harness, scale: float) -> dict[str, Any]:
             "dsn": dsn.replace("postgres@", "postgres:unused@"),  # trust auth; dlt wants a password field
             "dataset": "dlt_peer", "workers": s.etl_parallel_jobs, "page_size": 1000, "file_format": "csv",
             "pipelines_dir": str(h.state / f"dlt-{tag}"),
-            "jobs": [{"id": j.id, "name": j.name, "endpoint": j.endpoint, "odata": j.is_odata} for j in jobs]}
+            "jobs": [{"id": j.id, "name": j.name, "endpoint": j.endpoint, "odata": j.paging == "odata"} for j in jobs]}
     log(f"peer scale {scale}: dlt rest_api -> postgres on the same {len(jobs)} endpoints")
     h.sim_reset_stats()
     watch = watch_services(h)

@@ -139,7 +139,7 @@ def db_status() -> None:
 @jobs_app.command("sync")
 def jobs_sync() -> None:
     """Upsert the catalog (repo file + fixes + config/jobs.yaml) into etl.dw_etl_jobs in one transaction."""
-    from orchestrator.catalog import load_catalog, sync
+    from common.catalog import load_catalog, sync
 
     catalog = load_catalog()
     r = sync(catalog)
@@ -157,7 +157,7 @@ def jobs_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List jobs from the catalog."""
-    from orchestrator.catalog import load_catalog
+    from common.catalog import load_catalog
 
     catalog = load_catalog()
     jobs = catalog.by_category(category) if category else list(catalog)
@@ -179,7 +179,7 @@ def jobs_list(
 @jobs_app.command("show")
 def jobs_show(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
     """Show one job's full configuration, its dependencies and why it was corrected."""
-    from orchestrator.catalog import load_catalog
+    from common.catalog import load_catalog
 
     catalog = load_catalog()
     job = catalog.get(job_id)

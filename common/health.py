@@ -92,14 +92,14 @@ def broker_check(settings: Settings | None = None, timeout: float = 2.0) -> Read
 def probe_path(settings: Settings | None = None) -> str:
     """A cheap authenticated GET proving the API and the key work: the first active,
     non-parameterized OData job's endpoint with ``$top=1`` (else the first such plain endpoint)."""
-    from orchestrator.catalog import load_catalog
+    from common.catalog import load_catalog
 
     jobs = [j for j in load_catalog(settings).runnable if not j.requires_parameters and j.source_type == "cc_api"]
-    jobs.sort(key=lambda j: (not j.is_odata, j.id))
+    jobs.sort(key=lambda j: (j.paging != "odata", j.id))
     if not jobs:
         return "/"
     j = jobs[0]
-    return j.endpoint + ("?$top=1" if j.is_odata else "")
+    return j.endpoint + ("?$top=1" if j.paging == "odata" else "")
 
 
 def api_check(settings: Settings | None = None, timeout: float = 3.0, path: str | None = None) -> ReadinessCheck:

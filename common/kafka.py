@@ -16,11 +16,14 @@ end of a run is the producer's own delivery reports (last offset per partition, 
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from common.config import Settings, get_settings
+from common.logging import get_logger
 from common.stack import bootstrap_servers
 from schemas.jobs import check_identifier
 
@@ -173,3 +176,32 @@ def describe_broker_error(e: Exception, settings: Settings | None = None) -> str
         where = "(not configured)"
     return (f"broker at {where} is not reachable ({e}): start it with `trialsync stack up` "
             "or check KAFKA_BOOTSTRAP_SERVERS")
+
+
+class RdkafkaLog(logging.Logger):
+    """librdkafka's own log lines, as structured events, each distinct message at most every 30 s.
+
+    Without it librdkafka writes every reconnect attempt to stderr (dozens per second while the
+    broker is down); the state itself is reported by ``broker_unavailable``.
+    """
+
+    def __init__(self, name: str = "trialsync.librdkafka", every: float = 30.0):
+        super().__init__(name)
+        self.every = every
+        self._seen: dict[str, tuple[float, int]] = {}
+        self._log = get_logger("librdkafka")
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        text = (str(msg) % args) if args else str(msg)
+        sig = re.sub(r"\d+", "#", text)
+        now = time.monotonic()
+        last, suppressed = self._seen.get(sig, (0.0, 0))
+        if now - last < self.every:
+            self._seen[sig] = (last, suppressed + 1)
+            return
+        self._seen[sig] = (now, 0)
+        if len(self._seen) > 500:
+            self._seen.clear()
+        event = "librdkafka_error" if level >= logging.ERROR else "librdkafka_log"
+        (self._log.warning if level >= logging.WARNING else self._log.info)(
+            event, message=text[:500], **({"suppressed_since_last": suppressed} if suppressed else {}))

@@ -85,7 +85,7 @@ class DeadLetters:
         if self._producer is None:
             from confluent_kafka import Producer
 
-            from consumers.loader import RdkafkaLog
+            from common.kafka import RdkafkaLog
 
             self._producer = Producer(producer_config(self.settings, **{
                 "client.id": "trialsync-loader-dlq", "logger": RdkafkaLog()}))

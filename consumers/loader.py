@@ -45,11 +45,9 @@ not trusted on the embedded broker) and everything is committed.
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import random
-import re
 import signal
 import sys
 import threading
@@ -66,6 +64,7 @@ from common.config import Settings, get_settings
 from common.db import BRONZE, DatabaseError, connect, qualified
 from common.kafka import (
     H_RUN_ID,
+    RdkafkaLog,
     bronze_topic,
     bronze_topic_regex,
     consumer_config,
@@ -138,35 +137,6 @@ def subscription(tables: Iterable[str] | None, settings: Settings | None = None)
     alts = [g.replace("*", "[a-z0-9_]*").replace("?", "[a-z0-9_]") for g in globs]
     alts += [t.split(".bronze.", 1)[1] for t in plain]
     return ["^" + prefix + "(" + "|".join(alts) + ")$"]
-
-
-class RdkafkaLog(logging.Logger):
-    """librdkafka's own log lines, as structured events, each distinct message at most every 30 s.
-
-    Without it librdkafka writes every reconnect attempt to stderr (dozens per second while the
-    broker is down); the state itself is reported by ``broker_unavailable``.
-    """
-
-    def __init__(self, name: str = "trialsync.librdkafka", every: float = 30.0):
-        super().__init__(name)
-        self.every = every
-        self._seen: dict[str, tuple[float, int]] = {}
-        self._log = get_logger("librdkafka")
-
-    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:  # type: ignore[override]
-        text = (str(msg) % args) if args else str(msg)
-        sig = re.sub(r"\d+", "#", text)
-        now = time.monotonic()
-        last, suppressed = self._seen.get(sig, (0.0, 0))
-        if now - last < self.every:
-            self._seen[sig] = (last, suppressed + 1)
-            return
-        self._seen[sig] = (now, 0)
-        if len(self._seen) > 500:
-            self._seen.clear()
-        event = "librdkafka_error" if level >= logging.ERROR else "librdkafka_log"
-        (self._log.warning if level >= logging.WARNING else self._log.info)(
-            event, message=text[:500], **({"suppressed_since_last": suppressed} if suppressed else {}))
 
 
 class DatabaseUnavailable(RuntimeError):

@@ -37,9 +37,9 @@ from psycopg import sql
 
 from common.config import Settings, get_settings
 from common.db import BRONZE, ETL, connect, ident, staging_table
-from common.kafka import H_RUN_ID, bronze_topic, consumer_config, topic_prefix
+from common.kafka import H_RUN_ID, RdkafkaLog, bronze_topic, consumer_config, topic_prefix
 from common.logging import get_logger
-from consumers.loader import BatchSink, DatabaseUnavailable, RdkafkaLog
+from consumers.loader import BatchSink, DatabaseUnavailable
 from consumers.staging_writer import WriteResult
 from schemas.jobs import check_identifier
 

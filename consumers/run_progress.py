@@ -34,8 +34,6 @@ from common.config import Settings
 from common.db import connect
 from common.logging import get_logger
 
-FINAL_STATUSES = ("success", "partial", "failed", "skipped", "cancelled")
-
 log = get_logger("loader.runs")
 
 # The loaded predicate over a dw_etl_runs row aliased r.

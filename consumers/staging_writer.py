@@ -130,8 +130,6 @@ class WriteResult:
 
 NO_ID = "NoRecordId"
 BAD_TEXT = "InvalidText"
-INVALID_JSON = "InvalidJson"
-KEY_TOO_LONG = "KeyTooLong"
 UNKNOWN_TABLE = "UnknownTable"
 
 
@@ -384,10 +382,6 @@ def is_row_level(e: psycopg.Error) -> bool:
     return state[:2] in ROW_LEVEL_CLASSES
 
 
-class TableMissing(Exception):
-    """The staging table does not exist (or is not a staging table)."""
-
-
 class StagingWriter:
     """COPY + upsert of prepared batches on one connection; the caller commits.
 
@@ -422,10 +416,6 @@ class StagingWriter:
             self.conn.execute("SELECT etl.add_loader_columns(%s)", (table,))
         self._tables[key] = True
         return True
-
-    def forget_tables(self) -> None:
-        self._tables.clear()
-        self._direct.clear()
 
     # -- writing -----------------------------------------------------------------------------
     def _ensure_tmp(self) -> None:

@@ -128,9 +128,9 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Run jobs in dependency order: parallel where independent, children after their parents are loaded."""
+    from common.catalog import load_catalog
     from common.cli import UserError
     from common.config import get_settings
-    from orchestrator.catalog import load_catalog
     from orchestrator.dag import SelectionError, build_plan, select_jobs
     from orchestrator.runner import RunnerOptions
 
@@ -178,10 +178,10 @@ def retry(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Redo a failed run (for a partial parameterized run: only its failed parents)."""
+    from common.catalog import load_catalog
     from common.cli import UserError
     from common.config import get_settings
     from common.db import connect
-    from orchestrator.catalog import load_catalog
     from orchestrator.dag import build_plan
     from orchestrator.retry import NotRetryable, RetryPolicy, manual_retry_request
     from orchestrator.runner import RunnerOptions
@@ -217,10 +217,10 @@ def schedule(
     """Store (or clear, or show) a job's cron schedule in etl.dw_etl_jobs; `trialsync scheduler` picks it up."""
     from datetime import UTC, datetime, timedelta
 
+    from common.catalog import load_catalog
     from common.cli import UserError
     from common.config import get_settings
     from common.db import connect
-    from orchestrator.catalog import load_catalog
     from orchestrator.scheduler import cron_trigger
     from orchestrator.settings import get_orchestrator_settings
     from orchestrator.status import fmt_time
@@ -305,8 +305,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Per job: last run, state, records extracted/loaded, duration, lag since the last success, next fire."""
+    from common.catalog import load_catalog
     from common.config import get_settings
-    from orchestrator.catalog import load_catalog
     from orchestrator.settings import get_orchestrator_settings
     from orchestrator.status import show_status
 
@@ -321,8 +321,8 @@ def history(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The job's last runs, newest first."""
+    from common.catalog import load_catalog
     from common.config import get_settings
-    from orchestrator.catalog import load_catalog
     from orchestrator.status import show_history
 
     s = get_settings()

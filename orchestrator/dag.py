@@ -42,12 +42,6 @@ class Plan:
     def job(self, job_id: int) -> Job:
         return self.catalog.get(job_id)
 
-    def level_of(self, job_id: int) -> int:
-        for i, level in enumerate(self.levels):
-            if job_id in level:
-                return i
-        raise KeyError(job_id)
-
     def descendants(self, job_id: int) -> set[int]:
         out: set[int] = set()
         stack = list(self.children.get(job_id, ()))
@@ -147,7 +141,3 @@ def build_plan(catalog: JobCatalog, job_ids: Iterable[int]) -> Plan:
     return Plan(catalog=catalog, job_ids=tuple(ids), levels=tuple(tuple(level) for level in levels),
                 parents=parents, children={k: tuple(v) for k, v in children.items()}, external_parents=external)
 
-
-def validate_catalog(catalog: JobCatalog) -> None:
-    """The start-up check of every orchestrating command: unknown dependencies and cycles."""
-    catalog.validate_dag()

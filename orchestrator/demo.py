@@ -150,8 +150,8 @@ def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = N
              parallel: int | None = None, transform_timeout: float = 600.0) -> DemoReport:
     """Everything ``trialsync demo`` does; returns the report the CLI prints."""
     from common import kafka, stack
+    from common.catalog import load_catalog, sync
     from common.db import connect, migrate
-    from orchestrator.catalog import load_catalog, sync
     from orchestrator.dag import build_plan, select_jobs
     from orchestrator.display import LiveDisplay
     from orchestrator.launcher import PoolLauncher

@@ -77,9 +77,9 @@ class LiveDisplay:
         by_status: dict[str, int] = {}
         for s in done:
             by_status[s.status or "?"] = by_status.get(s.status or "?", 0) + 1
-        extracted = sum(s.records_extracted + int(s.live.get("records") or 0) for s in states)
+        extracted = sum(s.records_extracted + s.live.records for s in states)
         loaded = sum(s.records_loaded for s in states)
-        calls = sum(s.api_calls + int(s.live.get("api_calls") or 0) for s in states)
+        calls = sum(s.api_calls + s.live.api_calls for s in states)
         rate = self._rate(extracted)
         counts = runner.counts()
         head = Text.from_markup(
@@ -108,7 +108,7 @@ class LiveDisplay:
                 if s.parents_failed:
                     parents += f" [red]({s.parents_failed}✗)[/]"
             t.add_row(str(s.job_id), s.name, PHASE_LABEL.get(s.phase, s.phase), str(s.attempt or "-"), parents,
-                      fmt_int(s.records_extracted + int(s.live.get("records") or 0)), fmt_int(s.records_loaded),
+                      fmt_int(s.records_extracted + s.live.records), fmt_int(s.records_loaded),
                       fmt_duration(s.duration))
         if len(active) > ACTIVE_ROWS:
             t.add_row("", f"[dim]… {len(active) - ACTIVE_ROWS} more[/]", "", "", "", "", "", "")
@@ -180,6 +180,3 @@ def print_result_lines(result: OrchestrationResult, console: Console) -> None:
                   f"{c['success']} success, {c['partial']} partial, {c['failed']} failed, {c['skipped']} skipped; "
                   f"{c['records_extracted']} records extracted, {c['records_loaded']} loaded", highlight=False)
 
-
-def as_rows(result: OrchestrationResult) -> list[dict[str, Any]]:
-    return [result.jobs[j].as_dict() for j in result.plan.job_ids]

@@ -83,7 +83,7 @@ class Doctor:
         from schemas.jobs import CatalogError
 
         try:
-            from orchestrator.catalog import load_catalog
+            from common.catalog import load_catalog
 
             self.catalog = load_catalog(s)
         except (CatalogError, OSError, ValueError) as e:

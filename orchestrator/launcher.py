@@ -19,8 +19,9 @@ measured in ``bench/orch_overhead.py``) instead of a fresh interpreter and its i
 * gets the orchestrator's environment at launch time (the forkserver's own environment is from
   when it started), so settings such as the demo's throwaway API key reach it without ever being
   printed or written to disk;
-* reports over a pipe: ``("progress", counters)`` a few times a second, then ``("result",
-  RunResult.to_dict())`` or ``("error", {error_class, message})`` when there was no run to record.
+* reports over a pipe with the typed messages of ``schemas/runs.py``: ``("progress", RunProgress)``
+  a few times a second, then ``("result", RunResult)`` or ``("error", LaunchFailure)`` when there
+  was no run to record.
 
 Two launchers share that contract: :class:`ProcessLauncher` (one fresh child per attempt) and
 :class:`PoolLauncher` (the default: long-lived workers, one per concurrent job, that keep their
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from schemas.jobs import Job
+from schemas.runs import ChildMessage, LaunchFailure, RunProgress
 
 PROGRESS_INTERVAL = 0.25
 _PRELOAD = ["common.config", "common.db", "common.kafka", "common.logging", "orchestrator.launcher"]
@@ -66,7 +68,7 @@ class JobHandle(Protocol):
     job_id: int
     pid: int | None
 
-    def poll(self) -> list[tuple[str, Any]]: ...
+    def poll(self) -> list[ChildMessage]: ...
 
     def is_alive(self) -> bool: ...
 
@@ -97,20 +99,20 @@ class _PipeProgress:
         self._last = 0.0
 
     def start(self, job: Job, parents_total: int | None) -> None:
-        self._send({"parents_total": parents_total})
+        self._send(RunProgress(parents_total=parents_total))
 
     def update(self, **counters: Any) -> None:
         now = time.monotonic()
         if now - self._last >= PROGRESS_INTERVAL:
             self._last = now
-            self._send(counters)
+            self._send(RunProgress(**counters))
 
     def finish(self, result: Any) -> None:
         return
 
-    def _send(self, counters: dict[str, Any]) -> None:
+    def _send(self, progress: RunProgress) -> None:
         with contextlib.suppress(OSError, ValueError):
-            self.conn.send(("progress", counters))
+            self.conn.send(("progress", progress))
 
 
 def _set_parent_death_signal() -> None:
@@ -179,6 +181,9 @@ def _apply_env(env: dict[str, str]) -> None:
     setup_logging("extractor")
 
 
+INTERRUPTED = LaunchFailure(error_class="Interrupted", message="the extraction was interrupted")
+
+
 def _run_one(request: LaunchRequest, conn: multiprocessing.connection.Connection) -> None:
     """One attempt: run_job, then ("result", ...) or ("error", ...) over the pipe."""
     try:
@@ -188,13 +193,13 @@ def _run_one(request: LaunchRequest, conn: multiprocessing.connection.Connection
                          trigger=request.trigger, progress=_PipeProgress(conn), parent_run_id=request.parent_run_id,
                          orchestration_id=request.orchestration_id, attempt=request.attempt,
                          workers=request.workers, processes=request.processes)
-        conn.send(("result", result.to_dict()))
+        conn.send(("result", result))
     except Exception as e:  # noqa: BLE001 - reported to the orchestrator, which records it
         from common.logging import scrub
 
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         with contextlib.suppress(OSError, ValueError):
-            conn.send(("error", {"error_class": type(e).__name__, "message": scrub(text)}))
+            conn.send(("error", LaunchFailure(error_class=type(e).__name__, message=scrub(text))))
 
 
 def child_main(request: LaunchRequest, env: dict[str, str], conn: multiprocessing.connection.Connection,
@@ -207,7 +212,7 @@ def child_main(request: LaunchRequest, env: dict[str, str], conn: multiprocessin
         _run_one(request, conn)
     except KeyboardInterrupt:
         with contextlib.suppress(OSError, ValueError):
-            conn.send(("error", {"error_class": "Interrupted", "message": "the extraction was interrupted"}))
+            conn.send(("error", INTERRUPTED))
     finally:
         with contextlib.suppress(OSError):
             conn.close()
@@ -236,7 +241,7 @@ def worker_main(conn: multiprocessing.connection.Connection, log_path: str | Non
             _run_one(request, conn)
     except KeyboardInterrupt:
         with contextlib.suppress(OSError, ValueError):
-            conn.send(("error", {"error_class": "Interrupted", "message": "the extraction was interrupted"}))
+            conn.send(("error", INTERRUPTED))
     finally:
         with contextlib.suppress(Exception):
             from producers.publisher import reset_publishers
@@ -272,8 +277,8 @@ class ProcessHandle:
         self.pid = proc.pid
         self._closed = False
 
-    def poll(self) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = []
+    def poll(self) -> list[ChildMessage]:
+        out: list[ChildMessage] = []
         if self._closed:
             return out
         try:
@@ -355,8 +360,8 @@ class PoolHandle:
         self.pid = worker.proc.pid
         self._done = False
 
-    def poll(self) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = []
+    def poll(self) -> list[ChildMessage]:
+        out: list[ChildMessage] = []
         if self._done or self.worker.dead:
             return out
         try:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import multiprocessing.connection
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +45,7 @@ from orchestrator.launcher import JobHandle, Launcher, LaunchRequest
 from orchestrator.retry import RetryPolicy, RetryRequest, next_attempt
 from orchestrator.settings import OrchestratorSettings, get_orchestrator_settings
 from orchestrator.store import RunRow, RunStore
+from schemas.runs import LaunchFailure, RunProgress, RunResult
 
 log = get_logger("orchestrator")
 
@@ -90,9 +91,9 @@ class JobState:
     load_deadline: float | None = None
     lock_deadline: float | None = None
     reused_run_id: int | None = None
-    result: dict[str, Any] | None = None
-    child_error: dict[str, Any] | None = None
-    live: dict[str, Any] = field(default_factory=dict)
+    result: RunResult | None = None
+    child_error: LaunchFailure | None = None
+    live: RunProgress = field(default_factory=RunProgress)
     locked: bool = False
 
     @property
@@ -325,7 +326,7 @@ class Runner:
                 continue
             for kind, payload in s.handle.poll():
                 if kind == "progress":
-                    s.live.update({k: v for k, v in payload.items() if v is not None})
+                    s.live = s.live.model_copy(update=payload.model_dump(exclude_none=True))
                     self._apply_live(s)
                 elif kind == "result":
                     s.result = payload
@@ -342,25 +343,25 @@ class Runner:
                         s.child_error = payload
                 if s.result is None and s.child_error is None:
                     code = s.handle.exitcode()
-                    s.child_error = {"error_class": "ProcessDied",
-                                     "message": f"the extraction process exited with code {code} before reporting a result",
-                                     "record": True}
+                    s.child_error = LaunchFailure(
+                        error_class="ProcessDied",
+                        message=f"the extraction process exited with code {code} before reporting a result")
                 self._attempt_ended(s, now)
             elif s.kill_at is not None and now >= s.kill_at:
                 timeout = self._timeout_of(s.job_id)
                 s.handle.kill()
                 s.handle.join(timeout=10)
-                s.child_error = {"error_class": "JobTimeout", "record": True, "message": (
+                s.child_error = LaunchFailure(error_class="JobTimeout", message=(
                     f"job {s.job_id} ({s.name}) exceeded its timeout of {timeout} s and was stopped "
-                    "(timeout_seconds in config/jobs.yaml, or ETL_TIMEOUT_SECONDS)")}
+                    "(timeout_seconds in config/jobs.yaml, or ETL_TIMEOUT_SECONDS)"))
                 self.log.error("job_timeout_killed", job_id=s.job_id, timeout_s=timeout, child_pid=s.handle.pid)
                 self._attempt_ended(s, now)
 
     def _apply_live(self, s: JobState) -> None:
         live = s.live
-        s.parents_total = live.get("parents_total", s.parents_total)
-        s.parents_done = live.get("parents_done", s.parents_done)
-        s.parents_failed = live.get("parents_failed", s.parents_failed)
+        for k in ("parents_total", "parents_done", "parents_failed"):
+            if getattr(live, k) is not None:
+                setattr(s, k, getattr(live, k))
 
     def _attempt_ended(self, s: JobState, now: float) -> None:
         """One attempt is over: record it, then retry, wait for its load, or finish the job."""
@@ -371,29 +372,29 @@ class Runner:
         run_id: int | None = None
         failed_parents: list[dict[str, Any]] | None = None
         if res is not None:
-            status = str(res.get("status", "failed"))
-            run_id = res.get("run_id")
-            error, error_class = res.get("error"), res.get("error_class")
-            failed_parents = res.get("failed_parents") or None
-            s.records_extracted += int(res.get("records_extracted") or 0)
-            s.records_published += int(res.get("records_published") or 0)
-            s.api_calls += int(res.get("api_calls") or 0)
+            status = res.status
+            run_id = res.run_id
+            error, error_class = res.error, res.error_class
+            failed_parents = res.failed_parents or None
+            s.records_extracted += res.records_extracted
+            s.records_published += res.records_published
+            s.api_calls += res.api_calls
             for k in ("parents_total", "parents_done", "parents_failed"):
-                if res.get(k) is not None:
-                    setattr(s, k, res[k])
+                if getattr(res, k) is not None:
+                    setattr(s, k, getattr(res, k))
         else:
             assert err is not None
-            status, error, error_class = "failed", str(err.get("message")), str(err.get("error_class"))
-            s.records_extracted += int(s.live.get("records") or 0)
-            s.api_calls += int(s.live.get("api_calls") or 0)
-            if err.get("record", True):
+            status, error, error_class = "failed", err.message, err.error_class
+            s.records_extracted += s.live.records
+            s.api_calls += s.live.api_calls
+            if err.record:
                 try:
                     run_id = self.store.mark_failed(s.job_id, self.oid, s.attempt, self.opt.trigger,
                                                     error_class, scrub(error),
                                                     s.request.parent_run_id if s.request else None)
                 except Exception as e:  # noqa: BLE001
                     self.log.error("failed_run_not_recorded", job_id=s.job_id, error=str(e).splitlines()[0])
-        s.live = {}
+        s.live = RunProgress()
         if run_id is not None:
             s.run_ids.append(int(run_id))
             if status in ("success", "partial"):
@@ -664,8 +665,8 @@ class Runner:
             s.handle = self.launcher.start(lr)
         except Exception as e:  # noqa: BLE001 - e.g. fork failed: the attempt fails, retries may follow
             s.phase = RUNNING
-            s.child_error = {"error_class": type(e).__name__, "message": f"could not start the extraction: {e}",
-                             "record": True}
+            s.child_error = LaunchFailure(error_class=type(e).__name__,
+                                          message=f"could not start the extraction: {e}")
             self._attempt_ended(s, now)
             return
         timeout = self._timeout_of(s.job_id)
@@ -730,7 +731,7 @@ class Runner:
                 self._wait([o for s in pending if s.handle is not None for o in s.handle.wait_objects()], 0.1)
         for s in running:
             assert s.handle is not None
-            rid = (s.result or {}).get("run_id")
+            rid = s.result.run_id if s.result is not None else None
             if s.result is None:
                 s.handle.kill()
                 s.handle.join(timeout=10)
@@ -789,10 +790,3 @@ def run_plan(plan: Plan, *, options: RunnerOptions, launcher: Launcher | None = 
             launcher.close()
         if own_store:
             store.close()
-
-
-def describe_statuses(states: Sequence[JobState]) -> str:
-    counts: dict[str, int] = {}
-    for s in states:
-        counts[s.status or s.phase] = counts.get(s.status or s.phase, 0) + 1
-    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))

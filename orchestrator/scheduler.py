@@ -501,7 +501,7 @@ class SchedulerService:
 
     def _run_batch(self, fires: list[Fire]) -> BatchOutcome:
         """Run the fired jobs with their ancestors through the orchestrator's runner."""
-        from orchestrator.catalog import load_catalog
+        from common.catalog import load_catalog
         from orchestrator.dag import build_plan
         from orchestrator.runner import RunnerOptions, run_plan
 

@@ -35,7 +35,6 @@ from common.stack import free_port, pid_alive, state_dir
 log = get_logger("services")
 
 REPO = Path(__file__).resolve().parent.parent
-SERVICE_NAMES = ("simulator", "loader", "transformer")
 
 
 class ServiceError(RuntimeError):

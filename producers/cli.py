@@ -38,9 +38,9 @@ def extract(
     """Extract jobs from Clinical Conductor into their Bronze topics."""
     import orjson
 
+    from common.catalog import load_catalog
     from common.cli import UserError, console, err_console
     from common.config import get_settings
-    from orchestrator.catalog import load_catalog
     from producers.extractor import JobNotRunnable, run_job
 
     chosen = sum(bool(x) for x in (job, all_jobs, category))

@@ -5,7 +5,7 @@ Every error carries the URL (never the API key: it travels in a header, and mess
 again before they are raised), the HTTP status when there is one, and the endpoint *template*
 (``/api/v1/studies/{studyId}/subjects/odata``) used for metrics.
 
-Transient errors are retried with backoff by :class:`producers.cc_client.CCClient`; when the retry
+Transient errors are retried with backoff by the fetch core (``producers.fetch``, ``producers.retry``); when the retry
 budget is spent the last transient error is raised with ``attempts`` set. Permanent errors are
 raised at once.
 """

@@ -37,6 +37,16 @@ KEY_PATH_RE = re.compile(r"^(\$value|\$param\.[A-Za-z_][A-Za-z0-9_]*|[A-Za-z_][A
 PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 CRON_FIELDS = 5
 
+#: how an endpoint pages (``producers.paging`` implements each); declared per job in
+#: data/catalog_fixes.yaml (``paging:``) or config/jobs.yaml, never guessed from the URL
+Paging = Literal["odata", "none"]
+PAGING_STYLES: dict[str, str] = {
+    "odata": "OData query paging: $top/$skip with $count, $orderby on the key, $filter for incremental runs; "
+             "remaining pages fetched concurrently once the count is known; server next links followed",
+    "none": "one request answering an array, an object or a wrapped page; server next links followed; "
+            "no $filter, so incremental runs read it in full",
+}
+
 Category = Literal["core", "study", "patient", "patient-visit", "system", "organization", "finance", "recruitment", "file"]
 EXPORT_COLUMNS = (
     "id", "name", "endpoint", "target_table", "status", "requires_params", "param_name",
@@ -95,6 +105,7 @@ class Job(BaseModel):
     #: incremental runs of a parameterized job: ask every parent, or only the changed ones (None = setting)
     fanout_incremental: Literal["all", "changed"] | None = None
     category: Category = "core"
+    paging: Paging = "none"
     page_size: int = Field(default=1000, ge=1, le=1000)
     priority: int = 5
     timeout_seconds: int | None = Field(default=None, gt=0)
@@ -154,8 +165,8 @@ class Job(BaseModel):
         return PLACEHOLDER_RE.findall(self.endpoint)
 
     @property
-    def is_odata(self) -> bool:
-        return self.endpoint.rstrip("/").endswith("/odata")
+    def paging_description(self) -> str:
+        return PAGING_STYLES[self.paging]
 
     @property
     def runnable(self) -> bool:
@@ -164,10 +175,10 @@ class Job(BaseModel):
 
     @property
     def supports_incremental(self) -> bool:
-        """Incremental loads need ``$filter``, which only the OData endpoints accept."""
+        """Incremental loads need ``$filter``, which only endpoints with OData paging accept."""
         if self.incremental is not None:
-            return self.incremental and self.is_odata
-        return self.is_odata
+            return self.incremental and self.paging == "odata"
+        return self.paging == "odata"
 
     def render_endpoint(self, params: dict[str, Any]) -> str:
         """Substitute parameter values into the endpoint path (values are URL-quoted)."""
@@ -208,6 +219,7 @@ class JobOverride(BaseModel):
     timeout_seconds: int | None = Field(default=None, gt=0)
     incremental: bool | None = None
     fanout_incremental: Literal["all", "changed"] | None = None
+    paging: Paging | None = None
     page_size: int | None = Field(default=None, ge=1, le=1000)
 
     @field_validator("schedule")
@@ -314,6 +326,9 @@ def apply_fixes(rows: list[dict[str, Any]], fixes: dict[str, Any]) -> list[dict[
             job["fix_reasons"] = (*job.get("fix_reasons", ()), reason)
     for job_id, key in (fixes.get("primary_keys") or {}).items():
         get(int(job_id), "primary_keys")["primary_key"] = tuple(key)
+    for style, ids in (fixes.get("paging") or {}).items():
+        for job_id in ids:
+            get(job_id, "paging")["paging"] = style
     for field, ids in (fixes.get("timestamp_fields") or {}).items():
         for job_id in ids:
             get(job_id, "timestamp_fields")["timestamp_field"] = field
@@ -370,7 +385,8 @@ class JobCatalog:
             if ov.fanout_incremental is not None and not job.requires_parameters:
                 raise CatalogError(f"config/jobs.yaml sets fanout_incremental for job {job.id} ({job.name}), "
                                    "which is not parameterized: remove it (it only applies to fan-out jobs)")
-            for f in ("schedule", "priority", "timeout_seconds", "incremental", "fanout_incremental", "page_size"):
+            for f in ("schedule", "priority", "timeout_seconds", "incremental", "fanout_incremental", "paging",
+                      "page_size"):
                 v = getattr(ov, f)
                 if v is not None:
                     change[f] = v

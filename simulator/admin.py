@@ -20,16 +20,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
 
-from simulator.app import Simulator, send_bytes, send_error
+from simulator.asgi import send_bytes, send_error
 from simulator.faults import FaultSpecError, parse_faults, rules_from_json
 from simulator.spec import PLACEHOLDER_ENTITY, Route
 from simulator.state import MutationError
+
+if TYPE_CHECKING:  # the app calls us with itself; importing it at run time would be a loop
+    from simulator.app import Simulator
 
 NDJSON = b"application/x-ndjson"
 _BATCH = 5000

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
@@ -30,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from common.logging import get_logger
 from common.metrics import SIM_FAULTS, SIM_RECORDS, SIM_REQUESTS
+from simulator.asgi import JSON, send_bytes, send_error
 from simulator.data import DataModel, Entity, key_of
 from simulator.faults import STATUS_KINDS, FaultDecision, FaultInjector, parse_faults
 from simulator.model import ENTITIES
@@ -40,7 +40,6 @@ from simulator.state import SimState
 
 log = get_logger("simulator")
 
-JSON = b"application/json; charset=utf-8"
 #: Plain lists longer than this are streamed in chunks (``/api/v1/studies`` at scale 1.0 is 157k).
 STREAM_CHUNK = 2000
 SHAPES = ("spec", "odata", "mixed")
@@ -78,15 +77,20 @@ class Page:
     stream: Any = None  # iterator of record chunks for long plain lists
 
 
+#: the admin API (``simulator.admin.handle_admin``), plugged in by the server that composes the app
+AdminHandler = Callable[["Simulator", dict[str, Any], Callable, Callable], Awaitable[None]]
+
+
 class Simulator:
     """State shared by all requests of one server process."""
 
-    def __init__(self, cfg: SimConfig):
+    def __init__(self, cfg: SimConfig, admin: AdminHandler | None = None):
         if cfg.odata_shape not in SHAPES:
             raise ValueError(f"odata shape must be one of {', '.join(SHAPES)}, got {cfg.odata_shape!r}")
         if not cfg.api_key:
             raise ValueError("the simulator needs an API key (--api-key or SIM_API_KEY)")
         self.cfg = cfg
+        self.admin = admin
         self.model = DataModel(cfg.seed, cfg.scale, definitions(), ENTITIES)
         self.model.warm()
         self.state = SimState(self.model)
@@ -114,10 +118,8 @@ class Simulator:
         path: str = scope["path"]
         if path.startswith(BASE_PATH + "/"):
             await self.api(scope, send, path[len(BASE_PATH):])
-        elif path.startswith("/_sim/"):
-            from simulator.admin import handle_admin
-
-            await handle_admin(self, scope, receive, send)
+        elif path.startswith("/_sim/") and self.admin is not None:
+            await self.admin(self, scope, receive, send)
         elif path == "/metrics":
             await send_bytes(send, 200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST.encode())
         elif path in ("/healthz", "/readyz"):
@@ -413,21 +415,6 @@ async def _lifespan(receive: Callable, send: Callable) -> None:
             return
 
 
-async def send_bytes(send: Callable, status: int, body: bytes, ctype: bytes = JSON,
-                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    h = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
-    if headers:
-        h.extend(headers)
-    await send({"type": "http.response.start", "status": status, "headers": h})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def send_error(send: Callable, status: int, error: str, message: str,
-                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await send_bytes(send, status, orjson.dumps({"error": error, "message": message, "status": status}),
-                     headers=headers)
-
-
 async def abort_connection(send: Callable, reset: bool = True) -> None:
     """Drop the TCP connection: ``reset`` sends an RST at once (no response at all); otherwise
     what was sent is flushed and the connection closed (a truncated body). Reaches into
@@ -448,16 +435,3 @@ async def abort_connection(send: Callable, reset: bool = True) -> None:
             pass
     transport.abort()
     await asyncio.sleep(0)  # let the server notice the disconnect before the app returns
-
-
-_APP: Simulator | None = None
-
-
-def create_app() -> Simulator:
-    """uvicorn factory for ``--workers N``: configuration arrives as JSON in SIM_CONFIG_JSON."""
-    global _APP
-    if _APP is None:
-        raw = orjson.loads(os.environ["SIM_CONFIG_JSON"])
-        raw["api_key"] = os.environ.get("SIM_API_KEY", "")
-        _APP = Simulator(SimConfig(**raw))
-    return _APP

@@ -211,10 +211,10 @@ def reconcile_cmd(
 
     Exit code 0 when exact (no missing, duplicated, stale or extra rows), 1 otherwise.
     """
+    from common.catalog import load_catalog
     from common.cli import UserError
     from common.config import get_settings
     from common.db import connect
-    from orchestrator.catalog import load_catalog
     from schemas.jobs import CatalogError
     from simulator.reconcile import format_table, reconcile
 

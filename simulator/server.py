@@ -17,6 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from common.logging import get_logger
+from simulator.admin import handle_admin
 from simulator.app import SimConfig, Simulator
 from simulator.spec import BASE_PATH
 
@@ -47,13 +48,13 @@ def serve(cfg: SimConfig, ready_file: Path | None = None, log_level: str = "warn
         raw.pop("api_key")
         os.environ["SIM_CONFIG_JSON"] = json.dumps(raw)
         os.environ["SIM_API_KEY"] = cfg.api_key
-        config = uvicorn.Config("simulator.app:create_app", factory=True, workers=cfg.workers, **common)
+        config = uvicorn.Config("simulator.server:create_app", factory=True, workers=cfg.workers, **common)
         _announce(info, ready_file)
         from uvicorn.supervisors import Multiprocess
 
         Multiprocess(config, sockets=[sock]).run()
         return
-    app = Simulator(cfg)
+    app = Simulator(cfg, admin=handle_admin)
     config = uvicorn.Config(app, **common)
     server = uvicorn.Server(config)
     _announce(info, ready_file)
@@ -67,3 +68,16 @@ def _announce(info: dict, ready_file: Path | None) -> None:
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         tmp.replace(ready_file)
+
+
+_APP: Simulator | None = None
+
+
+def create_app() -> Simulator:
+    """uvicorn factory for ``--workers N``: configuration arrives as JSON in SIM_CONFIG_JSON."""
+    global _APP
+    if _APP is None:
+        raw = json.loads(os.environ["SIM_CONFIG_JSON"])
+        raw["api_key"] = os.environ.get("SIM_API_KEY", "")
+        _APP = Simulator(SimConfig(**raw), admin=handle_admin)
+    return _APP

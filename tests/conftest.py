@@ -75,8 +75,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     config.reset_settings()
     try:
         stack_mod.up()
+        from common.catalog import load_catalog, sync
         from common.db import migrate
-        from orchestrator.catalog import load_catalog, sync
 
         migrate()
         sync(load_catalog())

@@ -188,8 +188,8 @@ class Lab:
     @contextlib.contextmanager
     def scenario(self, name: str, **env: str) -> Iterator[Scenario]:
         """A fresh warehouse database (migrated, catalog synced) and topic prefix for one scenario."""
+        from common.catalog import load_catalog, sync
         from common.db import migrate
-        from orchestrator.catalog import load_catalog, sync
 
         tag = uuid.uuid4().hex[:8]
         db = f"f_{name}_{tag}"[:63]
@@ -380,7 +380,7 @@ class Scenario:
 
     # -- verdict --------------------------------------------------------------------------------
     def reconcile(self, jobs: list[int] | None = None) -> Any:
-        from orchestrator.catalog import load_catalog
+        from common.catalog import load_catalog
         from simulator.reconcile import reconcile
 
         catalog = load_catalog()

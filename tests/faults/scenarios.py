@@ -90,7 +90,7 @@ def _selected(selection: tuple[str, ...]) -> list[int] | None:
     """Job ids of a `trialsync run` selection (None = all runnable jobs)."""
     if selection == ("--all",):
         return None
-    from orchestrator.catalog import load_catalog
+    from common.catalog import load_catalog
     from orchestrator.dag import select_jobs
 
     args = list(selection)

@@ -48,7 +48,7 @@ def own_stack(stack) -> Iterator[str]:
         try:
             stack_mod.up()
             migrate()
-            from orchestrator.catalog import load_catalog, sync
+            from common.catalog import load_catalog, sync
 
             sync(load_catalog())  # runs reference jobs
             yield str(state)

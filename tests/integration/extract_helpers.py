@@ -160,7 +160,7 @@ def control_messages(settings: Settings, run_id: int) -> list[Any]:
 
 def seed_parents_from_sim(settings: Settings, sim: Any, job_id: int, table: str, instance: str = "cc1") -> int:
     """Fill a parent staging table with the simulator's ground truth of the job that produces it."""
-    from orchestrator.catalog import load_catalog
+    from common.catalog import load_catalog
     from producers.keys import key_builder
 
     job = load_catalog(settings).get(job_id)

@@ -36,10 +36,10 @@ def pipeline_env(unique: str, monkeypatch: pytest.MonkeyPatch, key: str) -> Iter
     """A real simulator, settings pointing at it (unique topic prefix, the current DATABASE_URL,
     e.g. a ``fresh_db``), the schema migrated and the catalog synced, and a MetricsServer of this
     process to scrape."""
+    from common.catalog import load_catalog, sync
     from common.config import get_settings, reset_settings
     from common.db import migrate
     from common.metrics import MetricsServer
-    from orchestrator.catalog import load_catalog, sync
     from simulator.testing import SimulatorProcess
 
     with SimulatorProcess(scale=0.002, api_key=key) as sim:

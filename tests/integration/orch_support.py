@@ -16,8 +16,8 @@ import psycopg
 
 def prepare_warehouse() -> None:
     """Migrate the database DATABASE_URL points at and sync the job catalog into it."""
+    from common.catalog import load_catalog, sync
     from common.db import migrate
-    from orchestrator.catalog import load_catalog, sync
 
     migrate()
     sync(load_catalog())

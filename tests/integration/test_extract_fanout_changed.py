@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from common import kafka as K
+from common.catalog import load_catalog, sync
 from common.config import Settings
 from common.db import migrate
-from orchestrator.catalog import load_catalog, sync
 from producers.extractor import RunResult, run_job
 from simulator.testing import SimulatorProcess
 from tests.integration.extract_helpers import ExtractEnv, expected_by_key, read_topic, run_row

@@ -14,9 +14,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from common import kafka as K
+from common.catalog import load_catalog, sync
 from common.config import Settings
 from common.db import connect, migrate
-from orchestrator.catalog import load_catalog, sync
 from producers.extractor import run_job
 from simulator.testing import SimulatorProcess
 from tests.integration.extract_helpers import (

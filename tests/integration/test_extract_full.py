@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from common import kafka as K
+from common.catalog import load_catalog, sync
 from common.config import Settings
 from common.db import connect, migrate
-from orchestrator.catalog import load_catalog, sync
 from producers.extractor import run_job
 from producers.watermarks import max_timestamp
 from simulator.testing import SimulatorProcess

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 
 from common import kafka as K
+from common.catalog import load_catalog, sync
 from common.config import Settings
 from common.db import connect, migrate
-from orchestrator.catalog import load_catalog, sync
 from producers.extractor import run_job
 from producers.keys import parent_key
 from simulator.testing import SimulatorProcess

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from common.catalog import load_catalog, sync
 from common.config import Settings
 from common.db import connect, migrate
-from orchestrator.catalog import load_catalog, sync
 from producers import runs
 from producers.extractor import run_job
 from simulator.testing import SimulatorProcess

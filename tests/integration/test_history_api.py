@@ -107,9 +107,9 @@ def _seed_transform(conn: psycopg.Connection, ids: dict[str, Any]) -> dict[str, 
 @pytest.fixture(scope="module")
 def history_db(stack: dict[str, str]) -> Iterator[tuple[Any, dict[str, Any]]]:
     """A database of its own on the session server: migrated, catalog synced, history seeded."""
+    from common.catalog import load_catalog, sync
     from common.config import load_settings
     from common.db import connect, migrate
-    from orchestrator.catalog import load_catalog, sync
 
     name = f"hist_{uuid.uuid4().hex[:8]}"
     base = stack["dsn"]

@@ -9,8 +9,8 @@ import sys
 import psycopg
 import pytest
 
+from common.catalog import load_catalog, sync
 from common.db import migrate
-from orchestrator.catalog import load_catalog, sync
 from schemas.jobs import Job, JobCatalog
 
 pytestmark = pytest.mark.integration

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from common.catalog import load_catalog, sync
 from common.config import Settings
 from common.db import connect, migrate
 from consumers import run_progress
-from orchestrator.catalog import load_catalog, sync
 from producers.extractor import run_job
 from simulator.testing import SimulatorProcess
 from tests.integration.extract_helpers import ExtractEnv, expected_by_key, run_row

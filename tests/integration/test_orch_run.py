@@ -29,8 +29,8 @@ def sim() -> Iterator[Any]:
 
 
 def run(job_refs: list[int], with_deps: bool = True, **opts: Any) -> Any:
+    from common.catalog import load_catalog
     from common.config import get_settings
-    from orchestrator.catalog import load_catalog
     from orchestrator.dag import build_plan, select_jobs
     from orchestrator.runner import RunnerOptions, run_plan
 
@@ -173,7 +173,7 @@ def test_csv_source_runs_through_extract_topic_load(pipeline: Pipeline, monkeypa
         f"    path: {csv_path}\n    target_table: raw_clinical_trials_staging\n    key_column: nct_number\n"
         "    delimiter: ','\n", encoding="utf-8")
     set_env(monkeypatch, ETL_JOBS_FILE=str(jobs_file))
-    from orchestrator.catalog import load_catalog, sync
+    from common.catalog import load_catalog, sync
 
     sync(load_catalog())
     done = pipeline.cli("run", "--job", "1001", "--wait-load", "--json", extra_env={"ETL_JOBS_FILE": str(jobs_file)})

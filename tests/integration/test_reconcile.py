@@ -19,9 +19,9 @@ JOB = 2  # /api/v1/studies/odata -> dim_studies_staging, key id
 
 @pytest.fixture
 def warehouse(fresh_db: str, cc_simulator: Any) -> Any:
+    from common.catalog import load_catalog, sync
     from common.config import get_settings
     from common.db import connect, migrate
-    from orchestrator.catalog import load_catalog, sync
 
     migrate()
     sync(load_catalog())
@@ -41,7 +41,7 @@ def _load_truth(conn: Any, sim: Any) -> list[dict[str, Any]]:
 
 
 def _reconcile(conn: Any, sim: Any) -> Any:
-    from orchestrator.catalog import load_catalog
+    from common.catalog import load_catalog
     from simulator.reconcile import reconcile
 
     return reconcile(conn, sim.admin_url, load_catalog(), [JOB])

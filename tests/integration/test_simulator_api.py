@@ -45,7 +45,7 @@ def test_every_runnable_job_endpoint_answers_200(cc_simulator, job):
     sim = cc_simulator
     params = _first_params(sim, job) if job.requires_parameters else {}
     path = job.render_endpoint(params)
-    r = sim.get(path, params={"$top": "5"} if job.is_odata else None)
+    r = sim.get(path, params={"$top": "5"} if job.paging == "odata" else None)
     assert r.status_code == 200, (path, r.text)
     records = _items(r.json())
     if job.requires_parameters and sim.expected(job.endpoint):
@@ -229,6 +229,6 @@ def test_every_runnable_job_endpoint_answers_200_at_demo_scale():
                     line = next(r.iter_lines(), None)
                 params = json.loads(line)["params"] if line else sim.parents(job.endpoint)[0]
             path = job.render_endpoint(params)
-            r = sim.get(path, params={"$top": "5"} if job.is_odata else None)
+            r = sim.get(path, params={"$top": "5"} if job.paging == "odata" else None)
             assert r.status_code == 200, (job.id, path, r.text[:200])
         assert sim.stats()["total_requests"] == len(RUNNABLE)

@@ -33,7 +33,7 @@ def _items(body: Any) -> list[Any]:
 def _served(sim: Any, job: Any, params: dict[str, Any]) -> list[Any]:
     """Every record the API serves for one parameter set (all pages)."""
     path = job.render_endpoint(params)
-    if not job.is_odata:
+    if job.paging != "odata":
         r = sim.get(path)
         assert r.status_code == 200, (path, r.text)
         return _items(r.json())

@@ -16,11 +16,11 @@ from datetime import datetime
 import pytest
 
 from common import config
+from common.catalog import load_catalog
 from common.config import Settings
 from consumers.transform_runner import ProcedureRunner
 from consumers.transform_settings import load_transform_settings
 from consumers.transformer import Transformer
-from orchestrator.catalog import load_catalog
 from simulator.testing import SimulatorProcess
 from tests.integration.transform_support import (
     fixture_tx,  # noqa: F401 - pytest fixture

@@ -46,7 +46,7 @@ def _template(base: str) -> str:
         dsn = base.rsplit("/", 1)[0] + "/" + name
         settings = load_settings(database_url=dsn)
         migrate(settings)
-        from orchestrator.catalog import load_catalog, sync
+        from common.catalog import load_catalog, sync
 
         sync(load_catalog(settings), settings)
         _TEMPLATE[base] = name

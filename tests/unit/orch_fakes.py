@@ -10,6 +10,7 @@ from typing import Any
 from orchestrator.launcher import LaunchRequest
 from orchestrator.store import RunRow
 from schemas.jobs import Job, JobCatalog
+from schemas.runs import RunResult
 
 
 class FakeClock:
@@ -63,9 +64,9 @@ class FakeHandle:
         self.sent = True
         self.world.finish(self)
         s = self.script
-        return [("result", {"run_id": self.run_id, "status": s.status, "records_extracted": s.records,
-                            "records_published": s.records, "api_calls": 1, "error": s.error,
-                            "error_class": s.error_class, "failed_parents": s.failed_parents})]
+        return [("result", RunResult(job_id=self.job_id, run_id=self.run_id, status=s.status,
+                                     records_extracted=s.records, records_published=s.records, api_calls=1,
+                                     error=s.error, error_class=s.error_class, failed_parents=s.failed_parents))]
 
     def is_alive(self) -> bool:
         return not self._ended()

@@ -1,5 +1,5 @@
-"""Both fetch engines (asyncio/uvloop and threads/requests) against a real local HTTP server:
-same paging, same retries, same error classes, same guarantees."""
+"""Both fetch engines (asyncio/uvloop and threads/requests) driving the one fetch core against a real
+local HTTP server: same paging, same retries, same error classes, same guarantees."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from producers.async_fanout import AsyncFanout
 from producers.cc_client import CCClient
+from producers.engines import run_async, run_threads
 from producers.errors import (
     ApiConnectionError,
     ApiTimeoutError,
@@ -24,7 +24,8 @@ from producers.errors import (
     ServerError,
     UnsafeLinkError,
 )
-from producers.fanout import Stream, ThreadFanout, drive
+from producers.fetch import Fetch
+from producers.paging import ODataPaginator, Paginator, Stream
 from producers.rate_limit import RateLimiter
 from tests.unit.fake_cc import FakeCC, Reply, json_reply, odata_entity, serving
 
@@ -44,6 +45,7 @@ class Outcome:
     pages: list[tuple[int, object]] = field(default_factory=list)
     done: set[int] = field(default_factory=set)
     failed: dict[int, BaseException] = field(default_factory=dict)
+    retries: int = 0
 
     @property
     def records(self) -> list[dict]:
@@ -55,7 +57,8 @@ class Outcome:
 
 
 def fetch(engine: str, srv: FakeCC, streams: list[Stream] | None = None, *, odata: bool = True,
-          page_size: int = 1000, workers: int = 4, stop: threading.Event | None = None, **kw: object) -> Outcome:
+          page_size: int = 1000, workers: int = 4, stop: threading.Event | None = None,
+          on_page: object = None, **kw: object) -> Outcome:
     kw.setdefault("retry_delay", 0.0)
     client = CCClient(srv.url, KEY, key_header="CCAPIKey", sleep=lambda s: None, **kw)  # type: ignore[arg-type]
     out = Outcome(client)
@@ -65,15 +68,16 @@ def fetch(engine: str, srv: FakeCC, streams: list[Stream] | None = None, *, odat
     def on_fail(i: int, e: BaseException) -> None:
         out.failed[i] = e
 
-    common = {"endpoint": PATH, "odata": odata, "page_size": page_size, "orderby": None, "stop": stop}
-    if engine == "async":
-        AsyncFanout(client, streams, concurrency=workers, on_page=lambda i, u, p: out.pages.append((i, p)),
-                    on_done=out.done.add, on_fail=on_fail, **common).run()
-    else:
-        fan = ThreadFanout(client, streams, workers=workers, **common).start()
-        drive(fan, on_page=lambda i, u, p: out.pages.append((i, p)), on_done=out.done.add, on_fail=on_fail,
-              on_tick=lambda: None)
-        fan.join()
+    def page(i: int, u: str, p: object) -> None:
+        out.pages.append((i, p))
+        if on_page is not None:
+            on_page(i, u, p)  # type: ignore[operator]
+
+    paginator = ODataPaginator(client.urls, PATH, page_size=page_size) if odata else Paginator(client.urls, PATH)
+    core = Fetch(streams, paginator, policy=client.policy, limiter=client.limiter, stop=stop, on_page=page,
+                 on_done=out.done.add, on_fail=on_fail)
+    (run_async if engine == "async" else run_threads)(core, client, concurrency=workers, stop=stop)
+    out.retries = core.retries
     return out
 
 
@@ -140,7 +144,7 @@ def test_body_framings(fake_cc: FakeCC, engine: str, action: str) -> None:
     fake_cc.handler = handler
     out = fetch(engine, fake_cc, page_size=7)
     assert out.ids == list(range(1, 31)) and not out.failed
-    assert out.client.retries == 0
+    assert out.retries == 0
 
 
 # -- failures -----------------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ def test_transient_failures_are_retried(fake_cc: FakeCC, engine: str, bad: Reply
     fake_cc.handler = flaky([bad, bad])
     out = fetch(engine, fake_cc, max_retries=3)
     assert out.ids == [1, 2] and out.done == {0}
-    assert out.client.retries == 2
+    assert out.retries == 2
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -268,8 +272,6 @@ def test_parent_streams_each_complete_or_fail(fake_cc: FakeCC, engine: str) -> N
 def test_stop_means_no_new_requests_and_incomplete_streams_not_done(fake_cc: FakeCC, engine: str) -> None:
     fake_cc.handler = odata_entity(recs(500))
     stop = threading.Event()
-    client = CCClient(fake_cc.url, KEY, sleep=lambda s: None)
-    done: set[int] = set()
     seen = [0]
 
     def on_page(i: int, u: str, p: object) -> None:
@@ -277,14 +279,8 @@ def test_stop_means_no_new_requests_and_incomplete_streams_not_done(fake_cc: Fak
         if seen[0] == 3:
             stop.set()
 
-    common = {"endpoint": PATH, "odata": True, "page_size": 10, "orderby": None, "stop": stop}
-    if engine == "async":
-        AsyncFanout(client, [Stream(0, PATH)], concurrency=2, on_page=on_page, on_done=done.add,
-                    on_fail=lambda i, e: None, **common).run()
-    else:
-        fan = ThreadFanout(client, [Stream(0, PATH)], workers=2, **common).start()
-        drive(fan, on_page=on_page, on_done=done.add, on_fail=lambda i, e: None, on_tick=lambda: None)
-    assert done == set()
+    out = fetch(engine, fake_cc, page_size=10, workers=2, stop=stop, on_page=on_page)
+    assert out.done == set()
     assert len(fake_cc.requests) < 10
 
 

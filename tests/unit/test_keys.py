@@ -65,7 +65,7 @@ def test_stream_plan_builds_streams_on_access_and_pickles() -> None:
     import pickle
     from datetime import UTC, datetime
 
-    from producers.extractor import StreamPlan, endpoint_renderer
+    from producers.planner import StreamPlan, endpoint_renderer
     from schemas.jobs import JobCatalog
 
     job = JobCatalog.load().get(175)

@@ -1,5 +1,8 @@
-"""Job catalog <-> ``etl.dw_etl_jobs``: the catalog file in the repo is the source of truth, the
-table is what operators query and what runs reference.
+"""The job catalog as this installation sees it, and its copy in ``etl.dw_etl_jobs``.
+
+``load_catalog`` is the one way every command and service gets the catalog (repo export + fixes +
+the operator's ``ETL_JOBS_FILE``). The catalog file in the repo is the source of truth; the table
+is what operators query and what runs reference.
 
 ``sync`` is one transaction: either all jobs (and their staging tables) are written, or nothing.
 Operational columns (last_run_*, last_success_at) are never overwritten by a sync.
@@ -8,7 +11,6 @@ Operational columns (last_run_*, last_success_at) are never overwritten by a syn
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import orjson
 import psycopg
@@ -130,6 +132,3 @@ def sync(catalog: JobCatalog, settings: Settings | None = None, conn: psycopg.Co
         if own:
             conn.close()
 
-
-def jobs_file_hint(settings: Settings | None = None) -> Path:
-    return (settings or get_settings()).etl_jobs_file

@@ -1,0 +1,199 @@
+"""The end of a run, in the order the delivery contract needs (steps 7-10 of ``producers.extractor``).
+
+Everything here runs after the records are published and acknowledged, so it is worth waiting for
+through a database restart or failover: a run whose end offsets are not recorded can never be seen
+as loaded (its children would wait for ``ETL_LOAD_TIMEOUT_SECONDS``, then be skipped). Each step
+reconnects and retries for up to :data:`FINISH_DB_WAIT_SECONDS`; a step that still cannot be
+recorded turns the run ``failed`` so the orchestrator retries it, and never lets a watermark move
+past a run the warehouse knows nothing of.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from common import kafka as K
+from common.config import Settings
+from common.db import DatabaseError, connect
+from common.logging import scrub
+from common.metrics import JOB_DURATION, JOB_LAST_SUCCESS, JOB_RUNS, RUNS_IN_PROGRESS
+from producers import runs as runs_mod
+from producers import watermarks as wm_mod
+from producers.fetch_driver import FetchDriver, describe, error_dict
+from producers.planner import RunPlan
+from producers.publisher import DeliveryTracker, Publisher, PublishError
+from schemas.jobs import Job
+from schemas.messages import RunFinished, RunStarted
+from schemas.runs import RunResult
+
+#: how long the end of a run waits for the database (records are already published: recording the
+#: run, its end offsets and watermarks is worth waiting for through a restart or failover)
+FINISH_DB_WAIT_SECONDS = 120.0
+#: at most this many failed-parent error details are kept in run_context (the parameter dicts
+#: themselves are always kept in full: `trialsync retry` needs every one)
+MAX_ERROR_DETAILS = 200
+_DB_DOWN = (psycopg.OperationalError, psycopg.InterfaceError, DatabaseError)
+
+
+@dataclass
+class RunFacts:
+    """What the run was asked to do (recorded in ``run_context``)."""
+
+    mode: str
+    only_parents: list[dict[str, Any]] | None
+    limit: int | None
+    processes: int
+
+
+def publish_control(publisher: Publisher, settings: Settings, msg: RunStarted | RunFinished) -> None:
+    """One message on the control topic, acknowledged within 60 s."""
+    if publisher.fatal is not None:  # do not wait another 60 s on a producer known to be dead
+        raise PublishError(f"control message {msg.type} not sent: the producer is unusable ({publisher.fatal})")
+    topic = K.control_topic(settings)
+    tr = DeliveryTracker(topic)
+    publisher.publish_values(topic, [(str(msg.run_id).encode(), msg.to_bytes())], None, tr)
+    publisher.wait(tr, timeout=60)
+    if tr.failed:
+        raise PublishError(f"control message {msg.type} not acknowledged: {tr.first_error}")
+
+
+class RunRecorder:
+    """Owns the end-of-run bookkeeping of one run."""
+
+    def __init__(self, job: Job, settings: Settings, run_id: int, topic: str, log: Any):
+        self.job, self.s, self.run_id, self.topic, self.log = job, settings, run_id, topic, log
+
+    def finish(self, conn: psycopg.Connection, publisher: Publisher | None, *, status: str, error: str | None,
+               error_class: str | None, driver: FetchDriver, plan: RunPlan | None, tracker: DeliveryTracker,
+               facts: RunFacts, warnings: list[str], counters: dict[str, Any], duration: Callable[[], float],
+               fetch_seconds: float) -> RunResult:
+        job, pages = self.job, driver.pages
+        snap = tracker.snapshot()
+        failed_parents = driver.failed_parents()
+        new_wm = driver.new_watermarks(status, tracker) if error is None or status in ("success", "partial") else {}
+        wm_to = max(new_wm.values()) if new_wm else None
+        wm_from = plan.watermark_from if plan is not None else None
+        context: dict[str, Any] = {
+            "topic": self.topic,
+            "end_offsets": {str(p): o for p, o in sorted(snap["last_offset"].items())},
+            "records_per_partition": {str(p): n for p, n in sorted(snap["per_partition"].items())},
+            "failed_parents": failed_parents,
+            "failed_parent_errors": [
+                {"params": driver.streams[i].params, **error_dict(e)}
+                for i, e in sorted(driver.failed.items())[:MAX_ERROR_DETAILS] if i < len(driver.streams)
+            ],
+            "parents_not_attempted": driver.not_attempted(status),
+            "records_missing_key": pages.records_missing_key,
+            "records_repeated_in_page": pages.records_repeated,
+            "fetch_seconds": round(fetch_seconds, 3),
+            "pages": pages.pages,
+            "retries": driver.retries,
+            "processes": facts.processes,
+            "warnings": warnings,
+            "watermarks_committed": len(new_wm),
+        }
+        if job.requires_parameters and facts.only_parents is None and facts.limit is None and plan is not None \
+                and plan.parents_as_of is not None:
+            # the next `changed`-policy run starts from here if this one succeeds
+            from producers.planner import fanout_policy
+
+            context["parents_as_of"] = plan.parents_as_of.isoformat()
+            context["fanout"] = plan.fanout or {"policy": fanout_policy(job, self.s), "asked": "all"}
+        deadline = time.monotonic() + FINISH_DB_WAIT_SECONDS
+        db = _Db(self.s, conn)
+        # -- 7. counters, end offsets, failed parents and the watermark range, still `running` --------
+        recorded = True
+        try:
+            db.call("record_results", lambda c: runs_mod.record_results(c, self.run_id, counters, context, wm_from,
+                                                                        wm_to), deadline, self.log)
+        except Exception as e:  # noqa: BLE001
+            recorded = False
+            self.log.error("record_results_failed", error=describe(e))
+            if status != "failed":
+                status, error_class = "failed", "DatabaseError"
+                error = f"the run's results could not be recorded in the database: {describe(e)}"
+            new_wm = {}  # never advance watermarks past a run the warehouse knows nothing of
+        # -- 8. watermarks of the completed streams (topic, then etl.dw_etl_watermarks) ---------------
+        if new_wm and publisher is not None:
+            try:
+                db.call("watermarks", lambda c: wm_mod.commit(
+                    c, publisher, job_id=job.id, field=job.timestamp_field, run_id=self.run_id, values=new_wm,
+                    previous=plan.previous_watermarks if plan is not None else {}), deadline, self.log)
+            except Exception as e:  # noqa: BLE001 - stale watermarks only cost a larger next run
+                self.log.error("watermark_commit_failed", error=describe(e))
+                warnings.append(f"watermarks not saved: {describe(e)}")
+        # -- 9. run_finished with per-partition end offsets ----------------------------------------------
+        if publisher is not None:
+            try:
+                publish_control(publisher, self.s, RunFinished(
+                    run_id=self.run_id, job_id=job.id, target_table=job.target_table, topic=self.topic,
+                    instance_id=self.s.cc_instance_id, status=status,  # type: ignore[arg-type]  # one of success/partial/failed here
+                    records_published=snap["delivered"], records_per_partition=snap["per_partition"],
+                    end_offsets=snap["last_offset"], error=error, watermark=wm_to))
+            except Exception as e:  # noqa: BLE001 - the DB row below still records the outcome
+                self.log.error("run_finished_publish_failed", error=describe(e))
+        # -- 10. the final status and the job's last_run_* ------------------------------------------------
+        try:
+            db.call("finish_run", lambda c: runs_mod.finish_run(c, self.run_id, job.id, status, error_class=error_class,
+                                                                error_message=scrub(error) if error else None,
+                                                                records=snap["delivered"]), deadline, self.log)
+        except Exception as e:  # noqa: BLE001
+            self.log.error("finish_run_failed", error=describe(e))
+            if recorded and status != "failed":
+                # the row stays 'running' (closed later as stale): report the run failed so it is retried
+                status, error_class = "failed", "DatabaseError"
+                error = f"the run's final status could not be recorded in the database: {describe(e)}"
+        if db.conn is not conn:  # a replacement made above; the run closes its own
+            db.close()
+        seconds = duration()
+        JOB_RUNS.labels(str(job.id), status).inc()
+        JOB_DURATION.labels(str(job.id)).observe(seconds)
+        RUNS_IN_PROGRESS.dec()
+        if status == "success":
+            JOB_LAST_SUCCESS.labels(str(job.id)).set(time.time())
+        return RunResult(
+            job_id=job.id, status=status, run_id=self.run_id, mode=facts.mode, topic=self.topic,
+            records_extracted=pages.records, records_published=snap["delivered"],
+            records_missing_key=pages.records_missing_key, api_calls=counters["api_calls"], pages=pages.pages,
+            parents_total=counters["parents_total"], parents_done=counters["parents_done"],
+            parents_failed=counters["parents_failed"], failed_parents=failed_parents,
+            records_per_partition=snap["per_partition"], end_offsets=snap["last_offset"],
+            watermark_from=wm_from, watermark_to=wm_to, error=scrub(error) if error else None,
+            error_class=error_class, duration_s=round(seconds, 3), fetch_s=round(fetch_seconds, 3),
+            warnings=warnings)
+
+
+class _Db:
+    """The run's database connection, replaced when it breaks (server restart, network cut)."""
+
+    def __init__(self, settings: Settings, conn: psycopg.Connection):
+        self.s, self.conn = settings, conn
+
+    def call(self, what: str, fn: Callable[[psycopg.Connection], Any], deadline: float, log: Any) -> Any:
+        """``fn(conn)``; on a lost connection reconnect and retry with backoff until ``deadline``."""
+        delay = 0.25
+        while True:
+            try:
+                return fn(self.conn)
+            except _DB_DOWN as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("database_unavailable_retrying", step=what, retry_in_s=round(delay, 2), error=describe(e))
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+            try:
+                self.conn = connect(self.s, autocommit=True, application_name="trialsync-extract")
+            except _DB_DOWN:
+                pass  # still down: the next call fails fast and we wait again
+
+    def close(self) -> None:
+        self.conn.close()

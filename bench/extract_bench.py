@@ -15,7 +15,11 @@ Scenarios (the issue's speed goals):
   simulator's capacity (goal >= 80 %);
 * ``latency``: 50 ms added per request, concurrency C: requests/s vs C / 0.05 (goal >= 80 %);
 * ``rate_limit``: ``CC_RATE_LIMIT_RPS=10``: observed rate and the most requests seen in any
-  one-second window (goal <= 10).
+  one-second window (goal <= 10);
+* ``http_client``: job 147 on the asyncio engine (16 in flight) with the hand-written HTTP client
+  (``producers/http_async.py``) and with aiohttp (``bench/http_clients.py``), alternating A B A B:
+  requests/s, CPU per request and the ratio aiohttp / hand-written per pair (the rule: the library
+  replaces the hand-written client if it reaches >= 0.9).
 
 Rates use ``RunResult.fetch_s`` (first request to last broker acknowledgement); ``duration_s`` (the
 whole run: bookkeeping, topic checks, watermarks) is reported too. The machine is shared: numbers
@@ -186,6 +190,34 @@ class WireClock:
         return best
 
 
+def compare_http_clients(pairs: int) -> dict[str, Any]:
+    """Hand-written client vs aiohttp on job 147, alternating, one warm-up each."""
+    from bench.http_clients import AiohttpClient, using
+
+    def one(name: str) -> dict[str, Any]:
+        if name == "aiohttp":
+            with using(AiohttpClient):
+                return run(147, engine="async", workers=16)
+        return run(147, engine="async", workers=16)
+
+    one("handwritten"), one("aiohttp")  # warm-up
+    rows = []
+    for _ in range(pairs):
+        a, b = one("handwritten"), one("aiohttp")
+        rows.append({"handwritten": a, "aiohttp": b,
+                     "ratio_requests_per_s": round((b["requests_per_s"] or 0) / (a["requests_per_s"] or 1), 3)})
+
+    def med(xs: list[float]) -> float:
+        xs = sorted(xs)
+        return xs[len(xs) // 2]
+
+    return {"job": 147, "workers": 16, "pairs": rows,
+            "median_requests_per_s": {k: med([r[k]["requests_per_s"] or 0 for r in rows]) for k in ("handwritten", "aiohttp")},
+            "median_cpu_us_per_request": {k: med([r[k]["cpu_us_per_request"] or 0 for r in rows])
+                                          for k in ("handwritten", "aiohttp")},
+            "median_ratio": med([r["ratio_requests_per_s"] for r in rows]), "rule": "aiohttp replaces it at >= 0.9"}
+
+
 # -- main --------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="scale 0.01 and shorter scenarios")
     ap.add_argument("--sim-url", help="use a running simulator (base URL ending in /CCSWEB)")
     ap.add_argument("--sim-key", help="its API key")
-    ap.add_argument("--only", help="comma-separated scenarios: paged,sim_capacity,fanout,latency,rate_limit")
+    ap.add_argument("--only", help="comma-separated scenarios: paged,sim_capacity,fanout,latency,rate_limit,http_client")
+    ap.add_argument("--pairs", type=int, default=3, help="http_client: A/B pairs")
     args = ap.parse_args(argv)
     scale = 0.01 if args.quick else args.scale
     only = set(args.only.split(",")) if args.only else None
@@ -266,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                     r["share_of_sim_capacity"] = round(r["requests_per_s"] / cap["requests_per_s"], 3)
                 res[name] = r
             out["fanout"] = {"job": 147, "parents": len(patients), "goal_share": 0.8, **res}
+        if want("http_client"):
+            out["http_client"] = compare_http_clients(args.pairs)
         if want("latency"):
             sim.faults("latency,ms=50")
             res = {}

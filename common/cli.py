@@ -190,6 +190,8 @@ def jobs_show(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
         if v in (None, (), {}, []):
             continue
         t.add_row(k, ", ".join(map(str, v)) if isinstance(v, tuple | list) else str(v))
+    if job.source_type == "cc_api":
+        t.add_row("paging (how)", job.paging_description)
     t.add_row("incremental (effective)", "yes" if job.supports_incremental else "no")
     t.add_row("runs after", ", ".join(f"{p} ({catalog.get(p).name})" for p in catalog.parents(job)) or "-")
     console.print(t)

@@ -91,10 +91,13 @@ def _report(fetch: Fetch, req: Request, f: Future[Page]) -> None:
 class AsyncTransport:
     """:meth:`CCClient.attempt` on an event loop: same headers, classification and metrics."""
 
+    #: the HTTP client class (bench/http_clients.py swaps in aiohttp to compare the two in one run)
+    http_class: type = AsyncHttpClient
+
     def __init__(self, client: CCClient, endpoint: str, max_idle: int):
         self.client = client
         self.endpoint = endpoint
-        self.http = AsyncHttpClient(dict(client.headers), timeout=client.timeout[1],
+        self.http = self.http_class(dict(client.headers), timeout=client.timeout[1],
                                     connect_timeout=client.timeout[0], max_idle=max_idle, verify=client.verify)
         self._counts: dict[str, int] = {}
         self._latency = API_LATENCY.labels(endpoint)
@@ -133,9 +136,11 @@ class AsyncTransport:
         for cls, n in counts.items():
             API_REQUESTS.labels(self.endpoint, cls).inc(n)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.flush_metrics()
-        self.http.close()
+        closed = self.http.close()
+        if closed is not None:  # an async client's close() is a coroutine
+            await closed
 
 
 def run_async(fetch: Fetch, client: CCClient, *, concurrency: int, stop: threading.Event,
@@ -204,6 +209,6 @@ async def _async_main(fetch: Fetch, client: CCClient, concurrency: int, stop: th
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     finally:
         tick.cancel()
-        transport.close()
+        await transport.close()
     if on_tick is not None:
         on_tick()

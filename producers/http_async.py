@@ -15,6 +15,10 @@ bodies; TLS through ``ssl.create_default_context()`` (system CA bundle or ``REQU
 drips bytes cannot hold a worker forever). Redirects are not followed (neither does the requests
 engine): a 3xx is an error. A request on a reused keep-alive connection that the server had
 already closed is retried once on a fresh connection before it counts as a failure.
+
+Measured against aiohttp (C speedups, uvloop) behind the same engine on the fan-out job: aiohttp
+reached 0.38 of this client's requests/s at 3x the CPU per request (docs/performance.md), so this
+client stays.
 """
 
 from __future__ import annotations

@@ -164,3 +164,33 @@ def test_fanout_incremental_override_only_for_parameterized_jobs(catalog: JobCat
         catalog.with_overrides(OverridesFile(jobs={"9": {"fanout_incremental": "changed"}}))
     with pytest.raises(ValueError, match="all"):
         OverridesFile(jobs={"24": {"fanout_incremental": "some"}})
+
+
+def test_paging_is_declared_per_job_not_guessed(catalog: JobCatalog, tmp_path: Path) -> None:
+    """Every OData-controller endpoint declares `paging: odata` in the fixes file; the rest page
+    `none`; an operator can override it (an instance whose endpoint pages differently)."""
+    odata = {j.id for j in catalog if j.paging == "odata"}
+    assert {2, 3, 9, 10, 23, 24, 25, 161, 166, 175} <= odata
+    assert {1, 144, 147, 160, 165, 174} & odata == set()
+    for j in catalog:
+        assert j.supports_incremental == (j.paging == "odata" and j.incremental is not False)
+        assert j.paging_description
+    f = tmp_path / "jobs.yaml"
+    f.write_text("jobs:\n  147: {paging: odata}\n  9: {paging: none}\n")
+    over = JobCatalog.load(overrides_path=f)
+    assert over.get(147).paging == "odata" and over.get(9).paging == "none" and not over.get(9).supports_incremental
+    f.write_text("jobs:\n  9: {paging: cursor}\n")
+    with pytest.raises(CatalogError, match="paging"):
+        JobCatalog.load(overrides_path=f)
+
+
+def test_jobs_show_tells_how_the_job_pages() -> None:
+    from typer.testing import CliRunner
+
+    from common.cli import app
+
+    shown = CliRunner().invoke(app, ["jobs", "show", "9"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert re.search(r"paging\s+.*odata", shown.output) and "$top/$skip with $count" in shown.output
+    plain = CliRunner().invoke(app, ["jobs", "show", "165"], env={"COLUMNS": "200"})
+    assert re.search(r"paging\s+.*none", plain.output) and "one request" in plain.output

@@ -64,8 +64,19 @@ class Settings(BaseSettings):
         default="auto", description="extraction HTTP engine: async (uvloop) | threads (requests); auto = async "
                                     "unless an HTTP(S) proxy is configured")
     etl_jobs_file: Path = Path("config/jobs.yaml")
-    etl_fanout_incremental: Literal["all", "changed"] = "all"  # see docs/extraction.md
+    etl_fanout_incremental: Literal["all", "changed"] = "changed"  # guarded by the sweep: docs/extraction.md
     etl_fanout_sweep_runs: int = Field(default=30, ge=1, le=10_000)
+    #: a night's API call budget: explicit, or the window x CC_RATE_LIMIT_RPS; 0 = no budget
+    etl_call_budget: int = Field(default=0, ge=0)
+    etl_night_window_hours: float = Field(default=0.0, ge=0, le=24)
+
+    def call_budget(self) -> int | None:
+        """Calls one orchestration (a night) may make, or None for no limit."""
+        if self.etl_call_budget:
+            return self.etl_call_budget
+        if self.etl_night_window_hours and self.cc_rate_limit_rps:
+            return int(self.etl_night_window_hours * 3600 * self.cc_rate_limit_rps)
+        return None
 
     # -- broker --------------------------------------------------------------------------------
     kafka_bootstrap_servers: str | None = Field(default=None, description="host:port[,host:port]; unset = embedded broker")

@@ -53,6 +53,17 @@ API_REQUESTS = Counter("trialsync_api_requests_total", "HTTP requests to the sou
 API_LATENCY = Histogram("trialsync_api_request_duration_seconds", "Latency of source API requests", ["endpoint"],
                         buckets=_LATENCY)
 API_RETRIES = Counter("trialsync_api_retries_total", "Retried source API requests", ["endpoint", "reason"])
+#: a change found under a parent the fan-out policy did not mark changed (its own timestamp did not
+#: move): under the `changed` policy such changes wait for the sweep, and the job's guard falls
+#: back to asking every parent (docs/extraction.md)
+FANOUT_UNANNOUNCED = Counter("trialsync_fanout_unannounced_changes_total",
+                             "Child changes found under parents not marked changed (changed fan-out policy)", ["job_id"])
+FANOUT_GUARD = Gauge("trialsync_fanout_guard_active",
+                     "1 while a fan-out job asks every parent because its changed-parent assumption failed",
+                     ["job_id"], multiprocess_mode="mostrecent")
+CALLS_BUDGET_LEFT = Gauge("trialsync_fanout_parents_left",
+                          "Parents a budgeted run left for the next night, by why they were due",
+                          ["job_id", "reason"], multiprocess_mode="mostrecent")
 API_RATE_LIMITED = Counter("trialsync_api_rate_limited_total", "HTTP 429 answers from the source API", ["endpoint"])
 
 # -- loader --------------------------------------------------------------------------------------

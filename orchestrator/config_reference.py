@@ -55,14 +55,21 @@ EXPLAIN: dict[str, str] = {
     "etl_timeout_seconds": "Default job timeout; per job `timeout_seconds` in config/jobs.yaml wins. A run over "
                            "its timeout is stopped and marked failed.",
     "etl_request_timeout_seconds": "Timeout of one HTTP request to Clinical Conductor.",
-    "etl_fanout_incremental": "Incremental runs of parameterized (fan-out) jobs: `all` asks every parent again "
-                              "(with its own modifiedDate filter: always right, one call per parent); `changed` "
-                              "asks only parents whose staging row changed since the job's last complete run, "
-                              "plus a rotating sweep slice. `changed` is right only if Clinical Conductor moves a "
-                              "parent's modifiedDate when its children change (verify first; docs/extraction.md); "
-                              "per job: `fanout_incremental` in config/jobs.yaml.",
+    "etl_fanout_incremental": "Incremental runs of parameterized (fan-out) jobs: `changed` (default) asks only the "
+                              "parents whose staging row changed since the job's last complete run, plus a "
+                              "rotating sweep slice that also checks the assumption behind it (Clinical Conductor "
+                              "moves a parent's timestamp when a child changes): a change found under an unmarked "
+                              "parent is counted, alerted on, and makes the job ask every parent until a complete "
+                              "run finds none. `all` asks every parent every night (one call each). Per job: "
+                              "`fanout_incremental` in config/jobs.yaml; docs/extraction.md.",
     "etl_fanout_sweep_runs": "With `changed`: the parents are split into N hash slices and each run also asks "
                              "one slice, so a child change the parent did not show is picked up within N runs.",
+    "etl_call_budget": "API calls one orchestration (a night) may make; 0 = derive it from ETL_NIGHT_WINDOW_HOURS x "
+                       "CC_RATE_LIMIT_RPS, or no budget. Fan-out jobs spend it on changed parents first, then the "
+                       "sweep and unfinished first passes; the rest waits for the next night "
+                       "(`trialsync run --all --dry-run` shows the plan).",
+    "etl_night_window_hours": "Length of the nightly window; with CC_RATE_LIMIT_RPS it sets the call budget "
+                              "(window x rate). 0 = no budget.",
     "etl_jobs_file": "Operator overrides of the job catalog (schedules, priorities, dependencies, timeouts, "
                      "CSV sources).",
     "kafka_bootstrap_servers": "Broker address list. Unset = the embedded broker of `trialsync stack up`.",

@@ -133,8 +133,12 @@ def run_job(job: Job, *, mode: Mode = "incremental", only_parents: list[dict[str
             limit: int | None = None, dry_run: bool = False, settings: Settings | None = None,
             trigger: str = "cli", progress: ProgressSink | None = None, parent_run_id: int | None = None,
             orchestration_id: str | None = None, attempt: int = 1, workers: int | None = None,
-            processes: int | None = None, engine: str | None = None) -> RunResult:
-    """Run ``job`` once (see the module docstring); return its :class:`RunResult`."""
+            processes: int | None = None, engine: str | None = None, max_calls: int | None = None) -> RunResult:
+    """Run ``job`` once (see the module docstring); return its :class:`RunResult`.
+
+    ``max_calls``: the run's share of a night's call budget (fan-out jobs ask changed parents
+    first, then the sweep and unfinished first-pass parents, and leave the rest for the next run).
+    """
     s = settings or get_settings()
     check_runnable(job)
     if mode not in ("incremental", "full"):
@@ -147,7 +151,7 @@ def run_job(job: Job, *, mode: Mode = "incremental", only_parents: list[dict[str
     ex = Extraction(job, s, mode=mode, only_parents=only_parents, limit=limit, trigger=trigger,
                     progress=progress, parent_run_id=parent_run_id, orchestration_id=orchestration_id,
                     attempt=attempt, workers=workers or s.etl_parallel_jobs, processes=processes or 0,
-                    engine=choose_engine(s, engine))
+                    engine=choose_engine(s, engine), max_calls=max_calls)
     if dry_run:
         return ex.dry_run()
     return ex.run()
@@ -159,7 +163,7 @@ class Extraction:
     def __init__(self, job: Job, settings: Settings, *, mode: Mode, only_parents: list[dict[str, Any]] | None,
                  limit: int | None, trigger: str, progress: ProgressSink | None, parent_run_id: int | None,
                  orchestration_id: str | None, attempt: int, workers: int, processes: int = 0,
-                 engine: str = "async"):
+                 engine: str = "async", max_calls: int | None = None):
         self.job = job
         self.s = settings
         self.requested_mode = mode
@@ -177,6 +181,7 @@ class Extraction:
         self.processes = processes if (processes and job.requires_parameters and job.source_type == "cc_api"
                                        and limit is None) else 0
         self.engine = engine
+        self.max_calls = max_calls
         self.topic = bronze_topic(job.target_table, settings)
         self.table = job.target_table
         self.log = log.bind(job_id=job.id, table=self.table)
@@ -231,7 +236,12 @@ class Extraction:
                 publisher.ensure_system_topics()
                 self.plan = plan_run(conn, job, self.s, incremental=self.incremental,
                                      requested_mode=self.requested_mode, only_parents=self.only_parents,
-                                     limit=self.limit, track_watermarks=self.pages.track_timestamps)
+                                     limit=self.limit, track_watermarks=self.pages.track_timestamps,
+                                     max_calls=self.max_calls)
+                if self.incremental and self.plan.fanout.get("asked"):
+                    # the guard: parents not marked changed are checked against their watermarks
+                    self.pages.watch_from = self.plan.marked
+                    self.pages.watch_watermarks = self.plan.previous_watermarks
                 # -- 4. run_started ------------------------------------------------------------------
                 publish_control(publisher, self.s, RunStarted(
                     run_id=self.run_id, job_id=job.id, target_table=self.table, topic=self.topic,
@@ -330,7 +340,6 @@ class Extraction:
         """The plan in words and the first requests, without publishing or recording anything."""
         from producers.cc_client import CCClient
         from producers.paging import paginator_for
-        from producers.planner import fanout_policy
 
         job = self.job
         res = RunResult(job_id=job.id, status="dry-run", mode=self.mode, topic=self.topic)
@@ -346,22 +355,30 @@ class Extraction:
         with connect(self.s, autocommit=True, application_name="trialsync-extract") as conn:
             plan = plan_run(conn, job, self.s, incremental=self.incremental, requested_mode=self.requested_mode,
                             only_parents=self.only_parents, limit=self.limit,
-                            track_watermarks=self.pages.track_timestamps)
+                            track_watermarks=self.pages.track_timestamps, max_calls=self.max_calls)
         client = CCClient.from_settings(self.s)
         try:
             paginator = paginator_for(job, client.urls)
-            if job.requires_parameters:
+            f = plan.fanout
+            if job.reads_list:
+                lines.append(f"source: the list across parents {job.fetch_endpoint} (config/jobs.yaml `source: list`); "
+                             f"each record's parent ({', '.join(job.parameters)}) taken from the record")
+            elif job.requires_parameters:
                 lines.append(f"parents: {plan.parents_total} from bronze.{job.parameter_source_table} "
                              f"({', '.join(f'{k} <- data.{v}' for k, v in job.parameters.items())})")
                 if not plan.streams:
                     lines.append("no parents: the run would finish with 0 records (load the parent job first)")
-            if plan.fanout.get("asked") == "changed":
-                f = plan.fanout
-                lines.append(f"fan-out policy changed: {f['parents_changed']} parents changed since {f['since']} + "
-                             f"{f['parents_swept']} in sweep slice {f['sweep_slice']}/{f['sweep_runs']} "
-                             f"(of {f['parent_rows']} parent rows)")
-            elif job.requires_parameters and fanout_policy(job, self.s) == "changed" and self.requested_mode == "incremental":
-                lines.append(f"fan-out policy changed: asking every parent ({plan.fanout.get('reason', 'see log')})")
+            if f.get("asked") and "parents_changed" in f:
+                sweep = (f" + {f['parents_swept']} in sweep slice {f['sweep_slice']}/{f['sweep_runs']}"
+                         if "sweep_slice" in f else "")
+                lines.append(f"fan-out ({f['policy']} policy, asking {f['asked']}"
+                             f"{', guard holds' if f.get('guard') else ''}): {f['parents_changed']} changed since "
+                             f"{f['since'] or 'no complete run'}{sweep} + {f['parents_unfinished']} not yet reached "
+                             f"by the first pass + {f['parents_rest']} others (of {f['parent_rows']} parent rows)")
+                left = f.get("budget", {}).get("parents_left", {})
+                if any(left.values()):
+                    lines.append(f"budget: {f['budget']['max_calls']} calls; parents left for the next run: "
+                                 + ", ".join(f"{n} {k}" for k, n in left.items() if n))
             if self.pages.track_timestamps:
                 lines.append(f"watermarks: {len(plan.previous_watermarks)} stored; {plan.filtered_streams} of "
                              f"{len(plan.streams)} requests would be filtered")

@@ -34,7 +34,11 @@ def _scalar(v: Any) -> str | None:
     return s if s != "" else None
 
 
-def _part_getter(path: str) -> Callable[[Any, Mapping[str, Any] | None], str | None]:
+def path_getter(path: str) -> Callable[[Any, Mapping[str, Any] | None], str | None]:
+    """``(record, params) -> text`` of one dotted path (``study.id``), ``$value`` or
+    ``$param.<name>``; None when it is missing or not a scalar. The text matches what PostgreSQL's
+    ``data #>> path`` gives for the same JSON value (so parents read from Bronze and parents taken
+    from records compare equal)."""
     if path == "$value":
         return lambda rec, params: _scalar(rec)
     if path.startswith("$param."):
@@ -80,7 +84,7 @@ def key_builder(primary_key: tuple[str, ...] | list[str], instance_id: str) -> K
             return None if v is None else prefix + v
 
         return by_id
-    getters = [_part_getter(p) for p in primary_key]
+    getters = [path_getter(p) for p in primary_key]
     if len(getters) == 1:
         g = getters[0]
 

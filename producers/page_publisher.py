@@ -9,20 +9,30 @@ part is missing: the loader dead-letters it), value the raw record, headers ``ts
 ``ts-run-id``, ``ts-instance-id``, ``ts-extracted-at``, ``ts-params`` (parameterized jobs) and
 ``ts-modified-at`` (the record's timestamp field). A record repeated within one page is published
 once. Per stream: records published and the largest timestamp seen (the stream's next watermark).
+
+A job that reads its list across parents (``Job.reads_list``) takes each record's parent -- the
+``ts-params`` header, stored as the row's ``source_params`` -- from the record itself, so its rows
+are the rows the per-parent read would have written.
+
+The change-propagation guard: a stream of a parent *not* marked changed (``watch``) that returns a
+record newer than that parent's watermark is a change the ``changed`` fan-out policy would have
+missed; they are counted per run (``missed_changes``) for the planner's guard.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
 from common import kafka as K
 from common.metrics import RECORDS_EXTRACTED
 from producers import watermarks as wm_mod
-from producers.keys import key_builder
+from producers.keys import key_builder, path_getter
 from producers.pages import Page
 from producers.paging import Stream
 from producers.publisher import DeliveryTracker, Publisher, record_headers
@@ -58,6 +68,15 @@ class PagePublisher:
         #: stream index -> records published / largest record timestamp
         self.stream_records: dict[int, int] = {}
         self.stream_max: dict[int, datetime] = {}
+        #: change-propagation guard: streams from this index on are parents not marked changed, judged
+        #: against their previous watermark (parent key -> timestamp)
+        self.watch_from: int | None = None
+        self.watch_watermarks: dict[str, datetime] = {}
+        self.missed_changes = 0
+        self.missed_parents: list[dict[str, str]] = []
+        #: list sources: each record's parent comes from the record
+        self._parent_of = _parent_getter(job) if job.reads_list else None
+        self.records_missing_parent = 0
         self._metric = RECORDS_EXTRACTED.labels(job.target_table)
         self._base: list[tuple[str, bytes]] | None = None
         self._base_time = 0.0
@@ -75,8 +94,13 @@ class PagePublisher:
                 recs = recs[:room]
                 self.stop.set()
         assert self.publisher is not None, "publish() before the run has a producer"
-        n, missing, stamps, repeats = self.publisher.publish_page(
-            self.topic, recs, self.keyfn, stream.params, self._headers(stream), self.tracker, self.ts_field)
+        if self._parent_of is not None:
+            n, missing, stamps, repeats = self._publish_by_parent(recs)
+        else:
+            n, missing, stamps, repeats = self.publisher.publish_page(
+                self.topic, recs, self.keyfn, stream.params, self._headers(stream.params), self.tracker, self.ts_field)
+        if stamps and self.watch_from is not None and stream.idx >= self.watch_from:
+            self._judge(stream, stamps)
         read = n + repeats
         self.records += read
         self.records_missing_key += missing
@@ -91,13 +115,61 @@ class PagePublisher:
         self._metric.inc(read)
         return read
 
-    def _headers(self, stream: Stream) -> list[tuple[str, bytes]]:
+    def _publish_by_parent(self, recs: list[Any]) -> tuple[int, int, list[Any], int]:
+        """A page of a list across parents: published in groups of one parent each."""
+        assert self._parent_of is not None and self.publisher is not None
+        groups: dict[tuple[tuple[str, str], ...], list[Any]] = {}
+        for rec in recs:
+            params = self._parent_of(rec)
+            if len(params) < len(self.job.parameters):
+                self.records_missing_parent += 1
+            groups.setdefault(tuple(params.items()), []).append(rec)
+        n = missing = repeats = 0
+        stamps: list[Any] = []
+        for items, group in groups.items():
+            params = dict(items)
+            g = self.publisher.publish_page(self.topic, group, self.keyfn, params, self._headers(params or None),
+                                            self.tracker, self.ts_field)
+            n, missing, repeats = n + g[0], missing + g[1], repeats + g[3]
+            stamps.extend(g[2])
+        return n, missing, stamps, repeats
+
+    def _judge(self, stream: Stream, stamps: list[Any]) -> None:
+        """Records newer than the parent's watermark under a parent not marked changed."""
+        wm = self.watch_watermarks.get(stream.parent_key)
+        if wm is None:
+            return  # never read before: nothing to compare with
+        newer = sum(1 for ts in stamps if (t := wm_mod.parse_timestamp(ts)) is not None and t > wm)
+        if newer:
+            self.missed_changes += newer
+            if len(self.missed_parents) < 10 and stream.params:
+                self.missed_parents.append(dict(stream.params))
+
+    def _headers(self, params: dict[str, str] | None) -> list[tuple[str, bytes]]:
         """The run-wide headers, rebuilt once per tick (``ts-extracted-at`` to 0.25 s), plus the
-        stream's parameters."""
+        parent's parameters."""
         now = time.monotonic()
         if self._base is None or now - self._base_time > HEADER_TICK:
             self._base_time = now
             self._base = record_headers(self.job.id, self.run_id, self.instance_id, datetime.now(UTC), None)
-        if stream.params is None:
+        if params is None:
             return self._base
-        return [*self._base, (K.H_PARAMS, orjson.dumps(stream.params))]
+        return [*self._base, (K.H_PARAMS, orjson.dumps(params))]
+
+
+def _parent_getter(job: Job) -> Callable[[Any], dict[str, str]]:
+    """Record -> its parent's parameters (as text, like parameters read from Bronze), for a list
+    source; a parameter whose path is missing in the record is left out."""
+    assert job.list_source is not None
+    getters = [(name, path_getter(path)) for name, path in job.list_source.parameters.items()
+               if name in job.parameters]
+
+    def parent_of(rec: Any) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, get in getters:
+            v = get(rec, None)
+            if v is not None:
+                out[name] = v
+        return out
+
+    return parent_of

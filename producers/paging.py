@@ -133,7 +133,7 @@ class ApiUrls:
 
 def stable_orderby(job: Job) -> str | None:
     """``$orderby`` that keeps ``$skip`` paging stable: the key, when it is one top-level field."""
-    if job.paging == "odata" and len(job.primary_key) == 1 and not job.primary_key[0].startswith("$") \
+    if job.fetch_paging == "odata" and len(job.primary_key) == 1 and not job.primary_key[0].startswith("$") \
             and "." not in job.primary_key[0]:
         return job.primary_key[0]
     return None
@@ -255,8 +255,8 @@ class ODataPaginator(Paginator):
 
 
 def paginator_for(job: Job, urls: ApiUrls, *, split_pages: bool = True) -> Paginator:
-    """The paginator the job declares (``Job.paging``)."""
-    if job.paging == "odata":
-        return ODataPaginator(urls, job.endpoint, page_size=job.page_size, orderby=stable_orderby(job),
+    """The paginator the job declares (``Job.paging``; its list source's when it reads that)."""
+    if job.fetch_paging == "odata":
+        return ODataPaginator(urls, job.fetch_endpoint, page_size=job.page_size, orderby=stable_orderby(job),
                               split_pages=split_pages)
-    return Paginator(urls, job.endpoint)
+    return Paginator(urls, job.fetch_endpoint)

@@ -18,7 +18,7 @@ dicts look the same in headers, run records and watermark keys run after run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -93,23 +93,26 @@ def load_parents(conn: psycopg.Connection, job: Job) -> list[dict[str, str]]:
     return [dict(zip(names, row, strict=True)) for row in load_parent_values(conn, job)]
 
 
-@dataclass(frozen=True)
+@dataclass
 class ParentSelection:
-    """The parents an incremental run of a fan-out job asks under the ``changed`` policy."""
+    """The parents a run of a fan-out job may ask, by why -- in the order a budget spends calls.
 
-    values: list[tuple[str, ...]]
-    swept_values: list[tuple[str, ...]]  # of ``values``: unchanged, asked because of this run's sweep slice
-    parent_rows: int  # live rows in the parent table (the ``all`` policy would ask about this many)
-    as_of: datetime  # see read_point()
+    ``changed``: the parent's staging row changed since the reference (new parents included);
+    ``swept``: this run's sweep slice (unchanged parents asked to check the change-propagation
+    assumption and refresh embedded previews); ``unfinished``: not yet reached by the job's first
+    complete pass over its parents (keyset order); ``rest``: every other parent (asked under the
+    ``all`` policy or while the guard holds).
+    """
 
-    @property
-    def swept(self) -> int:
-        return len(self.swept_values)
+    changed: list[tuple[str, ...]] = field(default_factory=list)
+    swept: list[tuple[str, ...]] = field(default_factory=list)
+    unfinished: list[tuple[str, ...]] = field(default_factory=list)
+    rest: list[tuple[str, ...]] = field(default_factory=list)
+    parent_rows: int = 0
+    as_of: datetime | None = None
 
-    @property
-    def changed(self) -> int:
-        """Parents whose row was updated since ``since`` (new parents included)."""
-        return len(self.values) - len(self.swept_values)
+    def ordered(self) -> list[tuple[str, ...]]:
+        return [*self.changed, *self.swept, *self.unfinished, *self.rest]
 
 
 #: when other sessions' transaction start times are hidden (another role without pg_read_all_stats),
@@ -137,27 +140,59 @@ def read_point(conn: psycopg.Connection) -> datetime:
     return t - HIDDEN_TRANSACTION_MARGIN if hidden else t
 
 
-def select_changed_parents(conn: psycopg.Connection, job: Job, *, since: datetime, sweep_runs: int,
-                           sweep_slice: int) -> ParentSelection:
-    """Parents whose staging row changed after ``since`` (``updated_at`` moves only when a row's
-    content changes or it is new), plus the parents whose hash falls in slice ``sweep_slice`` of
-    ``sweep_runs``. The hash is of the parameter values, so a parent stays in its slice run after
-    run and every parent is asked at least once every ``sweep_runs`` runs."""
+def select_parents(conn: psycopg.Connection, job: Job, *, since: datetime | None, sweep_runs: int = 0,
+                   sweep_slice: int = 0, after: tuple[str, ...] | None = None, first_pass_done: bool = True,
+                   everything: bool = False) -> ParentSelection:
+    """Read the parents a run may ask, each once, sorted into :class:`ParentSelection`'s lists.
+
+    * changed: ``updated_at > since`` (``updated_at`` moves only when a row's content changes or
+      it is new; no reference = none);
+    * swept: the parameter values' hash falls in slice ``sweep_slice`` of ``sweep_runs`` (so a
+      parent stays in its slice run after run, and every parent is asked once every
+      ``sweep_runs`` runs); ``sweep_runs = 0``: no sweep;
+    * unfinished: the first pass is not done and the parent sorts after ``after``;
+    * rest: the others, read only with ``everything``.
+
+    One query; only the rows that fall in a wanted list are transferred (a patient-visit fan-out
+    has millions of parents and a night asks a few per cent of them).
+    """
     ps = _parent_sql(job)
-    params = {**ps.params, "since": since, "n": sweep_runs, "slice": sweep_slice % sweep_runs}
-    hashed = sql.SQL("(hashtext(concat_ws(chr(31), {})) & 2147483647) %% %(n)s").format(sql.SQL(", ").join(ps.exprs))
+    n = len(ps.exprs)
+    params: dict[str, Any] = {**ps.params, "since": since, "n": max(1, sweep_runs), "slice": sweep_slice % max(1, sweep_runs)}
+    changed = sql.SQL("updated_at > %(since)s") if since is not None else sql.SQL("false")
+    swept = sql.SQL("(hashtext(concat_ws(chr(31), {})) & 2147483647) %% %(n)s = %(slice)s").format(
+        sql.SQL(", ").join(ps.exprs)) if sweep_runs > 0 else sql.SQL("false")
+    if first_pass_done:
+        unfinished: sql.Composable = sql.SQL("false")
+    elif after is None:
+        unfinished = sql.SQL("true")
+    else:
+        params.update({f"a{i}": v for i, v in enumerate(after)})
+        unfinished = sql.SQL("ROW({}) > ROW({})").format(
+            sql.SQL(", ").join(ps.exprs), sql.SQL(", ").join(sql.Placeholder(f"a{i}") for i in range(n)))
+    wanted = sql.SQL("true") if everything else sql.SQL("({}) OR ({}) OR ({})").format(changed, swept, unfinished)
     q = sql.SQL(
-        "SELECT {cols}, bool_or(updated_at > %(since)s) AS changed FROM {table} "
-        "WHERE NOT is_deleted AND {conds} AND (updated_at > %(since)s OR {hashed} = %(slice)s) "
-        "GROUP BY {group} ORDER BY {group}"
-    ).format(cols=ps.cols, table=ps.table, conds=ps.conds, hashed=hashed, group=ps.positions)
+        "SELECT {cols}, bool_or({changed}), bool_or({swept}), bool_or({unfinished}) FROM {table} "
+        "WHERE NOT is_deleted AND {conds} AND ({wanted}) GROUP BY {group} ORDER BY {group}"
+    ).format(cols=ps.cols, changed=changed, swept=swept, unfinished=unfinished, table=ps.table, conds=ps.conds,
+             wanted=wanted, group=ps.positions)
     count = sql.SQL("SELECT count(*) FROM {table} WHERE NOT is_deleted").format(table=ps.table)
+    sel = ParentSelection()
     try:
         with conn.cursor() as cur:
-            as_of = read_point(conn)
-            rows = cur.execute(q, params).fetchall()
-            total = cur.execute(count).fetchone()[0]  # type: ignore[index]
+            sel.as_of = read_point(conn)
+            for *values, is_changed, is_swept, is_unfinished in cur.execute(q, params):
+                v = tuple(values)
+                if is_changed:
+                    sel.changed.append(v)
+                elif is_swept:
+                    sel.swept.append(v)
+                elif is_unfinished:
+                    sel.unfinished.append(v)
+                else:
+                    sel.rest.append(v)
+            row = cur.execute(count).fetchone()
+            sel.parent_rows = int(row[0]) if row else 0
     except psycopg.errors.UndefinedTable:
         raise _missing_table(job) from None
-    return ParentSelection([tuple(r[:-1]) for r in rows], [tuple(r[:-1]) for r in rows if not r[-1]],
-                           int(total), as_of)
+    return sel

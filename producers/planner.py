@@ -91,7 +91,7 @@ class StreamPlan(Sequence[Stream]):
         if self.values is None:
             if i != 0:
                 raise IndexError(i)
-            st = Stream(0, self.job.endpoint, None, self._filter(""))
+            st = Stream(0, self.job.fetch_endpoint, None, self._filter(""))
         else:
             params = dict(zip(self.names, self.values[i], strict=True))
             st = Stream(i, self._render(params), params, self._filter(parent_key(params)) if self.watermarks else None)
@@ -99,6 +99,57 @@ class StreamPlan(Sequence[Stream]):
             self._cache.clear()
         self._cache[i] = st
         return st
+
+
+@dataclass
+class FanoutHistory:
+    """What earlier runs of a fan-out job left for the next one (from ``dw_etl_runs.run_context``)."""
+
+    #: read point of the last successful run that asked every changed parent ("changed since")
+    since: datetime | None = None
+    #: the sweep slice the latest run used, and whether it asked all of it
+    last_slice: int | None = None
+    slice_done: bool = True
+    #: the first complete pass over the parents: done, or the last parent reached so far
+    first_pass_done: bool = False
+    first_pass_after: tuple[str, ...] | None = None
+    #: the change-propagation guard holds (a change was found under a parent not marked changed)
+    guard: bool = False
+    #: API calls per parent of the last run that asked parents (a parent with many pages costs more)
+    calls_per_parent: float = 1.0
+
+    @classmethod
+    def load(cls, conn: psycopg.Connection, job_id: int) -> FanoutHistory:
+        row = conn.execute(
+            """SELECT
+                 (SELECT (run_context->>'parents_as_of')::timestamptz FROM etl.dw_etl_runs
+                   WHERE job_id = %(j)s AND run_status = 'success' AND run_context ? 'parents_as_of'
+                   ORDER BY id DESC LIMIT 1),
+                 (SELECT run_context->'fanout' FROM etl.dw_etl_runs
+                   WHERE job_id = %(j)s AND run_context->'fanout' ? 'sweep_slice' ORDER BY id DESC LIMIT 1),
+                 (SELECT run_context->'fanout'->'first_pass' FROM etl.dw_etl_runs
+                   WHERE job_id = %(j)s AND run_context->'fanout' ? 'first_pass' ORDER BY id DESC LIMIT 1),
+                 (SELECT (run_context->'fanout'->>'guard_after')::boolean FROM etl.dw_etl_runs
+                   WHERE job_id = %(j)s AND run_context->'fanout' ? 'guard_after' ORDER BY id DESC LIMIT 1),
+                 (SELECT api_calls::float / parents_done FROM etl.dw_etl_runs
+                   WHERE job_id = %(j)s AND parents_done > 0 AND api_calls > 0 ORDER BY id DESC LIMIT 1),
+                 EXISTS (SELECT 1 FROM etl.dw_etl_runs WHERE job_id = %(j)s AND run_status = 'success'
+                          AND NOT run_context ? 'limit_reached' AND coalesce(run_context->>'limit', '') = '')""",
+            {"j": job_id}).fetchone()
+        assert row is not None
+        since, sweep, first_pass, guard, cpp, any_success = row
+        h = cls(since=since, guard=bool(guard), calls_per_parent=max(1.0, float(cpp or 1.0)))
+        if sweep:
+            h.last_slice = int(sweep["sweep_slice"])
+            h.slice_done = bool(sweep.get("sweep_done", True))
+        if first_pass is not None:
+            h.first_pass_done = bool(first_pass.get("done"))
+            after = first_pass.get("after")
+            h.first_pass_after = tuple(after) if after else None
+        else:
+            # installations from before first-pass tracking: a successful run asked every parent
+            h.first_pass_done = bool(any_success)
+        return h
 
 
 @dataclass
@@ -113,10 +164,17 @@ class RunPlan:
     #: how many streams carry a ``$filter``, and the oldest watermark used (the run's watermark_from)
     filtered_streams: int = 0
     watermark_from: datetime | None = None
-    #: parameterized runs: the database clock when the parents were read (complete runs only)
+    #: parameterized runs: the database clock when the parents were read, recorded when the run
+    #: asked every changed parent (the next run's "changed since")
     parents_as_of: datetime | None = None
-    #: the fan-out policy's selection (recorded in run_context and logged)
+    #: the fan-out selection (recorded in run_context and logged)
     fanout: dict[str, Any] = field(default_factory=dict)
+    #: streams [0, marked) are parents marked changed; the others are checked for changes the
+    #: parent's own timestamp did not announce (the guard)
+    marked: int = 0
+    #: the first-pass parents this run asks, in order: stream index -> position in the pass
+    first_pass: tuple[int, int] = (0, 0)
+    first_pass_values: list[tuple[str, ...]] = field(default_factory=list)
 
 
 def fanout_policy(job: Job, settings: Settings) -> str:
@@ -124,13 +182,19 @@ def fanout_policy(job: Job, settings: Settings) -> str:
 
 
 def plan_run(conn: psycopg.Connection, job: Job, settings: Settings, *, incremental: bool, requested_mode: str,
-             only_parents: list[dict[str, Any]] | None, limit: int | None, track_watermarks: bool) -> RunPlan:
+             only_parents: list[dict[str, Any]] | None, limit: int | None, track_watermarks: bool,
+             max_calls: int | None = None) -> RunPlan:
     """Read the parents and watermarks the run needs and build its streams (module docstring)."""
     names = job.placeholders or list(job.parameters)
     values: list[tuple[str, ...]] | None = None
     plan = RunPlan(streams=[])
     swept: list[tuple[str, ...]] = []
-    if job.requires_parameters:
+    per_parent = job.requires_parameters and not job.reads_list
+    if track_watermarks:
+        plan.previous_watermarks = wm_mod.load(conn, settings, job.id)
+    if job.reads_list:
+        plan.fanout = {"source": "list", "endpoint": job.fetch_endpoint}
+    elif per_parent:
         if only_parents is not None:
             values = []
             for p in only_parents:
@@ -138,12 +202,17 @@ def plan_run(conn: psycopg.Connection, job: Job, settings: Settings, *, incremen
                 if missing:
                     raise ConfigError(f"parent {p} for job {job.id} lacks parameters {missing}")
                 values.append(tuple(str(p[n]) for n in names))
-        else:
-            values, swept = _select_parents(conn, job, settings, plan, requested_mode=requested_mode, limit=limit)
+        elif requested_mode == "incremental" and limit is None and job.source_type == "cc_api":
+            values, swept = _select_parents(conn, job, settings, plan, max_calls=max_calls)
+        else:  # --full, --limit: every parent, in order
+            plan.parents_as_of = parents_mod.read_point(conn)
+            values = parents_mod.load_parent_values(conn, job)
+            plan.fanout = {"policy": fanout_policy(job, settings), "asked": "all", "reason": requested_mode
+                           if limit is None else "--limit"}
         plan.parents_total = len(values)
-    if track_watermarks:
-        plan.previous_watermarks = wm_mod.load(conn, settings, job.id)
     wms = plan.previous_watermarks if incremental else {}
+    if job.reads_list:
+        wms = {"": wms[""]} if "" in wms else {}
     if wms:
         if values is None or only_parents is not None:
             used = [wms[pk] for pk in (parent_key(dict(zip(names, v, strict=True))) for v in (values or [()]))
@@ -161,38 +230,60 @@ def plan_run(conn: psycopg.Connection, job: Job, settings: Settings, *, incremen
     return plan
 
 
-def _select_parents(conn: psycopg.Connection, job: Job, settings: Settings, plan: RunPlan, *, requested_mode: str,
-                    limit: int | None) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
-    """Every parent, or -- incremental run, ``changed`` policy, a complete earlier run to start
-    from -- the parents changed since that run plus this run's sweep slice. Returns (parents to
-    ask, the swept ones among them); sets the plan's ``parents_as_of`` and ``fanout``.
+def _select_parents(conn: psycopg.Connection, job: Job, settings: Settings, plan: RunPlan, *,
+                    max_calls: int | None) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """The parents an incremental run asks, in the order a budget spends calls: changed, the sweep
+    slice, the first pass's unfinished parents, the rest. Returns (parents to ask, the swept ones
+    among them); fills the plan's ``fanout`` record, ``marked``, ``first_pass`` and ``parents_as_of``.
 
-    The reference is the last *successful* run that read its parents (every stream asked and
-    answered): a partial run's failed parents stay inside the next run's "changed since" window.
-    Its time is ``parents.read_point()``, which no row written after that read can predate.
+    * ``changed`` policy, first pass done, guard clear: changed + one sweep slice;
+    * first pass not done: changed + the parents the pass has not reached (keyset order);
+    * ``all`` policy, or the guard holds: every parent (changed first).
+
+    "Changed since" is the read point of the last successful run that asked every changed parent
+    (a partial run's failed parents stay inside the next window); ``parents.read_point()`` is a
+    time no row written after that read can predate.
     """
-    if requested_mode == "incremental" and fanout_policy(job, settings) == "changed" and limit is None \
-            and job.source_type == "cc_api":
-        # the last complete run's read point, and the sweep slice the latest run used
-        row = conn.execute(
-            """SELECT (SELECT (run_context->>'parents_as_of')::timestamptz FROM etl.dw_etl_runs
-                        WHERE job_id = %(j)s AND run_status = 'success' AND run_context ? 'parents_as_of'
-                        ORDER BY id DESC LIMIT 1),
-                      (SELECT (run_context->'fanout'->>'sweep_slice')::int FROM etl.dw_etl_runs
-                        WHERE job_id = %(j)s AND run_context->'fanout' ? 'sweep_slice'
-                        ORDER BY id DESC LIMIT 1)""", {"j": job.id}).fetchone()
-        since, last_slice = row if row is not None else (None, None)
-        if since is not None:
-            n = settings.etl_fanout_sweep_runs
-            slice_ = 0 if last_slice is None else (last_slice + 1) % n
-            sel = parents_mod.select_changed_parents(conn, job, since=since, sweep_runs=n, sweep_slice=slice_)
-            plan.parents_as_of = sel.as_of
-            plan.fanout = {"policy": "changed", "asked": "changed", "since": since.isoformat(),
-                           "parents_changed": sel.changed, "parents_swept": sel.swept,
-                           "parent_rows": sel.parent_rows, "sweep_slice": slice_, "sweep_runs": n}
-            log.info("fanout_parents_selected", job_id=job.id,
-                     **{k: v for k, v in plan.fanout.items() if k not in ("policy", "asked")})
-            return sel.values, sel.swept_values
-        plan.fanout = {"policy": "changed", "asked": "all", "reason": "no complete earlier run to start from"}
-    plan.parents_as_of = parents_mod.read_point(conn)
-    return parents_mod.load_parent_values(conn, job), []
+    policy = fanout_policy(job, settings)
+    h = FanoutHistory.load(conn, job.id)
+    n = settings.etl_fanout_sweep_runs
+    use_sweep = policy == "changed" and h.first_pass_done and not h.guard and h.since is not None
+    slice_ = 0 if h.last_slice is None else ((h.last_slice + 1) % n if h.slice_done else h.last_slice % n)
+    everything = (policy == "all" or h.guard or h.since is None) and h.first_pass_done
+    sel = parents_mod.select_parents(
+        conn, job, since=h.since, sweep_runs=n if use_sweep else 0, sweep_slice=slice_,
+        after=h.first_pass_after, first_pass_done=h.first_pass_done, everything=everything)
+    groups = {"changed": sel.changed, "swept": sel.swept, "unfinished": sel.unfinished, "rest": sel.rest}
+    left = {k: 0 for k in groups}
+    if max_calls is not None:
+        room = max(0, int(max_calls // h.calls_per_parent))
+        for k, vals in groups.items():
+            take = min(len(vals), room)
+            left[k] = len(vals) - take
+            del vals[take:]
+            room -= take
+    ordered = sel.ordered()
+    plan.marked = len(sel.changed)
+    start = len(sel.changed) + len(sel.swept)
+    plan.first_pass = (start, start + len(sel.unfinished))
+    plan.first_pass_values = sel.unfinished
+    asked = "guard" if h.guard and h.first_pass_done else ("changed" if use_sweep else (
+        "first_pass" if not h.first_pass_done else "all"))
+    plan.fanout = {
+        "policy": policy, "asked": asked, "since": h.since.isoformat() if h.since else None,
+        "parents_changed": len(sel.changed), "parents_swept": len(sel.swept),
+        "parents_unfinished": len(sel.unfinished), "parents_rest": len(sel.rest), "parent_rows": sel.parent_rows,
+        "guard": h.guard, "changed_complete": left["changed"] == 0,
+        "first_pass": {"done": h.first_pass_done, "after": list(h.first_pass_after) if h.first_pass_after else None},
+    }
+    if use_sweep:
+        plan.fanout.update({"sweep_slice": slice_, "sweep_runs": n, "sweep_done": left["swept"] == 0})
+    if max_calls is not None:
+        plan.fanout["budget"] = {"max_calls": max_calls, "calls_per_parent": round(h.calls_per_parent, 3),
+                                 "parents_left": left}
+    if left["changed"] == 0:
+        plan.parents_as_of = sel.as_of
+    log.info("fanout_parents_selected", job_id=job.id, asked=asked, parents=len(ordered),
+             **{k: v for k, v in plan.fanout.items() if k.startswith("parents_")},
+             **({"parents_left": left} if any(left.values()) else {}))
+    return ordered, sel.swept

@@ -97,13 +97,14 @@ class RunRecorder:
             "warnings": warnings,
             "watermarks_committed": len(new_wm),
         }
-        if job.requires_parameters and facts.only_parents is None and facts.limit is None and plan is not None \
-                and plan.parents_as_of is not None:
-            # the next `changed`-policy run starts from here if this one succeeds
-            from producers.planner import fanout_policy
-
-            context["parents_as_of"] = plan.parents_as_of.isoformat()
-            context["fanout"] = plan.fanout or {"policy": fanout_policy(job, self.s), "asked": "all"}
+        if job.requires_parameters and facts.only_parents is None and facts.limit is None and plan is not None:
+            if plan.parents_as_of is not None:
+                # the next `changed`-policy run starts from here if this one succeeds
+                context["parents_as_of"] = plan.parents_as_of.isoformat()
+            if plan.fanout:
+                context["fanout"] = self._fanout_outcome(plan, driver, tracker, status)
+        if pages.records_missing_parent:
+            context["records_missing_parent"] = pages.records_missing_parent
         deadline = time.monotonic() + FINISH_DB_WAIT_SECONDS
         db = _Db(self.s, conn)
         # -- 7. counters, end offsets, failed parents and the watermark range, still `running` --------
@@ -166,6 +167,44 @@ class RunRecorder:
             watermark_from=wm_from, watermark_to=wm_to, error=scrub(error) if error else None,
             error_class=error_class, duration_s=round(seconds, 3), fetch_s=round(fetch_seconds, 3),
             warnings=warnings)
+
+
+    def _fanout_outcome(self, plan: RunPlan, driver: FetchDriver, tracker: DeliveryTracker,
+                        status: str) -> dict[str, Any]:
+        """The run's fan-out record, completed with what happened: how far the first pass got,
+        changes found under parents not marked changed, and whether the guard holds."""
+        from common.metrics import CALLS_BUDGET_LEFT, FANOUT_GUARD, FANOUT_UNANNOUNCED
+
+        fan = dict(plan.fanout)
+        job_id = str(self.job.id)
+        if "first_pass" in fan and not fan["first_pass"]["done"]:
+            start, end = plan.first_pass
+            attempted = driver.ok | set(driver.failed)
+            reached = 0
+            if not tracker.failed:  # records not acknowledged: the pass has not reached them
+                while start + reached < end and start + reached in attempted:
+                    reached += 1
+            vals = plan.first_pass_values
+            left = fan.get("budget", {}).get("parents_left", {}).get("unfinished", 0)
+            fan["first_pass"] = {"done": reached == len(vals) and left == 0,
+                                 "after": list(vals[reached - 1]) if reached else fan["first_pass"]["after"]}
+        pages = driver.pages
+        fan["unannounced_changes"] = pages.missed_changes
+        if pages.missed_parents:
+            fan["unannounced_parents"] = pages.missed_parents
+        if pages.missed_changes and fan.get("policy") == "changed":
+            FANOUT_UNANNOUNCED.labels(job_id).inc(pages.missed_changes)
+            self.log.warning("fanout_unannounced_changes", changes=pages.missed_changes,
+                             parents=pages.missed_parents, note="changes under parents whose own timestamp did not "
+                             "move: the job asks every parent until one complete run finds none")
+        left = fan.get("budget", {}).get("parents_left", {})
+        complete_all = fan.get("asked") in ("all", "guard") and status == "success" and not any(left.values())
+        fan["guard_after"] = bool(fan.get("policy") == "changed" and (
+            pages.missed_changes > 0 or (fan.get("guard") and not complete_all)))
+        FANOUT_GUARD.labels(job_id).set(1 if fan["guard_after"] else 0)
+        for reason, n in left.items():
+            CALLS_BUDGET_LEFT.labels(job_id, reason).set(n)
+        return fan
 
 
 class _Db:

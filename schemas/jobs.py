@@ -83,6 +83,33 @@ def legacy_column_to_path(column: str) -> str:
     raise CatalogError(f"parameter_source_column {column!r} is neither a column name nor data->>'key'")
 
 
+class ListSource(BaseModel):
+    """A cheaper source for a fan-out job: one list across all parents that returns the same model
+    as the job's per-parent endpoint (``/api/v1/subjects/odata`` for ``/studies/{studyId}/subjects``).
+
+    Read in a few pages instead of one call per parent; each record's parent -- the parameters the
+    per-parent read would have used, stored as the row's ``source_params`` -- is taken from the
+    record itself (``parameters``: placeholder -> JSON path). Declared in data/catalog_fixes.yaml
+    from the spec; used only where config/jobs.yaml says ``source: list`` (verify first with
+    ``trialsync doctor --sources``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    endpoint: str = Field(min_length=1)
+    paging: Paging = "odata"
+    parameters: dict[str, str]
+    reason: str = ""
+
+    @field_validator("parameters")
+    @classmethod
+    def _paths(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, path in v.items():
+            if not KEY_PATH_RE.match(path) or path.startswith("$"):
+                raise ValueError(f"list source parameter {name}: {path!r} is not a dotted path into the record")
+        return v
+
+
 class Job(BaseModel):
     """One configured extraction: endpoint -> topic -> staging table."""
 
@@ -104,6 +131,9 @@ class Job(BaseModel):
     incremental: bool | None = None
     #: incremental runs of a parameterized job: ask every parent, or only the changed ones (None = setting)
     fanout_incremental: Literal["all", "changed"] | None = None
+    #: fan-out jobs: the declared cheaper source, and whether this installation reads it
+    list_source: ListSource | None = None
+    source: Literal["parents", "list"] = "parents"
     category: Category = "core"
     paging: Paging = "none"
     page_size: int = Field(default=1000, ge=1, le=1000)
@@ -158,6 +188,13 @@ class Job(BaseModel):
         for p in self.primary_key:
             if p.startswith("$param.") and p.removeprefix("$param.") not in self.parameters:
                 raise ValueError(f"job {self.id}: primary key {p} names no parameter of the job")
+        if self.list_source is not None:
+            missing = set(self.parameters) - set(self.list_source.parameters)
+            if missing:
+                raise ValueError(f"job {self.id}: its list source gives no path for parameters {sorted(missing)}")
+        if self.source == "list" and self.list_source is None:
+            raise ValueError(f"job {self.id} ({self.name}) has no cheaper list source declared: `source: list` "
+                             "applies only to jobs listed under list_sources in the catalog fixes")
         return self
 
     @property
@@ -166,7 +203,21 @@ class Job(BaseModel):
 
     @property
     def paging_description(self) -> str:
-        return PAGING_STYLES[self.paging]
+        return PAGING_STYLES[self.fetch_paging]
+
+    @property
+    def reads_list(self) -> bool:
+        """This installation reads the job's records from its list across parents."""
+        return self.source == "list" and self.list_source is not None and self.requires_parameters
+
+    @property
+    def fetch_endpoint(self) -> str:
+        """The path the run asks (with placeholders when it asks per parent)."""
+        return self.list_source.endpoint if self.reads_list and self.list_source else self.endpoint
+
+    @property
+    def fetch_paging(self) -> Paging:
+        return self.list_source.paging if self.reads_list and self.list_source else self.paging
 
     @property
     def runnable(self) -> bool:
@@ -177,8 +228,8 @@ class Job(BaseModel):
     def supports_incremental(self) -> bool:
         """Incremental loads need ``$filter``, which only endpoints with OData paging accept."""
         if self.incremental is not None:
-            return self.incremental and self.paging == "odata"
-        return self.paging == "odata"
+            return self.incremental and self.fetch_paging == "odata"
+        return self.fetch_paging == "odata"
 
     def render_endpoint(self, params: dict[str, Any]) -> str:
         """Substitute parameter values into the endpoint path (values are URL-quoted)."""
@@ -220,6 +271,8 @@ class JobOverride(BaseModel):
     incremental: bool | None = None
     fanout_incremental: Literal["all", "changed"] | None = None
     paging: Paging | None = None
+    #: fan-out jobs with a declared list source: read it (``list``) or ask each parent (``parents``)
+    source: Literal["parents", "list"] | None = None
     page_size: int | None = Field(default=None, ge=1, le=1000)
 
     @field_validator("schedule")
@@ -326,6 +379,8 @@ def apply_fixes(rows: list[dict[str, Any]], fixes: dict[str, Any]) -> list[dict[
             job["fix_reasons"] = (*job.get("fix_reasons", ()), reason)
     for job_id, key in (fixes.get("primary_keys") or {}).items():
         get(int(job_id), "primary_keys")["primary_key"] = tuple(key)
+    for job_id, src in (fixes.get("list_sources") or {}).items():
+        get(int(job_id), "list_sources")["list_source"] = dict(src)
     for style, ids in (fixes.get("paging") or {}).items():
         for job_id in ids:
             get(job_id, "paging")["paging"] = style
@@ -385,8 +440,11 @@ class JobCatalog:
             if ov.fanout_incremental is not None and not job.requires_parameters:
                 raise CatalogError(f"config/jobs.yaml sets fanout_incremental for job {job.id} ({job.name}), "
                                    "which is not parameterized: remove it (it only applies to fan-out jobs)")
+            if ov.source == "list" and job.list_source is None:
+                raise CatalogError(f"config/jobs.yaml sets `source: list` for job {job.id} ({job.name}), which has no "
+                                   "cheaper list source (docs/extraction.md lists the jobs that have one)")
             for f in ("schedule", "priority", "timeout_seconds", "incremental", "fanout_incremental", "paging",
-                      "page_size"):
+                      "source", "page_size"):
                 v = getattr(ov, f)
                 if v is not None:
                     change[f] = v

@@ -103,6 +103,11 @@ ROUTE_TABLE: dict[str, tuple[str, Kind]] = {
     "/api/v1/study-types": ("study_types", "list"),
     "/api/v1/studies/{studyId}/visits/{visitId}/elements/odata": ("visit_element_rels", "odata"),
     "/api/v1/patient-payments/odata": ("patient_payments", "odata"),
+    # lists across parents that return the model of a per-parent endpoint (the spec's own paths):
+    # the cheaper sources of jobs 10 and 11 (docs/extraction.md, "Sources"); /monitor-queries/odata
+    # is in the spec too, but answers 501 on the real API (job 30), so it stays invalid here
+    "/api/v1/subjects/odata": ("subjects", "odata"),
+    "/api/v1/visits/odata": ("study_visits", "odata"),
 }
 
 #: Which entity a placeholder's id belongs to.

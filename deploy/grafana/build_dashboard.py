@@ -219,6 +219,20 @@ def build() -> dict[str, Any]:
                [target("sum(increase(trialsync_api_rate_limited_total[24h])) or vector(0)")], decimals=0,
                steps=((None, "green"), (1, "orange"))), w=6)
 
+    L.add(timeseries("Fan-out: unannounced child changes", "Child records that changed under a parent the "
+                     "`changed` fan-out policy did not mark changed (the parent's own timestamp did not move), found "
+                     "by the sweep. Any fires TrialSyncFanoutAssumptionBroken; the job then asks every parent until "
+                     "one complete run finds none (guard, 1 = holding).",
+                     [target(f"sum by (job_id) (increase(trialsync_fanout_unannounced_changes_total{{{JOB}}}[1d]))",
+                             "job {{job_id}} changes/day"),
+                      target(f"max by (job_id) (trialsync_fanout_guard_active{{{JOB}}})", "job {{job_id}} guard",
+                             ref="B")]), w=12)
+    L.add(timeseries("Fan-out: parents left by the call budget", "Parents a budgeted night left for the next "
+                     "one, by why they were due (changed, swept, unfinished first pass, rest). Persistent "
+                     "'changed' means the budget cannot keep up: raise ETL_NIGHT_WINDOW_HOURS or CC_RATE_LIMIT_RPS.",
+                     [target(f"sum by (job_id, reason) (trialsync_fanout_parents_left{{{JOB}}})",
+                             "job {{job_id}} {{reason}}")]), w=12)
+
     # -- loading ---------------------------------------------------------------------------------
     L.row("Loading", "Consumer lag, micro-batches and the database pool.")
     L.add(timeseries("Consumer lag by topic", "Messages behind the high watermark, summed over partitions, per "

@@ -1,7 +1,10 @@
 """The ``changed`` fan-out policy on the real chain (simulator -> extractor -> broker -> loader ->
-staging): an incremental run of a parameterized job asks only the parents whose staging row changed
-since the job's last complete run, plus one sweep slice; a partial run's failed parents are asked
-again; a child change its parent does not show is picked up by the sweep within N runs."""
+staging): after a first pass over every parent, an incremental run of a parameterized job asks only
+the parents whose staging row changed since the job's last complete run, plus one sweep slice; a
+partial run's failed parents are asked again. Both simulator modes: when CC moves the parent with a
+child change (``touch_parents``) nothing is ever unannounced; when it does not, the sweep finds the
+changes within one cycle, counts them, and the guard asks every parent until a complete run finds
+none -- no change is lost, only delayed."""
 
 from __future__ import annotations
 
@@ -64,7 +67,10 @@ def test_only_changed_parents_are_asked_when_cc_touches_them(env: Settings, sim:
     parents_night(env)
     first = run_job(subjects, mode="incremental", settings=env)
     assert first.status == "success"
-    assert fanout(env, first) == {"policy": "changed", "asked": "all", "reason": "no complete earlier run to start from"}
+    f0 = fanout(env, first)
+    # the first run is the first pass: every parent, in order, none "changed" (no reference yet)
+    assert f0["policy"] == "changed" and f0["asked"] == "first_pass" and f0["first_pass"]["done"]
+    assert f0["parents_unfinished"] == first.parents_total and f0["parents_changed"] == 0
     all_parents = first.parents_total
     assert all_parents and all_parents > 100
 
@@ -82,6 +88,8 @@ def test_only_changed_parents_are_asked_when_cc_touches_them(env: Settings, sim:
     assert inc.parents_total == f["parents_changed"] + f["parents_swept"] < all_parents // 10
     assert sim.requests_to(SUBJECTS_ENDPOINT) == inc.api_calls == inc.parents_total
     assert published(env, inc) == changed  # exactly the changed records, nothing missed
+    # CC announced every child change on its parent: the sweep found nothing new, the guard is clear
+    assert f["unannounced_changes"] == 0 and f["guard_after"] is False
 
     # nothing changed since: only the next sweep slice is asked (test 3: the sweep reads unfiltered)
     again = run_job(subjects, mode="incremental", settings=env)
@@ -116,8 +124,13 @@ def test_a_partial_runs_failed_parent_is_asked_again(env: Settings, sim: Simulat
     assert missed and missed <= published(env, nxt)
 
 
-def test_child_changes_the_parent_does_not_show_arrive_within_the_sweep(
+def test_unannounced_changes_arrive_within_one_sweep_and_the_guard_asks_every_parent(
         sim: SimulatorProcess, fresh_db: str, unique: str) -> None:
+    from prometheus_client import REGISTRY
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("trialsync_fanout_unannounced_changes_total", {"job_id": "10"}) or 0.0
+
     migrate()
     sync(load_catalog())
     with _env(sim, f"fs{unique}", 2) as env:
@@ -125,15 +138,27 @@ def test_child_changes_the_parent_does_not_show_arrive_within_the_sweep(
         parents_night(env)
         first = run_job(subjects, mode="incremental", settings=env)
         assert first.status == "success"
-        change = sim.mutate("subjects", modify_count=8)  # CC did not touch the studies
+        change = sim.mutate("subjects", modify_count=8)  # CC does not touch the studies
         changed = {f"cc1:{i}" for i in change["modified"]}
         parents_night(env)
-        r1 = run_job(subjects, mode="incremental", settings=env)
-        r2 = run_job(subjects, mode="incremental", settings=env)
-        f1, f2 = fanout(env, r1), fanout(env, r2)
-        assert f1["parents_changed"] == f2["parents_changed"] == 0
-        assert {f1["sweep_slice"], f2["sweep_slice"]} == {0, 1}
-        # two slices of two partition the parents: every parent asked once, unfiltered, so every
-        # record was read again within two runs -- the changes the studies did not show included
-        assert r1.parents_total + r2.parents_total == first.parents_total
-        assert changed <= published(env, r1) | published(env, r2) == set(expected_by_key(sim, subjects))
+        before = counted()
+        runs = [run_job(subjects, mode="incremental", settings=env) for _ in range(4)]
+        fans = [fanout(env, r) for r in runs]
+        assert all(r.status == "success" for r in runs)
+        assert all(f["parents_changed"] == 0 for f in fans)  # the studies did not move
+        # within one sweep cycle (two slices) every change has arrived: late, never lost
+        assert changed <= published(env, runs[0]) | published(env, runs[1])
+        # each was counted once, as a change its parent did not announce, and exported
+        assert sum(f["unannounced_changes"] for f in fans) == len(changed) == counted() - before
+        for prev, nxt in zip(fans, fans[1:], strict=False):
+            if prev["unannounced_changes"]:
+                # the guard: the next run asks every parent (a complete sweep)...
+                assert prev["guard_after"] and nxt["asked"] == "guard" and "sweep_slice" not in nxt
+            elif prev["asked"] == "guard":
+                # ...until one complete run finds none; then the sweep takes over again
+                assert not prev["guard_after"] and nxt["asked"] == "changed"
+        assert fans[-1]["asked"] == "changed" and not fans[-1]["guard_after"]
+        guard_runs = [r for r, f in zip(runs, fans, strict=True) if f["asked"] == "guard"]
+        assert guard_runs and all(r.parents_total == first.parents_total for r in guard_runs)
+        assert set(expected_by_key(sim, subjects)) == {m.key for m in read_topic(
+            env, K.bronze_topic("dim_subjects_staging", env))}

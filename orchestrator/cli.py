@@ -142,7 +142,7 @@ def run(
         raise UserError(str(e), code=2) from None
     plan = build_plan(catalog, ids)
     if dry_run:
-        _print_plan(plan, as_json)
+        _print_plan(plan, as_json, s, "full" if full else "incremental")
         return
     options = RunnerOptions.from_settings(s, trigger="cli", mode="full" if full else "incremental",
                                           parallel=parallel, wait_all_loads=wait_load)
@@ -151,24 +151,66 @@ def run(
     _finish(result, as_json)
 
 
-def _print_plan(plan: Any, as_json: bool) -> None:
+def _print_plan(plan: Any, as_json: bool, settings: Any, mode: str) -> None:
+    """The plan: levels and order, and per job the API calls a full and an incremental run would make
+    now (from Bronze and the jobs' history), the time at CC_RATE_LIMIT_RPS, and what the night's
+    call budget would cover."""
     from rich.table import Table
 
+    from common.db import DatabaseError, connect
     from orchestrator.status import to_json
+    from producers.call_plan import allocate, estimate_all
 
+    jobs = [plan.job(j) for level in plan.levels for j in level]
+    estimates: dict[int, Any] = {}
+    note = None
+    try:
+        with connect(settings, autocommit=True, application_name="trialsync-plan") as conn:
+            estimates = {e.job_id: e for e in estimate_all(conn, jobs, settings)}
+    except DatabaseError as e:
+        note = f"no call estimates: {e}"
+    budget = settings.call_budget()
+    rate = settings.cc_rate_limit_rps
+    alloc = allocate(list(estimates.values()), budget) if estimates and mode == "incremental" else {}
     if as_json:
         print(to_json({"levels": [list(level) for level in plan.levels],
                        "parents": {str(k): list(v) for k, v in plan.parents.items()},
-                       "external_parents": {str(k): list(v) for k, v in plan.external_parents.items()}}))
+                       "external_parents": {str(k): list(v) for k, v in plan.external_parents.items()},
+                       "calls": {str(k): v.as_dict() for k, v in estimates.items()},
+                       "budget": budget, "rate_limit_rps": rate, "allocation": {str(k): v for k, v in alloc.items()},
+                       "note": note}))
         return
     t = Table(title=f"plan: {len(plan)} jobs in {len(plan.levels)} levels", title_justify="left")
-    for col in ("level", "job", "name", "waits for (loaded)", "uses as is"):
-        t.add_column(col, overflow="fold")
+    for col in ("level", "job", "name", "waits for (loaded)", "calls full", "calls now", "why (now)"):
+        t.add_column(col, overflow="fold", justify="right" if col.startswith("calls") else "left")
+    total_full = total_now = 0
     for i, level in enumerate(plan.levels):
         for j in level:
+            e = estimates.get(j)
+            now = "-" if e is None else (e.full if mode == "full" else e.incremental)
+            why = "" if e is None else (", ".join(f"{n:,} {k}" for k, n in e.by_reason.items() if n) or e.note)
+            if e is not None:
+                total_full += e.full
+                total_now += e.full if mode == "full" else e.incremental
             t.add_row(str(i), str(j), plan.job(j).name, ", ".join(map(str, plan.parents.get(j, ()))) or "-",
-                      ", ".join(map(str, plan.external_parents.get(j, ()))) or "-")
-    _console().print(t)
+                      "-" if e is None else f"{e.full:,}", now if isinstance(now, str) else f"{now:,}", why)
+    c = _console()
+    c.print(t)
+    if note:
+        c.print(f"[yellow]{note}[/]", highlight=False)
+        return
+
+    def at_rate(calls: int) -> str:
+        return f"{calls / rate / 3600:.1f} h at {rate:g} req/s" if rate else "no CC_RATE_LIMIT_RPS set"
+
+    c.print(f"a full run: {total_full:,} calls ({at_rate(total_full)}); this {mode} run now: {total_now:,} calls "
+            f"({at_rate(total_now)})", highlight=False)
+    if budget is not None and mode == "incremental":
+        left = sum(a["left"] for a in alloc.values())
+        c.print(f"the night's budget: {budget:,} calls (ETL_CALL_BUDGET or ETL_NIGHT_WINDOW_HOURS x "
+                f"CC_RATE_LIMIT_RPS): " + ("covers it" if not left else
+                                           f"{left:,} calls left for the next night (changed parents first)"),
+                highlight=False)
 
 
 # -- retry -----------------------------------------------------------------------------------------

@@ -175,6 +175,8 @@ class RunnerOptions:
     #: orchestration's start); reuse is off for --full runs
     reuse_since: float | None = None
     allow_reuse: bool = True
+    #: the night's API call budget (ETL_CALL_BUDGET or window x rate; incremental runs only)
+    call_budget: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, orch: OrchestratorSettings | None = None,
@@ -189,6 +191,7 @@ class RunnerOptions:
             load_timeout=o.etl_load_timeout_seconds,
             fanout_workers=o.etl_fanout_workers or s.etl_parallel_jobs,
             plain_workers=o.etl_plain_workers or s.etl_parallel_jobs,
+            call_budget=s.call_budget(),
         )
         for k, v in overrides.items():
             if v is not None:
@@ -250,6 +253,11 @@ class Runner:
             self._costs = {}
         self._order = self.plan.start_order(self._costs)
         self.store.begin_orchestration(self.oid, self.opt.trigger, self.selection, self.opt.mode, len(self.plan))
+        if self.opt.call_budget is not None and self.opt.mode == "incremental":
+            try:
+                self.store.open_budget(self.oid, self.opt.call_budget, [self.plan.job(j) for j in self.plan.job_ids])
+            except Exception as e:  # noqa: BLE001 - without the ledger the runs are simply not budgeted
+                self.log.error("call_budget_not_opened", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
         self.log.info("orchestration_started", jobs=len(self.plan), parallel=self.opt.parallel, mode=self.opt.mode,
                       trigger=self.opt.trigger, levels=len(self.plan.levels))
         error: str | None = None

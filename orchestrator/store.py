@@ -25,6 +25,7 @@ from psycopg import sql
 from common.config import Settings, get_settings
 from common.db import connect
 from common.logging import get_logger
+from schemas.jobs import Job
 
 log = get_logger("orchestrator.store")
 
@@ -56,6 +57,8 @@ class RunStore(Protocol):
                             jobs_total: int) -> None: ...
 
     def finish_orchestration(self, oid: str, status: str, counts: dict[str, int], error: str | None = None) -> None: ...
+
+    def open_budget(self, oid: str, budget: int, jobs: Sequence[Job]) -> None: ...
 
     def record_skipped(self, job_id: int, oid: str, trigger: str, reason: str) -> int: ...
 
@@ -169,6 +172,12 @@ class DbRunStore:
             """INSERT INTO etl.dw_orchestrations (id, trigger, selection, mode, jobs_total, host, pid)
                VALUES (%s, %s, %s::jsonb, %s, %s, %s, %s)""",
             (oid, trigger[:32], _json(selection), mode, jobs_total, HOST, os.getpid()))
+
+    def open_budget(self, oid: str, budget: int, jobs: Sequence[Job]) -> None:
+        """The night's call budget, with every job's expected changed-parent calls (producers.call_plan)."""
+        from producers.call_plan import estimate_all, open_night
+
+        open_night(self.conn, oid, budget, estimate_all(self.conn, list(jobs), self.settings))
 
     def finish_orchestration(self, oid: str, status: str, counts: dict[str, int], error: str | None = None) -> None:
         self._exec(

@@ -34,6 +34,8 @@ def extract(
     engine: Annotated[str | None, typer.Option(help="HTTP engine: async (uvloop) | threads (requests); "
                                                "default ETL_HTTP_ENGINE (auto)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print each run's result as JSON")] = False,
+    max_calls: Annotated[int | None, typer.Option(min=1, help="fan-out jobs: at most N API calls (changed parents "
+                                                  "first, then the sweep and unfinished first-pass parents)")] = None,
 ) -> None:
     """Extract jobs from Clinical Conductor into their Bronze topics."""
     import orjson
@@ -65,7 +67,7 @@ def extract(
         try:
             r = run_job(j, mode="full" if full else "incremental", dry_run=dry_run, limit=limit, settings=settings,
                         trigger="cli", progress=progress, workers=workers, processes=processes,
-                        engine=engine)
+                        engine=engine, max_calls=max_calls)
         except JobNotRunnable as e:
             if len(jobs) == 1:
                 raise UserError(str(e), code=2) from None

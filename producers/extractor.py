@@ -61,9 +61,10 @@ from common.kafka import bronze_topic
 from common.logging import get_logger
 from common.metrics import JOB_RUNS_STARTED, JOB_TIMEOUT, RECORDS_PUBLISHED, RUNS_IN_PROGRESS
 from producers import runs as runs_mod
+from producers.call_plan import LedgerBudget
 from producers.fetch_driver import FetchDriver, Interrupted, describe
 from producers.page_publisher import PagePublisher
-from producers.planner import RunPlan, plan_run
+from producers.planner import CallBudget, FixedBudget, RunPlan, plan_run
 from producers.publisher import DeliveryTracker, Publisher, get_publisher
 from producers.run_recorder import RunFacts, RunRecorder, publish_control
 from schemas.jobs import Job
@@ -182,6 +183,7 @@ class Extraction:
                                        and limit is None) else 0
         self.engine = engine
         self.max_calls = max_calls
+        self.budget: CallBudget | None = None
         self.topic = bronze_topic(job.target_table, settings)
         self.table = job.target_table
         self.log = log.bind(job_id=job.id, table=self.table)
@@ -234,10 +236,12 @@ class Extraction:
                 self.pages.publisher = publisher
                 publisher.ensure_topic(self.topic)
                 publisher.ensure_system_topics()
+                self.budget = FixedBudget(self.max_calls) if self.max_calls is not None else \
+                    LedgerBudget.of(conn, self.orchestration_id)
                 self.plan = plan_run(conn, job, self.s, incremental=self.incremental,
                                      requested_mode=self.requested_mode, only_parents=self.only_parents,
                                      limit=self.limit, track_watermarks=self.pages.track_timestamps,
-                                     max_calls=self.max_calls)
+                                     budget=self.budget)
                 if self.incremental and self.plan.fanout.get("asked"):
                     # the guard: parents not marked changed are checked against their watermarks
                     self.pages.watch_from = self.plan.marked
@@ -294,11 +298,22 @@ class Extraction:
                     facts=RunFacts(self.mode, self.only_parents, self.limit, self.processes),
                     duration=lambda: time.monotonic() - t0, fetch_seconds=self.fetch_seconds)
                 self._log_result(result)
+                self._settle_budget(result)
         finally:
             with _ACTIVE_LOCK:
                 _ACTIVE.discard(self)
             conn.close()
         return result
+
+    def _settle_budget(self, result: RunResult) -> None:
+        """Give the night's budget back what this run did not use (an orchestration's ledger)."""
+        if not isinstance(self.budget, LedgerBudget):
+            return
+        left = self.plan.fanout.get("budget", {}).get("parents_left") if self.plan is not None else None
+        try:
+            self.budget.settle(self.job, result.api_calls, left)
+        except Exception as e:  # noqa: BLE001 - bookkeeping of the budget never fails a run
+            self.log.warning("call_budget_not_settled", error=describe(e))
 
     def counters(self) -> dict[str, Any]:
         """Live counters (the heartbeat thread reads them every few seconds)."""
@@ -355,7 +370,8 @@ class Extraction:
         with connect(self.s, autocommit=True, application_name="trialsync-extract") as conn:
             plan = plan_run(conn, job, self.s, incremental=self.incremental, requested_mode=self.requested_mode,
                             only_parents=self.only_parents, limit=self.limit,
-                            track_watermarks=self.pages.track_timestamps, max_calls=self.max_calls)
+                            track_watermarks=self.pages.track_timestamps,
+                            budget=FixedBudget(self.max_calls) if self.max_calls is not None else None)
         client = CCClient.from_settings(self.s)
         try:
             paginator = paginator_for(job, client.urls)

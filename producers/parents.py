@@ -110,6 +110,8 @@ class ParentSelection:
     rest: list[tuple[str, ...]] = field(default_factory=list)
     parent_rows: int = 0
     as_of: datetime | None = None
+    #: count_only: how many parents fall in each list (the lists stay empty)
+    counts: dict[str, int] = field(default_factory=dict)
 
     def ordered(self) -> list[tuple[str, ...]]:
         return [*self.changed, *self.swept, *self.unfinished, *self.rest]
@@ -142,7 +144,7 @@ def read_point(conn: psycopg.Connection) -> datetime:
 
 def select_parents(conn: psycopg.Connection, job: Job, *, since: datetime | None, sweep_runs: int = 0,
                    sweep_slice: int = 0, after: tuple[str, ...] | None = None, first_pass_done: bool = True,
-                   everything: bool = False) -> ParentSelection:
+                   everything: bool = False, count_only: bool = False) -> ParentSelection:
     """Read the parents a run may ask, each once, sorted into :class:`ParentSelection`'s lists.
 
     * changed: ``updated_at > since`` (``updated_at`` moves only when a row's content changes or
@@ -178,6 +180,19 @@ def select_parents(conn: psycopg.Connection, job: Job, *, since: datetime | None
              wanted=wanted, group=ps.positions)
     count = sql.SQL("SELECT count(*) FROM {table} WHERE NOT is_deleted").format(table=ps.table)
     sel = ParentSelection()
+    if count_only:  # how many of each, without transferring the parents (trialsync run --dry-run)
+        q = sql.SQL("SELECT count(*) FILTER (WHERE c), count(*) FILTER (WHERE s AND NOT c), "
+                    "count(*) FILTER (WHERE u AND NOT c AND NOT s), count(*) FILTER (WHERE NOT (c OR s OR u)) "
+                    "FROM ({}) AS p(" + ", ".join(f"p{i}" for i in range(n)) + ", c, s, u)").format(q)
+        try:
+            row = conn.execute(q, params).fetchone()
+            total = conn.execute(count).fetchone()
+        except psycopg.errors.UndefinedTable:
+            raise _missing_table(job) from None
+        assert row is not None and total is not None
+        sel.counts = {"changed": int(row[0]), "swept": int(row[1]), "unfinished": int(row[2]), "rest": int(row[3])}
+        sel.parent_rows = int(total[0])
+        return sel
     try:
         with conn.cursor() as cur:
             sel.as_of = read_point(conn)

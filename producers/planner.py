@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import psycopg
@@ -134,7 +134,7 @@ class FanoutHistory:
                  (SELECT api_calls::float / parents_done FROM etl.dw_etl_runs
                    WHERE job_id = %(j)s AND parents_done > 0 AND api_calls > 0 ORDER BY id DESC LIMIT 1),
                  EXISTS (SELECT 1 FROM etl.dw_etl_runs WHERE job_id = %(j)s AND run_status = 'success'
-                          AND NOT run_context ? 'limit_reached' AND coalesce(run_context->>'limit', '') = '')""",
+                          AND mode <> 'retry' AND coalesce(run_context->>'limit', '') = '')""",
             {"j": job_id}).fetchone()
         assert row is not None
         since, sweep, first_pass, guard, cpp, any_success = row
@@ -183,7 +183,7 @@ def fanout_policy(job: Job, settings: Settings) -> str:
 
 def plan_run(conn: psycopg.Connection, job: Job, settings: Settings, *, incremental: bool, requested_mode: str,
              only_parents: list[dict[str, Any]] | None, limit: int | None, track_watermarks: bool,
-             max_calls: int | None = None) -> RunPlan:
+             budget: CallBudget | None = None) -> RunPlan:
     """Read the parents and watermarks the run needs and build its streams (module docstring)."""
     names = job.placeholders or list(job.parameters)
     values: list[tuple[str, ...]] | None = None
@@ -203,7 +203,7 @@ def plan_run(conn: psycopg.Connection, job: Job, settings: Settings, *, incremen
                     raise ConfigError(f"parent {p} for job {job.id} lacks parameters {missing}")
                 values.append(tuple(str(p[n]) for n in names))
         elif requested_mode == "incremental" and limit is None and job.source_type == "cc_api":
-            values, swept = _select_parents(conn, job, settings, plan, max_calls=max_calls)
+            values, swept = _select_parents(conn, job, settings, plan, budget=budget)
         else:  # --full, --limit: every parent, in order
             plan.parents_as_of = parents_mod.read_point(conn)
             values = parents_mod.load_parent_values(conn, job)
@@ -230,15 +230,61 @@ def plan_run(conn: psycopg.Connection, job: Job, settings: Settings, *, incremen
     return plan
 
 
-def _select_parents(conn: psycopg.Connection, job: Job, settings: Settings, plan: RunPlan, *,
-                    max_calls: int | None) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
-    """The parents an incremental run asks, in the order a budget spends calls: changed, the sweep
-    slice, the first pass's unfinished parents, the rest. Returns (parents to ask, the swept ones
-    among them); fills the plan's ``fanout`` record, ``marked``, ``first_pass`` and ``parents_as_of``.
+@dataclass(frozen=True)
+class SelectionRule:
+    """Which parents an incremental run of a fan-out job asks, from its history:
 
     * ``changed`` policy, first pass done, guard clear: changed + one sweep slice;
     * first pass not done: changed + the parents the pass has not reached (keyset order);
-    * ``all`` policy, or the guard holds: every parent (changed first).
+    * ``all`` policy, the guard holds, or no complete run to start from: every parent.
+    """
+
+    since: datetime | None
+    use_sweep: bool
+    sweep_slice: int
+    sweep_runs: int
+    everything: bool
+    first_pass_done: bool
+    first_pass_after: tuple[str, ...] | None
+
+    @classmethod
+    def of(cls, job: Job, settings: Settings, h: FanoutHistory) -> SelectionRule:
+        policy = fanout_policy(job, settings)
+        n = settings.etl_fanout_sweep_runs
+        use_sweep = policy == "changed" and h.first_pass_done and not h.guard and h.since is not None
+        slice_ = 0 if h.last_slice is None else ((h.last_slice + 1) % n if h.slice_done else h.last_slice % n)
+        everything = (policy == "all" or h.guard or h.since is None) and h.first_pass_done
+        return cls(h.since, use_sweep, slice_, n, everything, h.first_pass_done, h.first_pass_after)
+
+    def select(self, conn: psycopg.Connection, job: Job, count_only: bool = False) -> parents_mod.ParentSelection:
+        return parents_mod.select_parents(
+            conn, job, since=self.since, sweep_runs=self.sweep_runs if self.use_sweep else 0,
+            sweep_slice=self.sweep_slice, after=self.first_pass_after, first_pass_done=self.first_pass_done,
+            everything=self.everything, count_only=count_only)
+
+
+class CallBudget(Protocol):
+    """Where a run's share of a night's API calls comes from (``producers.call_plan``)."""
+
+    def claim(self, job: Job, *, changed: float, others: float) -> int | None: ...
+
+
+class FixedBudget:
+    """``trialsync extract --max-calls N``: this run may make N calls."""
+
+    def __init__(self, calls: int):
+        self.calls = calls
+
+    def claim(self, job: Job, *, changed: float, others: float) -> int | None:
+        return self.calls
+
+
+def _select_parents(conn: psycopg.Connection, job: Job, settings: Settings, plan: RunPlan, *,
+                    budget: CallBudget | None) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """The parents an incremental run asks (:class:`SelectionRule`), in the order a budget spends
+    calls: changed, the sweep slice, the first pass's unfinished parents, the rest. Returns (parents
+    to ask, the swept ones among them); fills the plan's ``fanout`` record, ``marked``,
+    ``first_pass`` and ``parents_as_of``.
 
     "Changed since" is the read point of the last successful run that asked every changed parent
     (a partial run's failed parents stay inside the next window); ``parents.read_point()`` is a
@@ -246,15 +292,15 @@ def _select_parents(conn: psycopg.Connection, job: Job, settings: Settings, plan
     """
     policy = fanout_policy(job, settings)
     h = FanoutHistory.load(conn, job.id)
-    n = settings.etl_fanout_sweep_runs
-    use_sweep = policy == "changed" and h.first_pass_done and not h.guard and h.since is not None
-    slice_ = 0 if h.last_slice is None else ((h.last_slice + 1) % n if h.slice_done else h.last_slice % n)
-    everything = (policy == "all" or h.guard or h.since is None) and h.first_pass_done
-    sel = parents_mod.select_parents(
-        conn, job, since=h.since, sweep_runs=n if use_sweep else 0, sweep_slice=slice_,
-        after=h.first_pass_after, first_pass_done=h.first_pass_done, everything=everything)
+    rule = SelectionRule.of(job, settings, h)
+    use_sweep, slice_, n = rule.use_sweep, rule.sweep_slice, rule.sweep_runs
+    sel = rule.select(conn, job)
     groups = {"changed": sel.changed, "swept": sel.swept, "unfinished": sel.unfinished, "rest": sel.rest}
     left = {k: 0 for k in groups}
+    max_calls = None
+    if budget is not None:
+        max_calls = budget.claim(job, changed=len(sel.changed) * h.calls_per_parent,
+                                 others=(len(sel.swept) + len(sel.unfinished) + len(sel.rest)) * h.calls_per_parent)
     if max_calls is not None:
         room = max(0, int(max_calls // h.calls_per_parent))
         for k, vals in groups.items():

@@ -145,6 +145,9 @@ class FakeWorld:
     def begin_orchestration(self, oid: str, trigger: str, selection: dict[str, Any], mode: str, jobs_total: int) -> None:
         self.orchestration = {"id": oid, "trigger": trigger, "jobs_total": jobs_total}
 
+    def open_budget(self, oid: str, budget: int, jobs: list[Job]) -> None:
+        self.orchestration["budget"] = (budget, [j.id for j in jobs])
+
     def finish_orchestration(self, oid: str, status: str, counts: dict[str, int], error: str | None = None) -> None:
         self.orchestration.update(status=status, counts=counts, error=error)
 

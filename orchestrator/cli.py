@@ -227,9 +227,11 @@ def retry(
     from orchestrator.dag import build_plan
     from orchestrator.retry import NotRetryable, RetryPolicy, manual_retry_request
     from orchestrator.runner import RunnerOptions
+    from producers.runs import detect_stale_runs
 
     s = get_settings()
     with connect(s, autocommit=True, application_name="trialsync-retry") as conn:
+        detect_stale_runs(conn)  # a run whose process died (kill -9) is failed now, and retryable
         try:
             req = manual_retry_request(conn, run_id)
         except NotRetryable as e:
@@ -242,7 +244,8 @@ def retry(
     options = RunnerOptions.from_settings(s, trigger="retry", policy=RetryPolicy(max_retries=0),
                                           allow_reuse=False)
     if not as_json:
-        _console().print(f"retrying run {run_id} of job {job.id} ({job.name}): attempt {req.attempt}, {req.scope}",
+        _console().print(f"retrying run {run_id} of job {job.id} ({job.name}): attempt {req.attempt}, {req.scope}"
+                         + (", continuing from its resume point when it has one" if req.resume_from else ""),
                          highlight=False)
     result = _run_with_display(plan, options, f"trialsync retry · run {run_id}", as_json,
                                {"retry_of": run_id, "scope": req.scope}, initial={req.job_id: req})

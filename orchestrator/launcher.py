@@ -60,6 +60,8 @@ class LaunchRequest:
     attempt: int = 1
     workers: int | None = None
     processes: int | None = None
+    #: a failed run whose paged stream this attempt continues (producers.page_publisher.ResumePoint)
+    resume_from: int | None = None
 
 
 class JobHandle(Protocol):
@@ -192,7 +194,7 @@ def _run_one(request: LaunchRequest, conn: multiprocessing.connection.Connection
         result = run_job(request.job, mode=request.mode, only_parents=request.only_parents,  # type: ignore[arg-type]
                          trigger=request.trigger, progress=_PipeProgress(conn), parent_run_id=request.parent_run_id,
                          orchestration_id=request.orchestration_id, attempt=request.attempt,
-                         workers=request.workers, processes=request.processes)
+                         workers=request.workers, processes=request.processes, resume_from=request.resume_from)
         conn.send(("result", result))
     except Exception as e:  # noqa: BLE001 - reported to the orchestrator, which records it
         from common.logging import scrub

@@ -4,7 +4,8 @@ Seed 001's strategy (``delay = base * 2 ** attempt``, at most ``ETL_MAX_RETRIES`
 runs, on top of the API client's own per-request retries:
 
 * a **failed** run is redone in full (its watermarks never moved, so an incremental redo fetches
-  the same window again);
+  the same window again) -- a paged stream continues from the failed run's resume point, the last
+  record every earlier page was acknowledged up to, instead of page 1;
 * a **partial** parameterized run redoes **only its failed parents** -- the parameter dicts the
   extractor stored in ``dw_etl_runs.run_context->'failed_parents'`` -- so one flaky study does not
   cost a second pass over thousands of healthy ones;
@@ -71,6 +72,8 @@ class RetryRequest:
     parent_run_id: int | None
     #: None = the whole job; a list = only these parents (a partial run's failed ones)
     only_parents: list[dict[str, Any]] | None = None
+    #: a failed run to continue from (its resume point, when it has one)
+    resume_from: int | None = None
 
     @property
     def scope(self) -> str:
@@ -81,7 +84,8 @@ def next_attempt(job_id: int, status: str, run_id: int | None, attempt: int,
                  failed_parents: list[dict[str, Any]] | None) -> RetryRequest:
     """The retry of a run: a partial run redoes its failed parents, a failed one everything."""
     only = list(failed_parents) if status == "partial" and failed_parents else None
-    return RetryRequest(job_id=job_id, attempt=attempt + 1, parent_run_id=run_id, only_parents=only)
+    return RetryRequest(job_id=job_id, attempt=attempt + 1, parent_run_id=run_id, only_parents=only,
+                        resume_from=run_id if status == "failed" else None)
 
 
 class NotRetryable(ValueError):
@@ -113,7 +117,8 @@ def manual_retry_request(conn: psycopg.Connection, run_id: int) -> RetryRequest:
     if status == "partial" and not_attempted:
         parents = []  # parents were never tried: only a full redo covers them
     return RetryRequest(job_id=int(job_id), attempt=int(attempt) + 1, parent_run_id=run_id,
-                        only_parents=parents if status == "partial" and parents else None)
+                        only_parents=parents if status == "partial" and parents else None,
+                        resume_from=run_id if status == "failed" else None)
 
 
 def retry_with_backoff[T](func: Callable[[], T], max_retries: int = 3, base_delay: float = 5.0,

@@ -668,7 +668,8 @@ class Runner:
         lr = LaunchRequest(
             job=job, mode=self.opt.mode, only_parents=request.only_parents if request else None,
             trigger=self.opt.trigger, parent_run_id=request.parent_run_id if request else None,
-            orchestration_id=self.oid, attempt=s.attempt, workers=workers)
+            orchestration_id=self.oid, attempt=s.attempt, workers=workers,
+            resume_from=request.resume_from if request else None)
         try:
             s.handle = self.launcher.start(lr)
         except Exception as e:  # noqa: BLE001 - e.g. fork failed: the attempt fails, retries may follow

@@ -63,8 +63,8 @@ from common.metrics import JOB_RUNS_STARTED, JOB_TIMEOUT, RECORDS_PUBLISHED, RUN
 from producers import runs as runs_mod
 from producers.call_plan import LedgerBudget
 from producers.fetch_driver import FetchDriver, Interrupted, describe
-from producers.page_publisher import PagePublisher
-from producers.planner import CallBudget, FixedBudget, RunPlan, plan_run
+from producers.page_publisher import PagePublisher, ResumePoint
+from producers.planner import CallBudget, FixedBudget, RunPlan, plan_run, resumable
 from producers.publisher import DeliveryTracker, Publisher, get_publisher
 from producers.run_recorder import RunFacts, RunRecorder, publish_control
 from schemas.jobs import Job
@@ -134,11 +134,14 @@ def run_job(job: Job, *, mode: Mode = "incremental", only_parents: list[dict[str
             limit: int | None = None, dry_run: bool = False, settings: Settings | None = None,
             trigger: str = "cli", progress: ProgressSink | None = None, parent_run_id: int | None = None,
             orchestration_id: str | None = None, attempt: int = 1, workers: int | None = None,
-            processes: int | None = None, engine: str | None = None, max_calls: int | None = None) -> RunResult:
+            processes: int | None = None, engine: str | None = None, max_calls: int | None = None,
+            resume_from: int | None = None) -> RunResult:
     """Run ``job`` once (see the module docstring); return its :class:`RunResult`.
 
     ``max_calls``: the run's share of a night's call budget (fan-out jobs ask changed parents
     first, then the sweep and unfinished first-pass parents, and leave the rest for the next run).
+    ``resume_from``: a failed run of this job a paged stream continues from (its resume point)
+    instead of page 1 (``trialsync retry`` and the orchestrator's retries pass it).
     """
     s = settings or get_settings()
     check_runnable(job)
@@ -152,7 +155,7 @@ def run_job(job: Job, *, mode: Mode = "incremental", only_parents: list[dict[str
     ex = Extraction(job, s, mode=mode, only_parents=only_parents, limit=limit, trigger=trigger,
                     progress=progress, parent_run_id=parent_run_id, orchestration_id=orchestration_id,
                     attempt=attempt, workers=workers or s.etl_parallel_jobs, processes=processes or 0,
-                    engine=choose_engine(s, engine), max_calls=max_calls)
+                    engine=choose_engine(s, engine), max_calls=max_calls, resume_from=resume_from)
     if dry_run:
         return ex.dry_run()
     return ex.run()
@@ -164,7 +167,7 @@ class Extraction:
     def __init__(self, job: Job, settings: Settings, *, mode: Mode, only_parents: list[dict[str, Any]] | None,
                  limit: int | None, trigger: str, progress: ProgressSink | None, parent_run_id: int | None,
                  orchestration_id: str | None, attempt: int, workers: int, processes: int = 0,
-                 engine: str = "async", max_calls: int | None = None):
+                 engine: str = "async", max_calls: int | None = None, resume_from: int | None = None):
         self.job = job
         self.s = settings
         self.requested_mode = mode
@@ -183,6 +186,7 @@ class Extraction:
                                        and limit is None) else 0
         self.engine = engine
         self.max_calls = max_calls
+        self.resume_from = resume_from
         self.budget: CallBudget | None = None
         self.topic = bronze_topic(job.target_table, settings)
         self.table = job.target_table
@@ -241,7 +245,10 @@ class Extraction:
                 self.plan = plan_run(conn, job, self.s, incremental=self.incremental,
                                      requested_mode=self.requested_mode, only_parents=self.only_parents,
                                      limit=self.limit, track_watermarks=self.pages.track_timestamps,
-                                     budget=self.budget)
+                                     budget=self.budget, resume_from=self.resume_from)
+                key = resumable(job)
+                if key is not None and self.limit is None and job.source_type == "cc_api":
+                    self.pages.resume = ResumePoint(key, job.page_size, after=self.plan.resume.get("after"))
                 if self.incremental and self.plan.fanout.get("asked"):
                     # the guard: parents not marked changed are checked against their watermarks
                     self.pages.watch_from = self.plan.marked
@@ -319,7 +326,12 @@ class Extraction:
         """Live counters (the heartbeat thread reads them every few seconds)."""
         ok, failed = len(self.driver.ok), len(self.driver.failed)
         parents = self.job.requires_parameters
+        resume = self.pages.resume.snapshot() if self.pages.resume is not None else None
+        if resume is not None and self.plan is not None and self.plan.resume:
+            resume.update(resumed_from=self.plan.resume["from_run"], cap=self.plan.resume.get("cap"),
+                          records=resume["records"] + int(self.plan.resume.get("records") or 0))
         return {
+            "resume": resume,
             "records_extracted": self.driver.records,
             "records_published": self.driver.delivered(self.tracker),
             "api_calls": self.driver.live_api_calls(),

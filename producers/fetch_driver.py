@@ -147,7 +147,7 @@ class FetchDriver:
     def _on_page(self, idx: int, url: str, page: Any) -> None:
         if self.fatal is not None:
             return  # the run is failing: pages still in flight are not published
-        self.pages.publish(self.streams[idx], page)
+        self.pages.publish(self.streams[idx], page, url)
 
     def _run_csv(self, tick: Any) -> None:
         from producers.csv_source import read_pages

@@ -74,6 +74,8 @@ class PagePublisher:
         self.watch_watermarks: dict[str, datetime] = {}
         self.missed_changes = 0
         self.missed_parents: list[dict[str, str]] = []
+        #: resumable runs (a plain OData stream ordered by its key): how far every page is acknowledged
+        self.resume: ResumePoint | None = None
         #: list sources: each record's parent comes from the record
         self._parent_of = _parent_getter(job) if job.reads_list else None
         self.records_missing_parent = 0
@@ -81,7 +83,7 @@ class PagePublisher:
         self._base: list[tuple[str, bytes]] | None = None
         self._base_time = 0.0
 
-    def publish(self, stream: Stream, page: Page) -> int:
+    def publish(self, stream: Stream, page: Page, url: str = "") -> int:
         """Produce ``page``'s records (up to the run's limit); return how many were read."""
         recs = page.records
         self.pages += 1
@@ -94,11 +96,16 @@ class PagePublisher:
                 recs = recs[:room]
                 self.stop.set()
         assert self.publisher is not None, "publish() before the run has a producer"
+        ack: DeliveryTracker | _PageAck = self.tracker
+        if self.resume is not None:
+            ack = self.resume.page(self.tracker, url, recs)
         if self._parent_of is not None:
-            n, missing, stamps, repeats = self._publish_by_parent(recs)
+            n, missing, stamps, repeats = self._publish_by_parent(recs, ack)
         else:
             n, missing, stamps, repeats = self.publisher.publish_page(
-                self.topic, recs, self.keyfn, stream.params, self._headers(stream.params), self.tracker, self.ts_field)
+                self.topic, recs, self.keyfn, stream.params, self._headers(stream.params), ack, self.ts_field)
+        if isinstance(ack, _PageAck):
+            ack.published(n, wm_mod.max_timestamp(stamps) if stamps else None)
         if stamps and self.watch_from is not None and stream.idx >= self.watch_from:
             self._judge(stream, stamps)
         read = n + repeats
@@ -115,7 +122,7 @@ class PagePublisher:
         self._metric.inc(read)
         return read
 
-    def _publish_by_parent(self, recs: list[Any]) -> tuple[int, int, list[Any], int]:
+    def _publish_by_parent(self, recs: list[Any], ack: Any) -> tuple[int, int, list[Any], int]:
         """A page of a list across parents: published in groups of one parent each."""
         assert self._parent_of is not None and self.publisher is not None
         groups: dict[tuple[tuple[str, str], ...], list[Any]] = {}
@@ -129,7 +136,7 @@ class PagePublisher:
         for items, group in groups.items():
             params = dict(items)
             g = self.publisher.publish_page(self.topic, group, self.keyfn, params, self._headers(params or None),
-                                            self.tracker, self.ts_field)
+                                            ack, self.ts_field)
             n, missing, repeats = n + g[0], missing + g[1], repeats + g[3]
             stamps.extend(g[2])
         return n, missing, stamps, repeats
@@ -173,3 +180,104 @@ def _parent_getter(job: Job) -> Callable[[Any], dict[str, str]]:
         return out
 
     return parent_of
+
+
+class ResumePoint:
+    """How far a paged stream is safely delivered: the key of the last record of the longest run of
+    pages, from the first, whose every record the broker acknowledged.
+
+    For a plain OData stream ordered by its key (``$orderby=id``) that is a place to continue from:
+    a retry of the run asks ``<filter> and id gt <after>`` instead of starting at page 1 (what it
+    skips is in the topic already). Pages are chained by ``$skip`` (the next page starts where the
+    previous one's records end); a page fetched by a server link has no ``$skip`` and stops the
+    chain (the run then resumes from the last chained page). ``max_ts`` (the largest timestamp in
+    the chain) caps the watermark a resumed run may commit: a record changed after this run read
+    it must still be newer than the watermark.
+    """
+
+    def __init__(self, key: str, page_size: int, after: Any = None):
+        self.key = key
+        self.page_size = page_size
+        self.after = after
+        self.records = 0
+        self.max_ts: datetime | None = None
+        self._get = path_getter(key)
+        self._raw_key = key
+        self._next_skip = 0
+        self._done: dict[int, _PageAck] = {}
+
+    def page(self, tracker: DeliveryTracker, url: str, records: list[Any]) -> _PageAck:
+        skip = _skip_of(url)
+        last = None
+        for rec in reversed(records):
+            if type(rec) is dict and rec.get(self._raw_key) is not None:
+                last = rec[self._raw_key]
+                break
+        return _PageAck(self, tracker, skip, min(len(records), self.page_size), last)
+
+    def _acked(self, ack: _PageAck) -> None:
+        if ack.skip is None or ack.failed:
+            return
+        self._done[ack.skip] = ack
+        while self._next_skip in self._done:
+            a = self._done.pop(self._next_skip)
+            if a.last_key is not None:
+                self.after = a.last_key
+            self.records += a.expected or 0
+            if a.max_ts is not None and (self.max_ts is None or a.max_ts > self.max_ts):
+                self.max_ts = a.max_ts
+            if a.advance == 0:
+                break
+            self._next_skip += a.advance
+
+    def snapshot(self) -> dict[str, Any] | None:
+        if self.after is None:
+            return None
+        return {"key": self.key, "after": self.after, "records": self.records,
+                "max_ts": self.max_ts.isoformat() if self.max_ts else None}
+
+
+class _PageAck:
+    """The delivery callback of one page's records: forwards to the run's tracker and tells the
+    resume point when the whole page is acknowledged."""
+
+    __slots__ = ("point", "run", "skip", "advance", "last_key", "expected", "delivered", "failed", "max_ts")
+
+    def __init__(self, point: ResumePoint, run: DeliveryTracker, skip: int | None, advance: int, last_key: Any):
+        self.point, self.run, self.skip, self.advance, self.last_key = point, run, skip, advance, last_key
+        self.expected: int | None = None
+        self.delivered = 0
+        self.failed = False
+        self.max_ts: datetime | None = None
+
+    def __call__(self, err: Any, msg: Any) -> None:
+        self.run(err, msg)
+        if err is not None:
+            self.failed = True
+        self.delivered += 1
+        if self.delivered == self.expected:
+            self.point._acked(self)
+
+    @property
+    def produced(self) -> int:  # publish_page counts what it produced on the run's tracker
+        return self.run.produced
+
+    @produced.setter
+    def produced(self, value: int) -> None:
+        self.run.produced = value
+
+    def published(self, n: int, max_ts: datetime | None) -> None:
+        self.expected, self.max_ts = n, max_ts
+        if self.delivered == n:
+            self.point._acked(self)
+
+
+def _skip_of(url: str) -> int | None:
+    i = url.find("$skip=")
+    if i < 0:
+        return None
+    j = i + 6
+    k = j
+    while k < len(url) and url[k].isdigit():
+        k += 1
+    return int(url[j:k]) if k > j else None

@@ -175,6 +175,8 @@ class RunPlan:
     #: the first-pass parents this run asks, in order: stream index -> position in the pass
     first_pass: tuple[int, int] = (0, 0)
     first_pass_values: list[tuple[str, ...]] = field(default_factory=list)
+    #: a retry that continues a failed run of a paged stream: {"from_run", "key", "after", "cap"}
+    resume: dict[str, Any] = field(default_factory=dict)
 
 
 def fanout_policy(job: Job, settings: Settings) -> str:
@@ -183,7 +185,7 @@ def fanout_policy(job: Job, settings: Settings) -> str:
 
 def plan_run(conn: psycopg.Connection, job: Job, settings: Settings, *, incremental: bool, requested_mode: str,
              only_parents: list[dict[str, Any]] | None, limit: int | None, track_watermarks: bool,
-             budget: CallBudget | None = None) -> RunPlan:
+             budget: CallBudget | None = None, resume_from: int | None = None) -> RunPlan:
     """Read the parents and watermarks the run needs and build its streams (module docstring)."""
     names = job.placeholders or list(job.parameters)
     values: list[tuple[str, ...]] | None = None
@@ -227,7 +229,49 @@ def plan_run(conn: psycopg.Connection, job: Job, settings: Settings, *, incremen
             swept_keys = {parent_key(dict(zip(names, v, strict=True))) for v in swept}
             wms = {pk: v for pk, v in wms.items() if pk not in swept_keys}
     plan.streams = StreamPlan(job, values, names, wms or None, settings.cc_incremental_overlap_seconds)
+    if resume_from is not None and values is None and limit is None:
+        plan.resume = _resume_point(conn, job, resume_from)
+        if plan.resume:
+            st = plan.streams[0]
+            cond = f"{plan.resume['key']} gt {odata_value(plan.resume['after'])}"
+            plan.streams = [Stream(0, st.path, None, f"{st.filter_expr} and {cond}" if st.filter_expr else cond)]
+            log.info("run_resumes", job_id=job.id, from_run=resume_from, after=plan.resume["after"],
+                     records_before=plan.resume.get("records"))
     return plan
+
+
+def resumable(job: Job) -> str | None:
+    """The key a paged run of ``job`` can resume after (a plain or list stream with OData paging
+    ordered by a single top-level key), else None."""
+    from producers.paging import stable_orderby
+
+    if job.requires_parameters and not job.reads_list:
+        return None
+    return stable_orderby(job)
+
+
+def odata_value(v: Any) -> str:
+    """An OData literal: numbers as they are, text quoted (quotes doubled)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return "'" + str(v).replace("'", "''") + "'"
+    return str(v)
+
+
+def _resume_point(conn: psycopg.Connection, job: Job, run_id: int) -> dict[str, Any]:
+    """Where a retry of run ``run_id`` continues: its resume point, when it has one for this job
+    and key; {} = start at page 1. ``cap``: the lowest largest-timestamp of every attempt so far
+    (the watermark the chain of attempts may commit at most)."""
+    key = resumable(job)
+    row = conn.execute("SELECT job_id, run_context->'resume' FROM etl.dw_etl_runs WHERE id = %s",
+                       (run_id,)).fetchone()
+    if key is None or row is None or row[0] != job.id or not row[1]:
+        return {}
+    point = dict(row[1])
+    if point.get("key") != key or point.get("after") is None:
+        return {}
+    caps = [c for c in (point.get("cap"), point.get("max_ts")) if c]
+    return {"from_run": run_id, "key": key, "after": point["after"], "records": point.get("records", 0),
+            "cap": min(caps) if caps else None}
 
 
 @dataclass(frozen=True)

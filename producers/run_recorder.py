@@ -76,6 +76,11 @@ class RunRecorder:
         snap = tracker.snapshot()
         failed_parents = driver.failed_parents()
         new_wm = driver.new_watermarks(status, tracker) if error is None or status in ("success", "partial") else {}
+        cap = wm_mod.parse_timestamp(plan.resume.get("cap")) if plan is not None and plan.resume else None
+        if cap is not None:
+            # a resumed run read its early pages in an earlier attempt: a record changed since then
+            # must stay newer than the watermark, so it may not pass what that attempt saw
+            new_wm = {pk: min(v, cap) for pk, v in new_wm.items()}
         wm_to = max(new_wm.values()) if new_wm else None
         wm_from = plan.watermark_from if plan is not None else None
         context: dict[str, Any] = {
@@ -105,6 +110,10 @@ class RunRecorder:
                 context["fanout"] = self._fanout_outcome(plan, driver, tracker, status)
         if pages.records_missing_parent:
             context["records_missing_parent"] = pages.records_missing_parent
+        if counters.get("resume"):
+            context["resume"] = counters["resume"]
+        if plan is not None and plan.resume:
+            context["resumed_from"] = plan.resume["from_run"]
         deadline = time.monotonic() + FINISH_DB_WAIT_SECONDS
         db = _Db(self.s, conn)
         # -- 7. counters, end offsets, failed parents and the watermark range, still `running` --------

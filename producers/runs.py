@@ -151,14 +151,18 @@ def detect_stale_runs(conn: psycopg.Connection, *, stale_after: float = STALE_AF
 
 
 def update_progress(conn: psycopg.Connection, run_id: int, counters: dict[str, Any]) -> None:
-    """Heartbeat: refresh ``heartbeat_at`` and the live counters of a running run."""
+    """Heartbeat: refresh ``heartbeat_at`` and the live counters of a running run, and its resume
+    point (``run_context.resume``: where a retry of this run may continue, should it die)."""
+    resume = counters.get("resume")
     conn.execute(
         """UPDATE etl.dw_etl_runs SET heartbeat_at = now(),
                   records_extracted = %(records_extracted)s, records_published = %(records_published)s,
                   api_calls = %(api_calls)s, parents_total = %(parents_total)s, parents_done = %(parents_done)s,
-                  parents_failed = %(parents_failed)s
+                  parents_failed = %(parents_failed)s,
+                  run_context = CASE WHEN %(resume)s::jsonb IS NULL THEN run_context
+                                     ELSE run_context || jsonb_build_object('resume', %(resume)s::jsonb) END
            WHERE id = %(run_id)s AND run_status = 'running'""",
-        {"run_id": run_id, **_counter_defaults(counters)},
+        {"run_id": run_id, **_counter_defaults(counters), "resume": _json(resume) if resume else None},
     )
 
 

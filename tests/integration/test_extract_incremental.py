@@ -38,7 +38,9 @@ def sim() -> Iterator[SimulatorProcess]:
 def env(sim: SimulatorProcess, fresh_db: str, unique: str) -> Iterator[Settings]:
     migrate()
     sync(load_catalog())
-    with ExtractEnv(sim, f"t{unique}", CC_INCREMENTAL_OVERLAP_SECONDS="0") as s:
+    # the per-parent watermark mechanics under the `all` fan-out policy (every parent asked with its
+    # own filter); the `changed` policy is tested in test_extract_fanout_changed.py
+    with ExtractEnv(sim, f"t{unique}", CC_INCREMENTAL_OVERLAP_SECONDS="0", ETL_FANOUT_INCREMENTAL="all") as s:
         yield s
 
 

@@ -56,6 +56,9 @@ API_RETRIES = Counter("trialsync_api_retries_total", "Retried source API request
 #: a change found under a parent the fan-out policy did not mark changed (its own timestamp did not
 #: move): under the `changed` policy such changes wait for the sweep, and the job's guard falls
 #: back to asking every parent (docs/extraction.md)
+INCREMENTAL_FALLBACK = Counter("trialsync_incremental_fallback_total",
+                               "Runs whose records carried no timestamp field, so incremental runs read everything",
+                               ["job_id"])
 FANOUT_UNANNOUNCED = Counter("trialsync_fanout_unannounced_changes_total",
                              "Child changes found under parents not marked changed (changed fan-out policy)", ["job_id"])
 FANOUT_GUARD = Gauge("trialsync_fanout_guard_active",

@@ -64,7 +64,7 @@ from producers import runs as runs_mod
 from producers.call_plan import LedgerBudget
 from producers.fetch_driver import FetchDriver, Interrupted, describe
 from producers.page_publisher import PagePublisher, ResumePoint
-from producers.planner import CallBudget, FixedBudget, RunPlan, plan_run, resumable
+from producers.planner import CallBudget, FixedBudget, RunPlan, describe_filter, plan_run, resumable
 from producers.publisher import DeliveryTracker, Publisher, get_publisher
 from producers.run_recorder import RunFacts, RunRecorder, publish_control
 from schemas.jobs import Job
@@ -258,8 +258,11 @@ class Extraction:
                     run_id=self.run_id, job_id=job.id, target_table=self.table, topic=self.topic,
                     instance_id=self.s.cc_instance_id, mode=self.run_mode,  # type: ignore[arg-type]  # full/incremental/retry
                     parents_total=self.plan.parents_total))
+                sent = describe_filter(self.plan)
+                runs_mod.record_plan(conn, self.run_id, {"request_filter": sent, **(
+                    {"fanout": self.plan.fanout} if self.plan.fanout else {})}, self.plan.watermark_from)
                 self.log.info("run_started", mode=self.mode, parents_total=self.plan.parents_total,
-                              filtered_streams=self.plan.filtered_streams, workers=self.workers, engine=self.engine)
+                              workers=self.workers, engine=self.engine, **sent)
                 if self.progress is not None:
                     self.progress.start(job, self.plan.parents_total)
                 if job.requires_parameters and not self.plan.streams:

@@ -79,6 +79,8 @@ class PagePublisher:
         #: list sources: each record's parent comes from the record
         self._parent_of = _parent_getter(job) if job.reads_list else None
         self.records_missing_parent = 0
+        #: records without the job's timestamp field (all of them: no watermark, every run reads all)
+        self.records_without_timestamp = 0
         self._metric = RECORDS_EXTRACTED.labels(job.target_table)
         self._base: list[tuple[str, bytes]] | None = None
         self._base_time = 0.0
@@ -104,6 +106,8 @@ class PagePublisher:
         else:
             n, missing, stamps, repeats = self.publisher.publish_page(
                 self.topic, recs, self.keyfn, stream.params, self._headers(stream.params), ack, self.ts_field)
+        if self.track_timestamps:
+            self.records_without_timestamp += n - len(stamps)
         if isinstance(ack, _PageAck):
             ack.published(n, wm_mod.max_timestamp(stamps) if stamps else None)
         if stamps and self.watch_from is not None and stream.idx >= self.watch_from:

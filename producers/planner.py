@@ -179,6 +179,15 @@ class RunPlan:
     resume: dict[str, Any] = field(default_factory=dict)
 
 
+def describe_filter(plan: RunPlan) -> dict[str, Any]:
+    """The ``$filter`` a run sends, for its run row and its ``run_started`` log line."""
+    streams = plan.streams
+    if len(streams) == 1 and plan.parents_total is None:
+        return {"filter": streams[0].filter_expr, "watermark_from": plan.watermark_from}
+    return {"filtered_streams": plan.filtered_streams, "unfiltered_streams": len(streams) - plan.filtered_streams,
+            "watermark_from": plan.watermark_from}
+
+
 def fanout_policy(job: Job, settings: Settings) -> str:
     return job.fanout_incremental or settings.etl_fanout_incremental
 

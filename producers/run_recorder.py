@@ -82,6 +82,9 @@ class RunRecorder:
             # must stay newer than the watermark, so it may not pass what that attempt saw
             new_wm = {pk: min(v, cap) for pk, v in new_wm.items()}
         wm_to = max(new_wm.values()) if new_wm else None
+        fallback = self._timestamp_fallback(driver, status)
+        if fallback:
+            warnings.append(fallback)
         wm_from = plan.watermark_from if plan is not None else None
         context: dict[str, Any] = {
             "topic": self.topic,
@@ -177,6 +180,23 @@ class RunRecorder:
             error_class=error_class, duration_s=round(seconds, 3), fetch_s=round(fetch_seconds, 3),
             warnings=warnings)
 
+
+    def _timestamp_fallback(self, driver: FetchDriver, status: str) -> str | None:
+        """A job whose records carry no timestamp field keeps no watermark: every incremental run
+        reads everything. Say so (warning, metric) instead of re-reading silently night after night."""
+        from common.metrics import INCREMENTAL_FALLBACK
+
+        pages = driver.pages
+        if not pages.track_timestamps or not pages.records or pages.records_without_timestamp < pages.records \
+                or status == "failed":
+            return None
+        INCREMENTAL_FALLBACK.labels(str(self.job.id)).inc()
+        text = (f"none of the {pages.records} records carries `{self.job.timestamp_field}`: no watermark can be kept, "
+                f"so every incremental run of job {self.job.id} reads everything (falls back to full) -- set the "
+                f"job's `timestamp_field` in config/jobs.yaml to a field its records have, or `incremental: false`")
+        self.log.warning("incremental_fallback_to_full", field=self.job.timestamp_field, records=pages.records,
+                         detail=text)
+        return text
 
     def _fanout_outcome(self, plan: RunPlan, driver: FetchDriver, tracker: DeliveryTracker,
                         status: str) -> dict[str, Any]:

@@ -166,6 +166,13 @@ def update_progress(conn: psycopg.Connection, run_id: int, counters: dict[str, A
     )
 
 
+def record_plan(conn: psycopg.Connection, run_id: int, context: dict[str, Any], watermark_from: datetime | None) -> None:
+    """What the run is about to ask (its ``$filter``, the parents and why), written before it asks:
+    visible while it runs and after a crash."""
+    conn.execute("""UPDATE etl.dw_etl_runs SET run_context = run_context || %s::jsonb, watermark_from = %s
+                    WHERE id = %s""", (_json(context), watermark_from, run_id))
+
+
 def record_results(conn: psycopg.Connection, run_id: int, counters: dict[str, Any], context: dict[str, Any],
                    watermark_from: datetime | None, watermark_to: datetime | None) -> None:
     """Write the run's final counters and context while it is still ``running``."""

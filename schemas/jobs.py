@@ -271,6 +271,8 @@ class JobOverride(BaseModel):
     incremental: bool | None = None
     fanout_incremental: Literal["all", "changed"] | None = None
     paging: Paging | None = None
+    #: the record field incremental runs filter on (``modifiedDate``, ``lastUpdatedOn``, ...)
+    timestamp_field: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     #: fan-out jobs with a declared list source: read it (``list``) or ask each parent (``parents``)
     source: Literal["parents", "list"] | None = None
     page_size: int | None = Field(default=None, ge=1, le=1000)
@@ -444,7 +446,7 @@ class JobCatalog:
                 raise CatalogError(f"config/jobs.yaml sets `source: list` for job {job.id} ({job.name}), which has no "
                                    "cheaper list source (docs/extraction.md lists the jobs that have one)")
             for f in ("schedule", "priority", "timeout_seconds", "incremental", "fanout_incremental", "paging",
-                      "source", "page_size"):
+                      "timestamp_field", "source", "page_size"):
                 v = getattr(ov, f)
                 if v is not None:
                     change[f] = v

@@ -227,6 +227,11 @@ def build() -> dict[str, Any]:
                              "job {{job_id}} changes/day"),
                       target(f"max by (job_id) (trialsync_fanout_guard_active{{{JOB}}})", "job {{job_id}} guard",
                              ref="B")]), w=12)
+    L.add(stat("Incremental runs that read everything (24 h)", "Runs whose records carried none of the job's "
+               "timestamp field: no watermark can be kept, so every incremental run reads everything. Set the "
+               "job's timestamp_field in config/jobs.yaml (the run's warning names the field).",
+               [target(f"sum(increase(trialsync_incremental_fallback_total{{{JOB}}}[24h])) or vector(0)")],
+               decimals=0, steps=((None, "green"), (1, "orange"))), w=24, h=4)
     L.add(timeseries("Fan-out: parents left by the call budget", "Parents a budgeted night left for the next "
                      "one, by why they were due (changed, swept, unfinished first pass, rest). Persistent "
                      "'changed' means the budget cannot keep up: raise ETL_NIGHT_WINDOW_HOURS or CC_RATE_LIMIT_RPS.",

@@ -3,8 +3,13 @@ the database mirror when the (memory-only) watermark topic is gone, and what nev
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +180,35 @@ def test_topic_restores_watermarks_when_the_database_mirror_is_empty(env: Settin
     inc = run_job(job, mode="incremental", settings=env)
     assert sorted(run_keys(env, job.target_table, inc.run_id)) == sorted(f"cc1:{i}" for i in change["modified"])
     assert watermarks(env, 9)[""] == inc.watermark_to
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "LOG_FORMAT": "json", **env}, timeout=300)
+
+
+def test_the_filter_a_run_sent_is_on_its_row_and_in_run_started(env: Settings, sim: SimulatorProcess) -> None:
+    assert _cli("extract", "--job", "9", "--full").returncode == 0
+    sim.mutate("patient_visits", modify_count=2)
+    inc = _cli("extract", "--job", "9", "--json")
+    assert inc.returncode == 0, inc.stderr
+    run_id = json.loads(inc.stdout)["run_id"]
+    sent = run_row(env, run_id)["run_context"]["request_filter"]
+    assert sent["filter"].startswith("modifiedDate gt 20") and sent["watermark_from"]
+    started = [json.loads(line) for line in inc.stderr.splitlines() if '"run_started"' in line]
+    assert started and started[0]["filter"] == sent["filter"] and started[0]["run_id"] == run_id
+
+
+def test_records_without_the_timestamp_field_say_every_run_reads_everything(env: Settings, sim: SimulatorProcess,
+                                                                             tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text("jobs:\n  9: {timestamp_field: lastChangedOn}\n")  # a field the API does not send
+    first = _cli("extract", "--job", "9", "--json", ETL_JOBS_FILE=str(jobs))
+    second = _cli("extract", "--job", "9", "--json", ETL_JOBS_FILE=str(jobs))
+    assert first.returncode == second.returncode == 0, second.stderr
+    r1, r2 = json.loads(first.stdout), json.loads(second.stdout)
+    # the second, incremental run had no watermark to filter on: it read everything again -- and says so
+    assert r2["records_published"] == r1["records_published"] > 0
+    assert any("carries `lastChangedOn`" in w and "falls back to full" in w for w in r2["warnings"])
+    assert "falls back to full" in second.stderr
+    assert run_row(env, r2["run_id"])["run_context"]["request_filter"]["filter"] is None

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     etl_jobs_file: Path = Path("config/jobs.yaml")
     etl_fanout_incremental: Literal["all", "changed"] = "changed"  # guarded by the sweep: docs/extraction.md
     etl_fanout_sweep_runs: int = Field(default=30, ge=1, le=10_000)
+    #: a run that makes no progress (no record read, acknowledged or request answered) for this long
+    #: is stalled: it fails with the reason and is retried, instead of waiting for its timeout
+    etl_stall_seconds: float = Field(default=600.0, ge=0.1, le=86_400)
     #: a night's API call budget: explicit, or the window x CC_RATE_LIMIT_RPS; 0 = no budget
     etl_call_budget: int = Field(default=0, ge=0)
     etl_night_window_hours: float = Field(default=0.0, ge=0, le=24)

@@ -64,6 +64,9 @@ EXPLAIN: dict[str, str] = {
                               "`fanout_incremental` in config/jobs.yaml; docs/extraction.md.",
     "etl_fanout_sweep_runs": "With `changed`: the parents are split into N hash slices and each run also asks "
                              "one slice, so a child change the parent did not show is picked up within N runs.",
+    "etl_stall_seconds": "A run with no progress for this long (no record read or acknowledged, no API answer) is "
+                         "stalled -- e.g. a broker that restarted and lost the producer's state -- and fails with "
+                         "the reason instead of waiting for its timeout; the orchestrator retries it.",
     "etl_call_budget": "API calls one orchestration (a night) may make; 0 = derive it from ETL_NIGHT_WINDOW_HOURS x "
                        "CC_RATE_LIMIT_RPS, or no budget. Fan-out jobs spend it on changed parents first, then the "
                        "sweep and unfinished first passes; the rest waits for the next night "

@@ -94,6 +94,10 @@ def request_stop(reason: str = "interrupted") -> int:
     return len(runs)
 
 
+class Stalled(RuntimeError):
+    """No progress for ETL_STALL_SECONDS while the run was alive: failed, to be retried."""
+
+
 class JobNotRunnable(ValueError):
     """The job is disabled or its endpoint is invalid; the message says how to enable it."""
 
@@ -233,7 +237,7 @@ class Extraction:
             JOB_RUNS_STARTED.labels(str(job.id)).inc()
             JOB_TIMEOUT.labels(str(job.id)).set(self.driver.timeout_s)
             RUNS_IN_PROGRESS.inc()
-            heartbeat = runs_mod.Heartbeat(self.s, self.run_id, self.counters).start()
+            heartbeat = runs_mod.Heartbeat(self.s, self.run_id, self.counters, on_stall=self._stalled).start()
             try:
                 # -- 3. topics, then the plan: streams and their filters --------------------------------
                 publisher = get_publisher(self.s)
@@ -314,6 +318,18 @@ class Extraction:
                 _ACTIVE.discard(self)
             conn.close()
         return result
+
+    def _stalled(self, seconds: float) -> None:
+        """The heartbeat saw no progress for ETL_STALL_SECONDS: fail the run now with the reason (a
+        producer blocked on a broker that lost its state is marked unusable, so it lets go)."""
+        reason = (f"the run made no progress for {seconds:.0f} s (ETL_STALL_SECONDS: no record read or "
+                  "acknowledged, no API answer): it is failed and retried")
+        self.log.error("run_stalled", seconds=round(seconds), counters=self.counters())
+        if self.driver.fatal is None:
+            self.driver.fatal = Stalled(reason)
+        self.stop.set()
+        if self.pages.publisher is not None and self.pages.publisher.fatal is None:
+            self.pages.publisher.fatal = "the run using it stalled"
 
     def _settle_budget(self, result: RunResult) -> None:
         """Give the night's budget back what this run did not use (an orchestration's ledger)."""

@@ -106,6 +106,10 @@ class Publisher:
         #: partition count of each cached topic when first checked (a change = topic recreated)
         self._partitions: dict[str, int] = {}
         self._topics_lock = threading.Lock()
+        #: a full local queue: since when, its depth then, and the last time we found it full
+        self._full_since: float | None = None
+        self._full_depth = 0
+        self._full_last = 0.0
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -212,7 +216,7 @@ class Publisher:
                         produce(topic, value, key, headers=headers, on_delivery=tracker)
                         break
                     except BufferError:
-                        poll(0.05)
+                        self._queue_full()
                 n += 1
         finally:
             tracker.produced += n
@@ -229,10 +233,28 @@ class Publisher:
                     self.producer.produce(topic, value, key, headers=headers, on_delivery=tracker)
                     break
                 except BufferError:
-                    self.producer.poll(0.05)
+                    self._queue_full()
             n += 1
         tracker.produced += n
         return n
+
+    def _queue_full(self) -> None:
+        """The local queue is full: wait for the broker, but never silently forever -- a fatal
+        producer, or a queue that does not shrink for ``ETL_STALL_SECONDS``, fails the run with the
+        reason (the next run gets a new producer)."""
+        if self.fatal is not None:
+            raise PublishError(f"the producer is unusable ({self.fatal}): the run fails now and is retried "
+                               "with a new producer")
+        now, depth = time.monotonic(), len(self.producer)
+        if self._full_since is None or now - self._full_last > 1.0 or depth < self._full_depth:
+            self._full_since, self._full_depth = now, depth  # a new wait, or the broker takes records
+        self._full_last = now
+        if now - self._full_since > self.settings.etl_stall_seconds:
+            self.fatal = f"the broker took no records for {self.settings.etl_stall_seconds:.0f} s"
+            raise PublishError(f"the broker took no records for {self.settings.etl_stall_seconds:.0f} s "
+                               "(ETL_STALL_SECONDS; the producer's queue is full): is it down or restarting? "
+                               "The run fails now and is retried with a new producer")
+        self.producer.poll(0.05)
 
     def wait(self, tracker: DeliveryTracker, timeout: float | None = None,
              progress: Callable[[], None] | None = None) -> None:
@@ -242,11 +264,25 @@ class Publisher:
         The producer's ``message.timeout.ms`` bounds the wait (undeliverable messages fail).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        stall = self.settings.etl_stall_seconds
+        last_change, last_done = time.monotonic(), tracker.delivered + tracker.failed
         while tracker.pending > 0:
             self.producer.poll(0.05)
             if progress is not None:
                 progress()
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if self.fatal is not None:
+                raise PublishError(f"{tracker.pending} records unacknowledged: the producer is unusable "
+                                   f"({self.fatal}); the run fails now and is retried with a new producer")
+            done = tracker.delivered + tracker.failed
+            if done != last_done:
+                last_change, last_done = now, done
+            elif now - last_change > stall:
+                self.fatal = f"no acknowledgement from the broker for {stall:.0f} s"
+                raise PublishError(f"{tracker.pending} records unacknowledged and the broker answered nothing for "
+                                   f"{stall:.0f} s (ETL_STALL_SECONDS): is it down or restarting? The run fails and "
+                                   "is retried with a new producer")
+            if deadline is not None and now > deadline:
                 # the broker may have lost its state: the next run gets a new producer and topics
                 self.fatal = f"{tracker.pending} records unacknowledged after {timeout:.0f} s"
                 raise PublishError(f"{tracker.pending} records still unacknowledged by the broker after {timeout:.0f} s")

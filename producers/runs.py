@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -218,11 +219,15 @@ class Heartbeat:
     """Background thread: ``update_progress`` every ``interval`` seconds on its own connection."""
 
     def __init__(self, settings: Settings, run_id: int, counters: Callable[[], dict[str, Any]],
-                 interval: float | None = None):
+                 interval: float | None = None, on_stall: Callable[[float], None] | None = None):
         self.settings = settings
         self.run_id = run_id
         self.counters = counters
         self.interval = interval or HEARTBEAT_SECONDS
+        #: the stall watchdog: called once when no counter moved for ETL_STALL_SECONDS
+        self.on_stall = on_stall
+        self._moved_at = time.monotonic()
+        self._last: tuple[Any, ...] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{run_id}", daemon=True)
 
@@ -235,10 +240,12 @@ class Heartbeat:
 
         conn = None
         while not self._stop.wait(self.interval):
+            counters = self.counters()
+            self._watch(counters)  # also while the database is away
             try:
                 if conn is None or conn.closed:
                     conn = connect(self.settings, autocommit=True, application_name="trialsync-heartbeat")
-                update_progress(conn, self.run_id, self.counters())
+                update_progress(conn, self.run_id, counters)
             except Exception as e:  # noqa: BLE001 - a missed heartbeat must not kill the run
                 log.warning("heartbeat_failed", run_id=self.run_id, error=str(e).splitlines()[0] if str(e) else "")
                 if conn is not None:
@@ -249,6 +256,17 @@ class Heartbeat:
                     conn = None
         if conn is not None:
             conn.close()
+
+    def _watch(self, c: dict[str, Any]) -> None:
+        """A run whose counters stand still for ETL_STALL_SECONDS is stalled (heartbeat alive, no work
+        done): tell the run, once, so it fails with the reason instead of waiting for its timeout."""
+        sig = (c.get("records_extracted"), c.get("records_published"), c.get("api_calls"), c.get("parents_done"))
+        now = time.monotonic()
+        if sig != self._last:
+            self._last, self._moved_at = sig, now
+        elif self.on_stall is not None and now - self._moved_at > self.settings.etl_stall_seconds:
+            stalled, self.on_stall = self.on_stall, None
+            stalled(now - self._moved_at)
 
     def stop(self) -> None:
         self._stop.set()

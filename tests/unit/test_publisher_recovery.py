@@ -76,3 +76,82 @@ def test_a_broker_that_lost_its_topics_gets_a_new_producer(after_restart: dict[s
         assert pub.fatal and "lost 1 topic" in pub.fatal
     finally:
         pub_mod._PUBLISHERS.clear()
+
+
+def test_a_run_never_waits_silently_on_a_broker_that_takes_nothing() -> None:
+    """Issue 16: a broker that went away mid-run (restarted, lost the producer's state) left a run
+    waiting with its heartbeat alive for minutes. Waiting for acknowledgements and a full local
+    queue both end after ETL_STALL_SECONDS with the reason, and the producer is marked for
+    replacement (the retry gets a new one)."""
+    import time
+
+    from producers.keys import key_builder
+
+    s = Settings(kafka_bootstrap_servers="127.0.0.1:1", kafka_topic_prefix="stalltest", enable_metrics=False,
+                 etl_stall_seconds=1.5)
+    p = pub_mod.Publisher(s)
+    tracker = pub_mod.DeliveryTracker("stalltest.bronze.x")
+    recs = [{"id": i} for i in range(20)]
+    p.publish_page("stalltest.bronze.x", recs, key_builder(("id",), "cc1"), None, [], tracker)
+    t0 = time.monotonic()
+    with pytest.raises(pub_mod.PublishError, match="answered nothing for 2 s .ETL_STALL_SECONDS"):
+        p.wait(tracker)
+    assert 1.4 < time.monotonic() - t0 < 10 and p.fatal
+    # a producer known to be unusable is never waited on again: the next wait fails at once
+    t1 = time.monotonic()
+    with pytest.raises(pub_mod.PublishError, match="unusable"):
+        p.wait(tracker)
+    assert time.monotonic() - t1 < 1
+    p.producer.purge()
+
+
+def test_a_full_queue_fails_the_run_after_the_stall_time() -> None:
+    import time
+
+    from producers.keys import key_builder
+
+    s = Settings(kafka_bootstrap_servers="127.0.0.1:1", kafka_topic_prefix="fulltest", enable_metrics=False,
+                 etl_stall_seconds=1.0)
+    p = pub_mod.Publisher(s, producer=None)
+    p.producer = pub_mod.Producer({"bootstrap.servers": "127.0.0.1:1", "queue.buffering.max.messages": 50,
+                                   "log_level": 0})
+    tracker = pub_mod.DeliveryTracker("fulltest.bronze.x")
+    t0 = time.monotonic()
+    with pytest.raises(pub_mod.PublishError, match="took no records for 1 s"):
+        p.publish_page("fulltest.bronze.x", [{"id": i} for i in range(200)], key_builder(("id",), "cc1"), None, [],
+                       tracker)
+    assert time.monotonic() - t0 < 10 and p.fatal
+    assert tracker.produced == 50  # what got into the queue is counted; the rest was never produced
+    assert len(p.producer) == 50
+    p.producer.purge()
+
+
+def test_the_heartbeat_tells_a_run_that_made_no_progress() -> None:
+    import threading
+    import time
+
+    from producers.runs import Heartbeat
+
+    s = Settings(database_url="postgresql://nobody@127.0.0.1:1/x", etl_stall_seconds=0.5)
+    stalled: list[float] = []
+    done = threading.Event()
+    moving = {"n": 0}
+
+    def counters() -> dict:
+        return {"records_extracted": moving["n"], "api_calls": 3}
+
+    def on_stall(seconds: float) -> None:
+        stalled.append(seconds)
+        done.set()
+
+    hb = Heartbeat(s, 1, counters, interval=0.1, on_stall=on_stall).start()
+    try:
+        for _ in range(8):  # progress: no stall
+            moving["n"] += 1
+            time.sleep(0.1)
+        assert not stalled
+        assert done.wait(5)  # then nothing moves: told once (the database being away does not matter)
+        time.sleep(0.8)
+        assert len(stalled) == 1 and stalled[0] >= 0.5
+    finally:
+        hb.stop()

@@ -186,12 +186,20 @@ def jobs_show(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
     t = Table(title=f"job {job.id}: {job.name}", show_header=False)
     t.add_column("field", style="bold")
     t.add_column("value", overflow="fold")
+    # the export's last_status / last_records are the legacy system's runs, not this installation's
+    legacy = {"last_status": "export: last status (legacy system)",
+              "last_records": "export: last records (legacy system)"}
     for k, v in job.model_dump().items():
-        if v in (None, (), {}, []):
+        if v in (None, (), {}, []) or k in legacy:
             continue
         t.add_row(k, ", ".join(map(str, v)) if isinstance(v, tuple | list) else str(v))
     t.add_row("incremental (effective)", "yes" if job.supports_incremental else "no")
     t.add_row("runs after", ", ".join(f"{p} ({catalog.get(p).name})" for p in catalog.parents(job)) or "-")
+    t.add_row("runs here", f"`trialsync status --job {job.id}` (latest), `trialsync history --job {job.id}`")
+    for k, label in legacy.items():
+        v = getattr(job, k)
+        if v is not None:
+            t.add_row(f"[dim]{label}[/]", f"[dim]{v} (from the CC job export; not a TrialSync run)[/]")
     console.print(t)
 
 

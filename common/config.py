@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     kafka_partitions: int = Field(default=3, ge=1, le=256)
     kafka_replication_factor: int = Field(default=1, ge=1, le=5)
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000, le=300_000)
+    kafka_connect_timeout_seconds: float = Field(default=8.0, ge=1, le=300,
+                                                 description="a broker that does not answer within this is reported down")
 
     # -- loader --------------------------------------------------------------------------------
     loader_batch_size: int = Field(default=20_000, ge=1, le=1_000_000)  # tuned by bench/loader_bench.py

@@ -85,6 +85,9 @@ EXPLAIN: dict[str, str] = {
     "kafka_replication_factor": "Replication factor of new topics (3 on a production cluster, 1 on dev Redpanda).",
     "kafka_session_timeout_ms": "Consumer-group session timeout: how fast a dead loader's partitions move to "
                                 "another (and how long a group join takes on the embedded broker).",
+    "kafka_connect_timeout_seconds": "How long a client waits for a broker to answer (TCP connect and the first "
+                                     "metadata request) before the command says it is not reachable; clients "
+                                     "keep retrying quietly (librdkafka's own lines only at LOG_LEVEL=DEBUG).",
     "loader_batch_size": "Loader micro-batch: flush after this many records…",
     "loader_flush_ms": "…or after this many milliseconds, whichever comes first.",
     "trialsync_state_dir": "Where the embedded stack keeps data, logs and ports (also STATE_DIR).",

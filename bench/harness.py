@@ -84,7 +84,10 @@ class Harness:
         self.services = Services()
 
     def admin_dsn(self, dbname: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.pg_port}/{dbname}"
+        """The superuser's DSN (password from the embedded stack's logins file)."""
+        from common import stack
+
+        return stack.database_dsn(dbname=dbname, login="admin")
 
     def use_database(self, name: str) -> str:
         """Create database ``name`` (dropping an old one), point this process and its children at it,

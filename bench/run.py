@@ -449,7 +449,7 @@ def section_peer(h: Harness, scale: float) -> dict[str, Any]:
     # dlt: the same endpoints into an empty database of the same server
     dsn = h.use_database(f"bench_{tag}_peer_dlt")
     spec = {"base_url": h.sim.urls["api"], "key_header": s.cc_api_key_header,
-            "dsn": dsn.replace("postgres@", "postgres:unused@"),  # trust auth; dlt wants a password field
+            "dsn": dsn,
             "dataset": "dlt_peer", "workers": s.etl_parallel_jobs, "page_size": 1000, "file_format": "csv",
             "pipelines_dir": str(h.state / f"dlt-{tag}"),
             "jobs": [{"id": j.id, "name": j.name, "endpoint": j.endpoint, "odata": j.paging == "odata"} for j in jobs]}

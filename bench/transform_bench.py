@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the bench database")
     args = ap.parse_args()
 
-    base = database_dsn(get_settings())
+    base = database_dsn(get_settings(), login="admin")  # it creates a database
     name = f"trialsync_bench_{uuid.uuid4().hex[:8]}"
     admin = base.rsplit("/", 1)[0] + "/postgres"
     with psycopg.connect(admin, autocommit=True) as c:

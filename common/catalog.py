@@ -5,25 +5,40 @@ the operator's ``ETL_JOBS_FILE``). The catalog file in the repo is the source of
 is what operators query and what runs reference.
 
 ``sync`` is one transaction: either all jobs (and their staging tables) are written, or nothing.
-Operational columns (last_run_*, last_success_at) are never overwritten by a sync.
+Operational columns (last_run_*, last_success_at) are never written by a sync: they describe this
+installation's runs. The export's own last status/records (the legacy system's runs) go to
+``export_last_status`` / ``export_last_records`` (migration 0900).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 import psycopg
 
 from common.config import Settings, get_settings
 from common.db import connect, ensure_staging_tables
-from schemas.jobs import Job, JobCatalog
+from schemas.jobs import CatalogError, Job, JobCatalog
 
 
 def load_catalog(settings: Settings | None = None) -> JobCatalog:
-    """The catalog with the operator's overrides (ETL_JOBS_FILE, default config/jobs.yaml)."""
+    """The catalog with the operator's overrides (ETL_JOBS_FILE, default config/jobs.yaml).
+
+    An ``ETL_JOBS_FILE`` that names no file is an error, not "no overrides": silently dropping the
+    operator's schedules, priorities and disabled jobs would let the next ``jobs sync`` reset them
+    all in the database. Only the default path may be absent (a checkout without overrides).
+    """
     s = settings or get_settings()
-    return JobCatalog.load(overrides_path=s.etl_jobs_file)
+    path = Path(s.etl_jobs_file).expanduser()
+    explicit = "etl_jobs_file" in s.model_fields_set
+    if path.is_dir() or (explicit and not path.exists()):
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise CatalogError(f"ETL_JOBS_FILE={str(s.etl_jobs_file)!r} {what} (resolved from {Path.cwd()}): "
+                           "point it at your overrides file (e.g. config/jobs.yaml) or unset it; "
+                           "nothing was changed")
+    return JobCatalog.load(overrides_path=path)
 
 
 @dataclass
@@ -47,7 +62,7 @@ INSERT INTO etl.dw_etl_jobs AS j (
     id, name, source_endpoint, target_table, is_active, is_valid, invalid_reason, requires_parameters,
     parameter_source_table, parameter_source_column, parameters, primary_key, source_type, source_options,
     category, depends_on, schedule, priority, timeout_seconds, incremental, timestamp_field, page_size,
-    fix_reasons, last_run_status, last_run_records, source_instance_id)
+    fix_reasons, export_last_status, export_last_records, source_instance_id)
 VALUES (%(id)s, %(name)s, %(endpoint)s, %(target_table)s, %(is_active)s, %(is_valid)s, %(invalid_reason)s,
     %(requires_parameters)s, %(parameter_source_table)s, %(parameter_source_column)s, %(parameters)s::jsonb,
     %(primary_key)s, %(source_type)s, %(source_options)s::jsonb, %(category)s, %(depends_on)s, %(schedule)s,
@@ -63,19 +78,20 @@ ON CONFLICT (id) DO UPDATE SET
     schedule = COALESCE(EXCLUDED.schedule, j.schedule), priority = EXCLUDED.priority,
     timeout_seconds = EXCLUDED.timeout_seconds, incremental = EXCLUDED.incremental,
     timestamp_field = EXCLUDED.timestamp_field, page_size = EXCLUDED.page_size, fix_reasons = EXCLUDED.fix_reasons,
+    export_last_status = EXCLUDED.export_last_status, export_last_records = EXCLUDED.export_last_records,
     source_instance_id = COALESCE(EXCLUDED.source_instance_id, j.source_instance_id),
     updated_at = now()
 WHERE (j.name, j.source_endpoint, j.target_table, j.is_active, j.is_valid, j.invalid_reason, j.requires_parameters,
        j.parameter_source_table, j.parameter_source_column, j.parameters, j.primary_key, j.source_type,
        j.source_options, j.category, j.depends_on, j.priority, j.timeout_seconds, j.incremental,
-       j.timestamp_field, j.page_size, j.fix_reasons)
+       j.timestamp_field, j.page_size, j.fix_reasons, j.export_last_status, j.export_last_records)
    IS DISTINCT FROM
       (EXCLUDED.name, EXCLUDED.source_endpoint, EXCLUDED.target_table, EXCLUDED.is_active, EXCLUDED.is_valid,
        EXCLUDED.invalid_reason, EXCLUDED.requires_parameters, EXCLUDED.parameter_source_table,
        EXCLUDED.parameter_source_column, EXCLUDED.parameters, EXCLUDED.primary_key, EXCLUDED.source_type,
        EXCLUDED.source_options, EXCLUDED.category, EXCLUDED.depends_on, EXCLUDED.priority,
        EXCLUDED.timeout_seconds, EXCLUDED.incremental, EXCLUDED.timestamp_field, EXCLUDED.page_size,
-       EXCLUDED.fix_reasons)
+       EXCLUDED.fix_reasons, EXCLUDED.export_last_status, EXCLUDED.export_last_records)
    OR (EXCLUDED.schedule IS NOT NULL AND EXCLUDED.schedule IS DISTINCT FROM j.schedule)
 RETURNING (xmax = 0) AS inserted
 """

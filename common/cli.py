@@ -186,14 +186,22 @@ def jobs_show(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
     t = Table(title=f"job {job.id}: {job.name}", show_header=False)
     t.add_column("field", style="bold")
     t.add_column("value", overflow="fold")
+    # the export's last_status / last_records are the legacy system's runs, not this installation's
+    legacy = {"last_status": "export: last status (legacy system)",
+              "last_records": "export: last records (legacy system)"}
     for k, v in job.model_dump().items():
-        if v in (None, (), {}, []):
+        if v in (None, (), {}, []) or k in legacy:
             continue
         t.add_row(k, ", ".join(map(str, v)) if isinstance(v, tuple | list) else str(v))
     if job.source_type == "cc_api":
         t.add_row("paging (how)", job.paging_description)
     t.add_row("incremental (effective)", "yes" if job.supports_incremental else "no")
     t.add_row("runs after", ", ".join(f"{p} ({catalog.get(p).name})" for p in catalog.parents(job)) or "-")
+    t.add_row("runs here", f"`trialsync status --job {job.id}` (latest), `trialsync history --job {job.id}`")
+    for k, label in legacy.items():
+        v = getattr(job, k)
+        if v is not None:
+            t.add_row(f"[dim]{label}[/]", f"[dim]{v} (from the CC job export; not a TrialSync run)[/]")
     console.print(t)
 
 
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         get_settings()
         setup_logging("cli")
-        rv = app(args=argv, standalone_mode=False)
+        rv = app(args=argv, prog_name="trialsync", standalone_mode=False)
         # with standalone_mode=False click returns a typer.Exit's code instead of raising it
         return rv if isinstance(rv, int) else 0
     except typer.Exit as e:
@@ -229,18 +237,66 @@ def main(argv: list[str] | None = None) -> int:
         code = getattr(e, "code", 2 if isinstance(e, ConfigError) else 1)
         err_console.print(f"[bold red]error:[/] {scrub(str(e))}", highlight=False, soft_wrap=True)
         return int(code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted")
         return 130
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
+    except Exception as e:
+        usage = usage_error_line(e)
+        if usage is None:
+            raise  # a bug: the traceback is the report
+        from rich.markup import escape
+
+        err_console.print("[bold red]error:[/] " + escape(usage[0]), highlight=False, soft_wrap=True)
+        return usage[1]
+
+
+def _usage_exception_types() -> tuple[type[BaseException], ...]:
+    """Click's exception base classes: typer >= 0.29 vendors click as ``typer._click`` (its own
+    classes), older typer raises ``click.exceptions``; both may be installed, so match both."""
+    out: list[type[BaseException]] = []
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        out.append(VendoredClickException)
+    except ImportError:  # pragma: no cover - typer < 0.29
+        pass
+    try:
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            return 130
-        raise
+        out.append(click.exceptions.ClickException)
+    except ImportError:  # pragma: no cover - click not installed
+        pass
+    return tuple(out)
+
+
+def usage_error_line(e: BaseException) -> tuple[str, int] | None:
+    """``(one line, exit code)`` for a command-line usage error (unknown option or command, a
+    missing or out-of-range value, no command at all); None when ``e`` is not one.
+
+    Why not click's own ``show()``: it prints the usage block and, for a missing command, the whole
+    help -- 20 to 60 lines for a typo. One line names the problem and where the help is.
+    """
+    if not isinstance(e, _usage_exception_types()):
+        return None
+    ctx = getattr(e, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "trialsync"
+    code = int(getattr(e, "exit_code", 1) or 1)
+    if type(e).__name__ == "NoArgsIsHelpError":
+        names: list[str] = []
+        cmd = getattr(ctx, "command", None)
+        with_commands = getattr(cmd, "list_commands", None)
+        if with_commands is not None:
+            names = [n for n in with_commands(ctx) if not getattr(cmd.get_command(ctx, n), "hidden", False)]
+        what = f": one of {', '.join(names)}" if names else ""
+        return f"{path}: missing command{what} (`{path} --help` explains each)", 2
+    try:
+        message = e.format_message()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - fall back to the plain text
+        message = str(e)
+    message = " ".join(message.split())  # one line, whatever click put in it
+    if code == 2:
+        return f"{path}: {message} (see `{path} --help`)", 2
+    return f"{path}: {message}", code
 
 
 if __name__ == "__main__":  # pragma: no cover

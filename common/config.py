@@ -18,7 +18,13 @@ from urllib.parse import quote
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SECRET_FIELDS = ("database_password", "database_url", "cc_api_key", "smtp_password", "slack_webhook_url", "api_token")
+SECRET_FIELDS = ("database_password", "database_url", "database_admin_url", "database_reader_url",
+                 "database_reader_password", "database_writer_password", "cc_api_key", "smtp_password",
+                 "slack_webhook_url", "api_token")
+#: the login roles TrialSync provisions (members of migration 0002's group roles trialsync_etl and
+#: trialsync_analytics); the superuser/owner only migrates
+WRITER_LOGIN = "trialsync_writer"
+READER_LOGIN = "trialsync_reader"
 
 
 class ConfigError(ValueError):
@@ -40,6 +46,15 @@ class Settings(BaseSettings):
     database_name: str = "trialsync"
     database_user: str = "trialsync"
     database_password: SecretStr | None = None
+    database_admin_url: SecretStr | None = Field(
+        default=None, description="login of `db migrate` (owner/superuser); unset = DATABASE_URL / DATABASE_*")
+    database_writer_password: SecretStr | None = Field(
+        default=None, description="`db migrate` creates/updates the login trialsync_writer with it")
+    database_reader_password: SecretStr | None = Field(
+        default=None, description="password of the read-only login trialsync_reader (created by `db migrate`)")
+    database_reader_url: SecretStr | None = Field(
+        default=None, description="read-only login for the history API and quality checks; wins over "
+                                  "DATABASE_READER_PASSWORD")
     database_pool_size: int = Field(default=10, ge=1, le=200)
     database_statement_timeout_ms: int = Field(default=0, ge=0)
 
@@ -87,6 +102,8 @@ class Settings(BaseSettings):
     kafka_partitions: int = Field(default=3, ge=1, le=256)
     kafka_replication_factor: int = Field(default=1, ge=1, le=5)
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000, le=300_000)
+    kafka_connect_timeout_seconds: float = Field(default=8.0, ge=1, le=300,
+                                                 description="a broker that does not answer within this is reported down")
 
     # -- loader --------------------------------------------------------------------------------
     loader_batch_size: int = Field(default=20_000, ge=1, le=1_000_000)  # tuned by bench/loader_bench.py
@@ -103,6 +120,8 @@ class Settings(BaseSettings):
     log_file: Path | None = None
     enable_metrics: bool = True
     metrics_port: int = Field(default=9108, ge=0, le=65535, description="0 = pick a free port")
+    metrics_host: str = Field(default="127.0.0.1", min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$",
+                              description="interface of /metrics, /healthz, /readyz; 0.0.0.0 = every interface")
 
     # -- alerting ------------------------------------------------------------------------------
     alert_email: str | None = None
@@ -116,6 +135,14 @@ class Settings(BaseSettings):
 
     # -- history API ---------------------------------------------------------------------------
     api_token: SecretStr | None = None
+
+    @field_validator(*SECRET_FIELDS, mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, v: object) -> object:
+        # `API_TOKEN=` (or compose blanking a secret for a service) means "not set", never "empty token"
+        if isinstance(v, str) and not v.strip():
+            return None
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -144,10 +171,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _database_url_scheme(self) -> Settings:
-        if self.database_url is not None:
-            url = self.database_url.get_secret_value()
-            if not url.startswith(("postgresql://", "postgres://")):
-                raise ValueError("DATABASE_URL must start with postgresql:// (value hidden: it may hold a password)")
+        for name in ("database_url", "database_admin_url", "database_reader_url"):
+            value = getattr(self, name)
+            if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+                raise ValueError(f"{name.upper()} must start with postgresql:// (value hidden: it may hold a password)")
         return self
 
     # -- derived -------------------------------------------------------------------------------
@@ -169,6 +196,32 @@ class Settings(BaseSettings):
         auth = quote(self.database_user, safe="") + (":" + quote(pw, safe="") if pw else "")
         return f"postgresql://{auth}@{self.database_host}:{self.database_port}/{quote(self.database_name, safe='')}"
 
+    def explicit_login_dsn(self, login: str) -> str | None:
+        """The DSN of one login of an explicitly configured database (None: the embedded stack, or
+        that login is not configured).
+
+        ``writer`` (every service) is DATABASE_URL / DATABASE_*; ``admin`` (``db migrate``) is
+        DATABASE_ADMIN_URL, else the writer's; ``reader`` (history API, quality checks) is
+        DATABASE_READER_URL, else trialsync_reader with DATABASE_READER_PASSWORD on DATABASE_HOST,
+        else None (the caller decides: the API falls back to its own login)."""
+        base = self.explicit_dsn()
+        if login == "writer" or base is None:
+            return base
+        if login == "admin":
+            return self.database_admin_url.get_secret_value() if self.database_admin_url else base
+        if login == "reader":
+            if self.database_reader_url is not None:
+                return self.database_reader_url.get_secret_value()
+            if self.database_reader_password is None:
+                return None
+            from urllib.parse import urlsplit, urlunsplit
+
+            pw = quote(self.database_reader_password.get_secret_value(), safe="")
+            parts = urlsplit(base)
+            host = parts.netloc.rsplit("@", 1)[-1]
+            return urlunsplit(parts._replace(netloc=f"{READER_LOGIN}:{pw}@{host}"))
+        raise ValueError(f"unknown database login {login!r}")
+
     def secret_values(self) -> list[str]:
         """Every secret's plain value, so logging can scrub them from any message."""
         out = []
@@ -176,12 +229,13 @@ class Settings(BaseSettings):
             v = getattr(self, name, None)
             if isinstance(v, SecretStr) and v.get_secret_value():
                 out.append(v.get_secret_value())
-        if self.database_url is not None:
-            from urllib.parse import urlsplit
+        from urllib.parse import unquote, urlsplit
 
-            pw = urlsplit(self.database_url.get_secret_value()).password
-            if pw:
-                out.append(pw)
+        for url in (self.database_url, self.database_admin_url, self.database_reader_url):
+            if url is not None:
+                pw = urlsplit(url.get_secret_value()).password
+                if pw:
+                    out += [pw, unquote(pw)]
         return out
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,8 +52,10 @@ def qualified(schema: str, name: str) -> sql.Composed:
     return sql.SQL("{}.{}").format(ident(schema, "schema name"), ident(name, "table name"))
 
 
-def dsn(settings: Settings | None = None) -> str:
-    return database_dsn(settings)
+def dsn(settings: Settings | None = None, login: str = "writer") -> str:
+    """DSN of ``login``: ``writer`` (services, the default), ``admin`` (migrations), ``reader``
+    (history API, quality checks); see common/logins.py."""
+    return database_dsn(settings, login=login)
 
 
 def _configure(conn: psycopg.Connection) -> None:
@@ -64,30 +65,36 @@ def _configure(conn: psycopg.Connection) -> None:
 
 
 def connect(settings: Settings | None = None, autocommit: bool = False, connect_timeout: int = 5,
-            application_name: str = "trialsync") -> psycopg.Connection:
+            application_name: str = "trialsync", login: str = "writer") -> psycopg.Connection:
     """One connection with the TrialSync search path; errors become a clear DatabaseError."""
+    s = settings or get_settings()
     try:
-        conn = psycopg.connect(dsn(settings), autocommit=autocommit, connect_timeout=connect_timeout,
+        conn = psycopg.connect(dsn(s, login), autocommit=autocommit, connect_timeout=connect_timeout,
                                application_name=application_name)
     except psycopg.OperationalError as e:
-        raise DatabaseError(describe_connect_error(e)) from None
+        raise DatabaseError(describe_connect_error(e, s)) from None
     _configure(conn)
     return conn
 
 
-def describe_connect_error(e: Exception) -> str:
+def describe_connect_error(e: Exception, settings: Settings | None = None) -> str:
     """One line for a failed connection, without the DSN (it may hold a password)."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     msg = re.sub(r"postgres(ql)?://\S+", "<dsn>", msg)
+    embedded = settings is not None and settings.uses_embedded_database
+    if embedded and re.search(r"password authentication failed for user \"trialsync_(writer|reader)\"|"
+                              r"role \"trialsync_(writer|reader)\" does not exist", msg):
+        return (f"the embedded database has no login for this process yet ({msg}): run `trialsync db migrate` "
+                "(it creates the logins trialsync_writer and trialsync_reader)")
     return (f"cannot connect to PostgreSQL ({msg}): start it with `trialsync stack up`, "
             "or check DATABASE_URL / DATABASE_HOST and that the server accepts connections")
 
 
 def make_pool(settings: Settings | None = None, min_size: int = 1, max_size: int | None = None,
-              name: str = "trialsync") -> ConnectionPool:
+              name: str = "trialsync", login: str = "writer") -> ConnectionPool:
     s = settings or get_settings()
     pool = ConnectionPool(
-        dsn(s), min_size=min_size, max_size=max_size or s.database_pool_size, name=name,
+        dsn(s, login), min_size=min_size, max_size=max_size or s.database_pool_size, name=name,
         configure=_configure, open=False, kwargs={"application_name": name},
         reconnect_timeout=60,
     )
@@ -134,47 +141,62 @@ def discover_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
 
 
 def migrate(settings: Settings | None = None, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """Apply pending migrations in order, each in its own transaction; return those applied.
+    """Apply pending migrations in order, each in its own transaction; return those applied. Then
+    create/update the least-privilege logins whose passwords are known (common/logins.py).
 
-    Safe to run twice and concurrently: a session advisory lock serializes runners, and
-    ``etl.schema_migrations`` records what is applied (with a checksum, so an edited migration
-    is reported instead of silently skipped).
+    Runs as the admin login (DATABASE_ADMIN_URL, else DATABASE_URL / DATABASE_*, else the embedded
+    superuser) -- the only place TrialSync uses it. Safe to run twice and concurrently: a session
+    advisory lock serializes runners, and ``etl.schema_migrations`` records what is applied (with a
+    checksum, so an edited migration is reported instead of silently skipped). A missing privilege
+    is one line naming it (``describe_privilege_error``), not a traceback.
     """
+    from common.logins import describe_privilege_error, passwords_to_provision, provision_logins
+
+    s = settings or get_settings()
     migrations = discover_migrations(directory)
     applied: list[Migration] = []
-    with connect(settings, autocommit=True, application_name="trialsync-migrate") as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+    with connect(s, autocommit=True, application_name="trialsync-migrate", login="admin") as conn:
+        user = conn.info.user
+        step = "trialsync db migrate"
         try:
-            conn.execute("CREATE SCHEMA IF NOT EXISTS etl")
-            conn.execute(
-                """CREATE TABLE IF NOT EXISTS etl.schema_migrations (
-                        version integer PRIMARY KEY,
-                        name text NOT NULL,
-                        checksum text NOT NULL,
-                        applied_at timestamptz NOT NULL DEFAULT now())"""
-            )
-            done = {v: c for v, c in conn.execute("SELECT version, checksum FROM etl.schema_migrations")}
-            for m in migrations:
-                if m.version in done:
-                    if done[m.version] != m.checksum:
-                        raise DatabaseError(
-                            f"migration {m.path.name} changed after it was applied: add a new migration instead of editing it"
-                        )
-                    continue
-                t0 = time.monotonic()
-                try:
+            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+            try:
+                step = "trialsync db migrate (creating schema etl and etl.schema_migrations)"
+                conn.execute("CREATE SCHEMA IF NOT EXISTS etl")
+                conn.execute(
+                    """CREATE TABLE IF NOT EXISTS etl.schema_migrations (
+                            version integer PRIMARY KEY,
+                            name text NOT NULL,
+                            checksum text NOT NULL,
+                            applied_at timestamptz NOT NULL DEFAULT now())"""
+                )
+                done = {v: c for v, c in conn.execute("SELECT version, checksum FROM etl.schema_migrations")}
+                for m in migrations:
+                    if m.version in done:
+                        if done[m.version] != m.checksum:
+                            raise DatabaseError(
+                                f"migration {m.path.name} changed after it was applied: add a new migration instead of editing it"
+                            )
+                        continue
+                    step = f"migration {m.path.name} failed"
                     with conn.transaction():
                         conn.execute(m.path.read_text(encoding="utf-8"))  # type: ignore[arg-type]  # trusted repo file
                         conn.execute(
                             "INSERT INTO etl.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
                             (m.version, m.name, m.checksum),
                         )
-                except psycopg.Error as e:
-                    raise DatabaseError(f"migration {m.path.name} failed: {str(e).strip().splitlines()[0]}") from None
-                _ = time.monotonic() - t0
-                applied.append(m)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+                    applied.append(m)
+                step = "creating the logins trialsync_writer / trialsync_reader"
+                provision_logins(conn, passwords_to_provision(s))
+            finally:
+                if not conn.broken:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+        except psycopg.Error as e:
+            why = describe_privilege_error(e, user, step)
+            if why is None:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                why = f"{step}: {first}" if step.startswith("migration ") else f"{step} failed: {first}"
+            raise DatabaseError(why) from None
     return applied
 
 

@@ -49,8 +49,8 @@ def cached(check: ReadinessCheck, ttl: float = 2.0) -> ReadinessCheck:
     return run
 
 
-def database_check(settings: Settings | None = None, timeout: int = 2) -> ReadinessCheck:
-    """Ready when PostgreSQL accepts a connection and answers ``SELECT 1``."""
+def database_check(settings: Settings | None = None, timeout: int = 2, login: str = "writer") -> ReadinessCheck:
+    """Ready when PostgreSQL accepts ``login``'s connection and answers ``SELECT 1``."""
 
     def check() -> tuple[bool, str]:
         import psycopg
@@ -59,7 +59,7 @@ def database_check(settings: Settings | None = None, timeout: int = 2) -> Readin
 
         s = settings or get_settings()
         try:
-            with psycopg.connect(database_dsn(s), connect_timeout=timeout, autocommit=True,
+            with psycopg.connect(database_dsn(s, login=login), connect_timeout=timeout, autocommit=True,
                                  application_name="trialsync-readyz") as conn:
                 conn.execute("SELECT 1")
         except Exception as e:  # noqa: BLE001 - StackError, OperationalError...
@@ -145,6 +145,8 @@ def service_checks(service: str, settings: Settings | None = None) -> dict[str, 
         "simulator": (),
     }.get(service, ("database", "broker"))
     factories: dict[str, Callable[[Settings | None], ReadinessCheck]] = {
-        "database": database_check, "broker": broker_check, "api": api_check,
+        # the history API reads as the read-only login: check that one
+        "database": (lambda st: database_check(st, login="reader")) if service == "api" else database_check,
+        "broker": broker_check, "api": api_check,
     }
     return {name: cached(factories[name](settings)) for name in wanted}

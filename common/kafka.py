@@ -80,8 +80,35 @@ def table_of_topic(topic: str, settings: Settings | None = None) -> str | None:
 
 # -- client configs ------------------------------------------------------------------------------
 
+class QuietClientLog:
+    """librdkafka's own log lines (``%3|…|FAIL|…``, one per reconnect attempt, dozens a second
+    while a broker does not answer) as DEBUG events instead of raw stderr lines.
+
+    Why DEBUG: the condition they describe is reported once, in words, by the code that runs into
+    it (``PublishError`` / ``describe_broker_error``, the loader's ``broker_unavailable``), and a
+    process keeps retrying quietly. ``LOG_LEVEL=DEBUG`` shows them again. librdkafka calls
+    ``log(level, fmt, *args)`` on whatever object ``logger`` is (from poll/flush).
+    """
+
+    def __init__(self) -> None:
+        from common.logging import get_logger
+
+        self._log = get_logger("librdkafka")
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+        if self._log.is_enabled_for(10):  # logging.DEBUG
+            text = (str(msg) % args) if args else str(msg)
+            self._log.debug("librdkafka_log", severity=level, message=text[:500])
+
+
 def _base(settings: Settings) -> dict[str, Any]:
-    return {"bootstrap.servers": bootstrap_servers(settings), "client.id": "trialsync"}
+    return {
+        "bootstrap.servers": bootstrap_servers(settings), "client.id": "trialsync",
+        "logger": QuietClientLog(),
+        # a broker that accepts the connection but never answers must not hold a client for the
+        # default 30 s per attempt
+        "socket.connection.setup.timeout.ms": int(settings.kafka_connect_timeout_seconds * 1000),
+    }
 
 
 def producer_config(settings: Settings | None = None, **extra: Any) -> dict[str, Any]:
@@ -139,7 +166,8 @@ def ensure_topics(names: Iterable[str], settings: Settings | None = None, partit
     s = settings or get_settings()
     admin = admin_client(s)
     wanted = sorted(set(names))
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    # first contact: a broker that does not answer is reported within KAFKA_CONNECT_TIMEOUT_SECONDS
+    existing = set(admin.list_topics(timeout=min(timeout, s.kafka_connect_timeout_seconds)).topics)
     compacted = set(compacted)
     new = [
         NewTopic(
@@ -170,12 +198,21 @@ def ensure_system_topics(settings: Settings | None = None) -> list[str]:
 
 
 def describe_broker_error(e: Exception, settings: Settings | None = None) -> str:
+    """One line: which broker, what librdkafka said (its text, not the KafkaError repr), the fix."""
     try:
         where = bootstrap_servers(settings)
     except Exception:  # noqa: BLE001 - best effort for an error message
         where = "(not configured)"
-    return (f"broker at {where} is not reachable ({e}): start it with `trialsync stack up` "
-            "or check KAFKA_BOOTSTRAP_SERVERS")
+    detail = str(e)
+    err = e.args[0] if e.args else None
+    if hasattr(err, "str") and callable(err.str):
+        detail = err.str()
+    try:
+        wait = f" within {(settings or get_settings()).kafka_connect_timeout_seconds:g} s"
+    except Exception:  # noqa: BLE001
+        wait = ""
+    return (f"broker at {where} is not reachable: no answer{wait} ({detail}): start it with "
+            "`trialsync stack up` or check KAFKA_BOOTSTRAP_SERVERS")
 
 
 class RdkafkaLog(logging.Logger):

@@ -168,6 +168,37 @@ def setup_logging(service: str = "cli", level: str | None = None, fmt: str | Non
     _CONFIGURED = True
 
 
+def route_logs_to_file(path: str | os.PathLike[str], service: str, stderr_level: str | None = "WARNING") -> None:
+    """Send this process's structured logs (every level, JSON lines) to ``path`` and keep on stderr
+    only ``stderr_level`` and above, as readable one-line messages (None: nothing on stderr).
+
+    Why: a command whose stdout is for people (``trialsync demo``'s progress and tables) must not
+    interleave hundreds of JSON lines with it when both streams go to one file
+    (``demo > out.txt 2>&1``); the file next to the state keeps the whole machine record, and
+    warnings still reach the operator. With ``LOG_FORMAT=json`` set explicitly stderr stays JSON.
+    """
+    root = logging.getLogger("trialsync")
+    for h in list(root.handlers):
+        if isinstance(h, logging.StreamHandler):  # FileHandler is a StreamHandler too: replace all
+            root.removeHandler(h)
+            h.close()
+    fh = logging.FileHandler(path)
+    fh.setFormatter(JsonFormatter(service))
+    root.addHandler(fh)
+    if stderr_level is not None:
+        fmt = "console"
+        try:
+            from common.config import get_settings
+
+            fmt = "json" if get_settings().log_format == "json" else "console"
+        except Exception:  # noqa: BLE001 - a bad setting was already reported at start-up
+            pass
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setLevel(stderr_level)
+        sh.setFormatter(JsonFormatter(service) if fmt == "json" else ConsoleFormatter(sys.stderr.isatty()))
+        root.addHandler(sh)
+
+
 def add_secret(value: str | None) -> None:
     """Register one more value to scrub (e.g. a key read from the credentials table's env var)."""
     if value and value not in _SECRETS:

@@ -125,7 +125,7 @@ class MetricsServer:
     """``/metrics``, ``/healthz`` (process alive) and ``/readyz`` (dependencies) on one port."""
 
     def __init__(self, port: int, service: str, checks: dict[str, ReadinessCheck] | None = None,
-                 host: str = "0.0.0.0"):  # noqa: S104 - scraped by Prometheus from other hosts
+                 host: str = "127.0.0.1"):
         self.service = service
         self.checks = dict(checks or {})
         outer = self
@@ -188,14 +188,22 @@ class MetricsServer:
 
 
 def start_metrics_server(service: str, port: int | None = None, checks: dict[str, ReadinessCheck] | None = None,
-                         standard_checks: bool = True) -> MetricsServer | None:
-    """Start the per-process server if ENABLE_METRICS; port from METRICS_PORT unless given.
+                         standard_checks: bool = True, any_port_if_taken: bool = False) -> MetricsServer | None:
+    """Start the per-process server if ENABLE_METRICS, on METRICS_HOST:METRICS_PORT unless given.
 
     ``/readyz`` runs the standard checks of the service type (``common.health.service_checks``:
     database and broker; for extractors also the Clinical Conductor API) plus ``checks``, which
     add to them or replace one of the same name.
+
+    The interface is METRICS_HOST, 127.0.0.1 by default: /metrics and /readyz describe the
+    deployment (tables, jobs, dependency errors) and should not face a network unless the operator
+    says so (compose sets 0.0.0.0 inside its private network). A service whose port is taken fails
+    (OSError: Prometheus scrapes a fixed port); a one-shot command (``any_port_if_taken``: an
+    extract started beside a running loader) takes a free port instead of going without /metrics,
+    and logs which.
     """
     from common.config import get_settings
+    from common.logging import get_logger
 
     s = get_settings()
     if not s.enable_metrics:
@@ -206,4 +214,15 @@ def start_metrics_server(service: str, port: int | None = None, checks: dict[str
 
         merged.update(service_checks(service, s))
     merged.update(checks or {})
-    return MetricsServer(s.metrics_port if port is None else port, service, merged).start()
+    wanted = s.metrics_port if port is None else port
+    log = get_logger("metrics")
+    try:
+        server = MetricsServer(wanted, service, merged, host=s.metrics_host)
+    except OSError as e:
+        if not any_port_if_taken or wanted == 0:
+            raise
+        server = MetricsServer(0, service, merged, host=s.metrics_host)
+        log.warning("metrics_port_in_use", service=service, port=wanted, serving_port=server.port,
+                    error=str(e), hint=f"/metrics of this {service} is on port {server.port}")
+    log.info("metrics_server_started", service=service, host=s.metrics_host, port=server.port)
+    return server.start()

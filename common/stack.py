@@ -29,6 +29,9 @@ from common.config import Settings, get_settings
 
 PG_SUPERUSER = "postgres"
 PG_DATABASE = "trialsync"
+#: login names of the embedded server: the superuser only migrates; services are the writer, the
+#: history API and analysts the reader (common/logins.py)
+PG_LOGINS = {"admin": PG_SUPERUSER, "writer": "trialsync_writer", "reader": "trialsync_reader"}
 #: On root machines PostgreSQL refuses to run as root; pgserver's convention is a 'pgserver' user.
 PG_SYSTEM_USER = "pgserver"
 PG_SERVER_OPTIONS = {
@@ -88,19 +91,56 @@ def write_state(st: StackState, settings: Settings | None = None) -> None:
 
 # -- resolution used by every command ------------------------------------------------------------
 
-def database_dsn(settings: Settings | None = None, dbname: str = PG_DATABASE) -> str:
-    """The DSN every process uses: DATABASE_URL/DATABASE_* if set, else the embedded server."""
+def database_dsn(settings: Settings | None = None, dbname: str = PG_DATABASE, login: str = "writer") -> str:
+    """The DSN of ``login`` (writer: every service; admin: ``db migrate``; reader: the history API,
+    quality checks): DATABASE_URL / DATABASE_* (and DATABASE_ADMIN_URL, DATABASE_READER_*) if set,
+    else the embedded server with its generated passwords. A reader that is not configured for an
+    external database falls back to the writer's login."""
     s = settings or get_settings()
-    explicit = s.explicit_dsn()
-    if explicit:
-        return explicit
+    if not s.uses_embedded_database:
+        return s.explicit_login_dsn(login) or s.explicit_login_dsn("writer")  # type: ignore[return-value]
     st = read_state(s)
     if not st.pg_port:
         raise StackError(
             f"no database configured: run `trialsync stack up` (embedded PostgreSQL under {state_dir(s)}) "
             "or set DATABASE_URL"
         )
-    return f"postgresql://{PG_SUPERUSER}@127.0.0.1:{st.pg_port}/{dbname}"
+    from urllib.parse import quote
+
+    user = PG_LOGINS[login]
+    pw = quote(embedded_passwords(s)[user], safe="")
+    return f"postgresql://{user}:{pw}@127.0.0.1:{st.pg_port}/{dbname}"
+
+
+def _logins_file(sd: Path) -> Path:
+    return sd / "pg" / "logins.json"
+
+
+def embedded_passwords(settings: Settings | None = None) -> dict[str, str]:
+    """The embedded server's login passwords (generated once, kept in ``pg/logins.json``, mode 0600).
+
+    Why passwords on a laptop server: with ``trust`` any local process could log in as the
+    superuser; the services' least-privilege logins would mean nothing."""
+    return embedded_passwords_from(_logins_file(state_dir(settings)))
+
+
+def embedded_passwords_from(f: Path) -> dict[str, str]:
+    import secrets
+
+    try:
+        known = json.loads(f.read_text()) if f.exists() else {}
+    except ValueError:
+        known = {}
+    missing = [u for u in PG_LOGINS.values() if not isinstance(known.get(u), str)]
+    if missing:
+        known.update({u: secrets.token_urlsafe(24) for u in missing})
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(known, out)
+        os.replace(tmp, f)
+    return {u: known[u] for u in PG_LOGINS.values()}
 
 
 def bootstrap_servers(settings: Settings | None = None) -> str:
@@ -226,6 +266,9 @@ def start_postgres(settings: Settings | None = None, st: StackState | None = Non
     st = st or read_state(s)
     datadir, logfile = _pg_paths(sd)
     if pg_running(st):
+        # a server started by an older version still lets anyone in (trust): require passwords now
+        _require_passwords(int(st.pg_port), embedded_passwords(s)[PG_SUPERUSER], datadir,  # type: ignore[arg-type]
+                           _logins_file(sd))
         return st
     # a postmaster.pid from a server that is still alive but unknown to us: the data dir is locked
     pidfile = datadir / "postmaster.pid"
@@ -274,7 +317,9 @@ def start_postgres(settings: Settings | None = None, st: StackState | None = Non
                  "-o", f"-p {port} {opts}", "start"], user, "pg_ctl start", logfile=logfile)
     pid = int((datadir / "postmaster.pid").read_text().splitlines()[0])
     st.pg_port, st.pg_pid = port, pid
-    _ensure_database(port)
+    password = embedded_passwords(s)[PG_SUPERUSER]
+    _ensure_database(port, password, _logins_file(sd))
+    _require_passwords(port, password, datadir, _logins_file(sd))
     return st
 
 
@@ -286,18 +331,62 @@ def _pidfile_port(pidfile: Path) -> int | None:
         return None
 
 
-def _ensure_database(port: int) -> None:
+#: what the embedded server accepts: password (SCRAM) logins over loopback TCP, nothing else
+PG_HBA = """# written by TrialSync (common/stack.py): password logins over loopback TCP only
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+"""
+
+
+def _require_passwords(port: int, password: str, datadir: Path, logins: Path) -> None:
+    """Give the superuser its password, make the server require passwords (pg_hba.conf), and
+    create the services' logins (no rights until `db migrate` makes them members of 0002's roles).
+
+    A data directory made by ``initdb --auth=trust`` (every new one, and those of older versions)
+    is switched over on its first start; later starts find it done. The file is rewritten in place
+    (its owner, the server's system user, stays)."""
+    import psycopg
+
+    from common.logins import provision_logins, set_password
+
+    hba = datadir / "pg_hba.conf"
+    try:
+        current = hba.read_text()
+    except OSError:
+        current = ""
+    try:
+        with psycopg.connect(f"postgresql://{PG_SUPERUSER}@127.0.0.1:{port}/postgres", password=password,
+                             autocommit=True, connect_timeout=5) as conn:
+            if current != PG_HBA:
+                set_password(conn, PG_SUPERUSER, password)
+                hba.write_text(PG_HBA)
+                conn.execute("SELECT pg_reload_conf()")
+            pw = embedded_passwords_from(logins)
+            provision_logins(conn, {u: pw[u] for u in (PG_LOGINS["writer"], PG_LOGINS["reader"])}, update=False)
+    except psycopg.OperationalError as e:
+        raise StackError(_login_failed(e, logins)) from None
+
+
+def _login_failed(e: Exception, logins: Path) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (f"cannot log in to the embedded PostgreSQL as {PG_SUPERUSER} ({first}): its password is in {logins}; "
+            "restore that file, or start afresh with `trialsync stack down --purge` (deletes the data)")
+
+
+def _ensure_database(port: int, password: str | None = None, logins: Path | None = None) -> None:
     import psycopg
 
     deadline = time.monotonic() + 30
     while True:
         try:
-            with psycopg.connect(f"postgresql://{PG_SUPERUSER}@127.0.0.1:{port}/postgres", autocommit=True,
-                                 connect_timeout=3) as conn:
+            with psycopg.connect(f"postgresql://{PG_SUPERUSER}@127.0.0.1:{port}/postgres", password=password,
+                                 autocommit=True, connect_timeout=3) as conn:
                 if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone():
                     conn.execute(f'CREATE DATABASE "{PG_DATABASE}"')  # constant, not configuration
                 return
-        except psycopg.OperationalError:
+        except psycopg.OperationalError as e:
+            if "password authentication failed" in str(e) and logins is not None:
+                raise StackError(_login_failed(e, logins)) from None
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)

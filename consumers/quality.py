@@ -9,6 +9,16 @@ status ``error`` and never stops the other checks or the transformer.
 
 Why the checks live in SQL rows: they are data about the model, versioned with the migrations that
 define the model, readable by analysts, and extendable without a release of this code.
+
+Why the checks run read-only: ``etl.dw_quality_checks`` is writable by the writer role, so its
+``check_sql`` is untrusted input -- a writer login could plant SQL that the transformer would run
+with its own rights (modify data, read the pseudonymisation key into ``sample_keys``). Each check
+therefore runs in a READ ONLY transaction with a statement timeout, on a connection of the
+read-only login (``trialsync_reader``: :func:`open_check_connection`), whose session cannot switch
+back to a writing role; its transaction is always rolled back. Without a reader login configured
+(an external database without DATABASE_READER_*), the checks run on the caller's connection in a
+rolled-back read-only savepoint as ``trialsync_analytics`` -- read-only and bounded, but a check
+could switch the role back, so configure the reader.
 """
 
 from __future__ import annotations
@@ -90,12 +100,44 @@ class CheckDefinitionError(ValueError):
     """A check's SELECT does not return exactly one column (the failing row's key)."""
 
 
-def run_check(conn: psycopg.Connection, check: QualityCheck, timeout_s: int = 300) -> QualityResult:
-    """Run one check in its own transaction (or savepoint, inside a caller's transaction)."""
+READ_ROLE = "trialsync_analytics"
+
+
+def open_check_connection(settings: object | None = None) -> psycopg.Connection | None:
+    """A connection of the read-only login to run check SQL on, or None when none is configured
+    (then :func:`run_quality_checks` falls back to the caller's connection, see the module doc)."""
+    from common.config import Settings, get_settings
+    from common.db import connect
+
+    s = settings if isinstance(settings, Settings) else get_settings()
+    if not s.uses_embedded_database and s.explicit_login_dsn("reader") is None:
+        return None
+    return connect(s, autocommit=True, application_name="trialsync-quality", login="reader")
+
+
+def _read_only(conn: psycopg.Connection, timeout_s: float, switch_role: bool) -> None:
+    """Make the current (sub)transaction read-only, bounded and, if asked, the read-only role.
+    ``transaction_read_only`` can be switched on anywhere but never off again inside it."""
+    conn.execute("SELECT set_config('transaction_read_only', 'on', true), "
+                 "set_config('statement_timeout', %s, true)", (str(max(1, int(timeout_s * 1000))),))
+    if switch_role:
+        row = conn.execute("SELECT pg_has_role(session_user, %s, 'MEMBER') OR "
+                           "(SELECT rolsuper FROM pg_roles WHERE rolname = session_user)", (READ_ROLE,)).fetchone()
+        if row and row[0]:
+            conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(READ_ROLE)))
+
+
+def run_check(conn: psycopg.Connection, check: QualityCheck, timeout_s: int = 300,
+              switch_role: bool = True) -> QualityResult:
+    """Run one check read-only in a transaction (or savepoint) that is always rolled back.
+
+    ``conn`` is the read-only login's connection (``switch_role`` is then moot), or the caller's own
+    connection: inside a caller's transaction the check sees its uncommitted rows, and the rollback
+    of the savepoint undoes the read-only switch for the caller."""
     t0 = time.perf_counter()
     try:
-        with conn.transaction():
-            conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(int(timeout_s * 1000)),))
+        with conn.transaction(force_rollback=True):
+            _read_only(conn, timeout_s, switch_role)
             cur = conn.execute(sql.SQL("SELECT * FROM ({}) AS q LIMIT 0").format(sql.SQL(check.check_sql)))  # type: ignore[arg-type]
             ncols = len(cur.description or ())
             if ncols != 1:
@@ -128,11 +170,15 @@ def record_results(conn: psycopg.Connection, results: list[QualityResult], batch
 def run_quality_checks(conn: psycopg.Connection, tables: Iterable[str] | None = None, *,
                        batch_id: uuid.UUID | None = None, run_ids: dict[str, int] | None = None,
                        timeout_s: int = 300, names: Iterable[str] | None = None,
-                       force: bool = True) -> list[QualityResult]:
+                       force: bool = True, reader: psycopg.Connection | None = None) -> list[QualityResult]:
     """Run the active checks of ``tables`` (all when None), record and return the results.
+
+    ``conn`` loads the checks and records the results; the check SQL runs on ``reader`` (the
+    read-only login, :func:`open_check_connection`) when given, else read-only on ``conn``.
     ``force=False`` honours each check's min_interval_seconds (the consumer's mode)."""
     checks = load_checks(conn, tables, names, force)
-    results = [run_check(conn, c, timeout_s) for c in checks]
+    on = reader if reader is not None else conn
+    results = [run_check(on, c, timeout_s) for c in checks]
     for r in results:
         fields = {"check": r.check.name, "table": r.check.target_table, "severity": r.check.severity,
                   "failed_rows": r.failed_rows, "duration_ms": round(r.duration_ms, 1)}

@@ -36,7 +36,7 @@ import psycopg
 from psycopg import sql
 
 from common.config import Settings, get_settings
-from common.db import BRONZE, ETL, connect, ident, staging_table
+from common.db import BRONZE, connect, ident, staging_table
 from common.kafka import H_RUN_ID, RdkafkaLog, bronze_topic, consumer_config, topic_prefix
 from common.logging import get_logger
 from consumers.loader import BatchSink, DatabaseUnavailable
@@ -166,7 +166,7 @@ def replay(opts: ReplayOptions, settings: Settings | None = None, progress: Prog
             target_name = shadow
 
             def target(_t: str) -> tuple[str, str]:
-                return (ETL, target_name)
+                return (SHADOW_SCHEMA, target_name)
         else:
             def target(t: str) -> tuple[str, str]:
                 return (BRONZE, t)
@@ -328,24 +328,31 @@ def _add_result(res: ReplayResult, r: WriteResult) -> None:
 
 # -- --truncate: shadow table and the one-transaction swap ---------------------------------------
 
+#: where the shadow table lives: the loader's login (trialsync_writer) may create tables in bronze,
+#: not in etl (a writer able to add objects to etl could plant functions the migrating superuser
+#: would call); the ``_replay_`` prefix keeps it apart from the staging tables
+SHADOW_SCHEMA = BRONZE
+
+
 def _create_shadow(s: Settings, table: str, shadow: str) -> None:
     with connect(s, autocommit=True, application_name="trialsync-replay") as conn:
         conn.execute(sql.SQL("CREATE UNLOGGED TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING INDEXES)").format(
-            sql.SQL("{}.{}").format(ident(ETL), ident(shadow)), staging_table(table)))
+            sql.SQL("{}.{}").format(ident(SHADOW_SCHEMA), ident(shadow)), staging_table(table)))
 
 
 def _drop_shadow(s: Settings, shadow: str) -> None:
     try:
         with connect(s, autocommit=True, application_name="trialsync-replay") as conn:
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.SQL("{}.{}").format(ident(ETL), ident(shadow))))
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
+                sql.SQL("{}.{}").format(ident(SHADOW_SCHEMA), ident(shadow))))
     except Exception as e:  # noqa: BLE001 - best effort; the name says what it is
-        log.warning("shadow_table_not_dropped", table=f"{ETL}.{shadow}", error=str(e))
+        log.warning("shadow_table_not_dropped", table=f"{SHADOW_SCHEMA}.{shadow}", error=str(e))
 
 
 def _swap(s: Settings, table: str, shadow: str, started: datetime, res: ReplayResult) -> None:
     """Make bronze.<table> equal to the shadow in ONE transaction (readers never see it empty)."""
     tgt = staging_table(table)
-    sh = sql.SQL("{}.{}").format(ident(ETL), ident(shadow))
+    sh = sql.SQL("{}.{}").format(ident(SHADOW_SCHEMA), ident(shadow))
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in _CONTENT)
     sets = sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in _CONTENT)
     old = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in _CONTENT)

@@ -25,10 +25,10 @@ from datetime import datetime
 import psycopg
 
 from common.config import Settings, get_settings
-from common.db import connect
+from common.db import DatabaseError, connect
 from common.logging import get_logger, scrub
 from common.metrics import TRANSFORM_DURATION, TRANSFORM_ROWS, TRANSFORM_RUNS
-from consumers.quality import QualityResult, run_quality_checks
+from consumers.quality import QualityResult, open_check_connection, run_quality_checks
 from consumers.transform_plan import Procedure, TransformPlan
 from consumers.transform_settings import TransformSettings, load_transform_settings
 
@@ -89,6 +89,8 @@ class ProcedureRunner:
         self.ts = tsettings or load_transform_settings()
         self._work: psycopg.Connection | None = None   # runs the procedures (one transaction each)
         self._meta: psycopg.Connection | None = None   # autocommit: run rows visible while a procedure runs
+        self._checks: psycopg.Connection | None = None  # the read-only login: quality checks' SQL
+        self._checks_unavailable = False                # no reader login configured (warned once)
         self._plan = plan
         self.on_progress = on_progress
         self.host = socket.gethostname()[:255]
@@ -110,6 +112,24 @@ class ProcedureRunner:
             setattr(self, attr, c)
         return c
 
+    def _check_conn(self) -> psycopg.Connection | None:
+        """The read-only login's connection the quality checks' SQL runs on (consumers/quality.py);
+        None without a reader login (the checks then run read-only on the meta connection)."""
+        c = self._checks
+        if self._checks_unavailable:
+            return None
+        if c is None or c.closed or c.broken:
+            if c is not None:
+                c.close()
+            c = open_check_connection(self.settings)
+            if c is None:
+                self._checks_unavailable = True
+                log.warning("quality_checks_without_reader_login",
+                            note="check SQL runs read-only on the transformer's own login; set "
+                                 "DATABASE_READER_URL or DATABASE_READER_PASSWORD for the read-only login")
+            self._checks = c
+        return c
+
     @property
     def plan(self) -> TransformPlan:
         if self._plan is None:
@@ -117,10 +137,10 @@ class ProcedureRunner:
         return self._plan
 
     def close(self) -> None:
-        for c in (self._work, self._meta):
+        for c in (self._work, self._meta, self._checks):
             if c is not None:
                 c.close()
-        self._work = self._meta = None
+        self._work = self._meta = self._checks = None
 
     # -- one procedure ----------------------------------------------------------------------------
     def _start_row(self, batch_id: uuid.UUID, p: Procedure, trigger: str, run_ids: Sequence[int],
@@ -238,8 +258,8 @@ class ProcedureRunner:
             batch.quality = run_quality_checks(
                 conn, done.keys(), batch_id=batch.batch_id,
                 run_ids={t: r.run_id for t, r in done.items() if r.run_id is not None},
-                timeout_s=self.ts.quality_timeout_seconds, force=force)
-        except psycopg.Error as e:
+                timeout_s=self.ts.quality_timeout_seconds, force=force, reader=self._check_conn())
+        except (psycopg.Error, DatabaseError) as e:
             log.error("quality_checks_failed_to_run", error=_first_line(e))
             return
         blocking: dict[str, list[QualityResult]] = {}

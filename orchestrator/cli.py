@@ -90,8 +90,8 @@ def _finish(result: Any, as_json: bool) -> None:
     console = _console()
     if as_json:
         print(to_json(result.as_dict()))
-    elif _interactive(False):
-        console.print(summary_table(result, width=console.width))
+    elif _interactive(False) and (table := summary_table(result, width=console.width)) is not None:
+        console.print(table)
         if console.width < 140:
             for line in summary_notes(result):
                 console.print(line, highlight=False, markup=False, soft_wrap=True)

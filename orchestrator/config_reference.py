@@ -30,8 +30,20 @@ EXPLAIN: dict[str, str] = {
     "database_host": "PostgreSQL host; setting it (or DATABASE_URL) switches from the embedded server to this one.",
     "database_port": "PostgreSQL port.",
     "database_name": "Database name.",
-    "database_user": "Login role. Grant it `trialsync_etl` (writer) for services; analysts get `trialsync_analytics`.",
-    "database_password": "Password of DATABASE_USER. compose.yaml also gives it to the postgres container.",
+    "database_user": "Login of this process: the services' is `trialsync_writer` (member of `trialsync_etl`), "
+                     "the history API's `trialsync_reader` (member of `trialsync_analytics`); never the superuser "
+                     "(only `db migrate` needs it: DATABASE_ADMIN_URL).",
+    "database_password": "Password of DATABASE_USER. compose.yaml sets it per service (writer or reader password).",
+    "database_admin_url": "The owner/superuser login `trialsync db migrate` uses (the only command that needs it); "
+                          "unset = DATABASE_URL / DATABASE_* (then that login must own the schema and have "
+                          "CREATEROLE).",
+    "database_writer_password": "With it `db migrate` creates/updates the login `trialsync_writer` (IN ROLE "
+                                "trialsync_etl). Services then log in as it (DATABASE_USER/DATABASE_PASSWORD).",
+    "database_reader_password": "With it `db migrate` creates/updates the read-only login `trialsync_reader` (IN ROLE "
+                                "trialsync_analytics), and the history API and the quality checks' SQL connect as "
+                                "it (on DATABASE_HOST/PORT/NAME). Unset (external database): the API uses its own "
+                                "login and checks run read-only on the transformer's.",
+    "database_reader_url": "Full URL of the read-only login, where it is not `trialsync_reader` on DATABASE_HOST.",
     "database_pool_size": "Connections per process pool. Size the server's max_connections for "
                           "(processes x pool size) + headroom.",
     "database_statement_timeout_ms": "Statement timeout for TrialSync sessions; 0 = none.",
@@ -83,6 +95,9 @@ EXPLAIN: dict[str, str] = {
     "kafka_replication_factor": "Replication factor of new topics (3 on a production cluster, 1 on dev Redpanda).",
     "kafka_session_timeout_ms": "Consumer-group session timeout: how fast a dead loader's partitions move to "
                                 "another (and how long a group join takes on the embedded broker).",
+    "kafka_connect_timeout_seconds": "How long a client waits for a broker to answer (TCP connect and the first "
+                                     "metadata request) before the command says it is not reachable; clients "
+                                     "keep retrying quietly (librdkafka's own lines only at LOG_LEVEL=DEBUG).",
     "loader_batch_size": "Loader micro-batch: flush after this many records…",
     "loader_flush_ms": "…or after this many milliseconds, whichever comes first.",
     "trialsync_state_dir": "Where the embedded stack keeps data, logs and ports (also STATE_DIR).",
@@ -93,7 +108,10 @@ EXPLAIN: dict[str, str] = {
                   "terminal, else json).",
     "log_file": "Also write logs to this file.",
     "enable_metrics": "Serve /metrics, /healthz and /readyz from every process.",
-    "metrics_port": "Port of /metrics, /healthz, /readyz (9108 in the image).",
+    "metrics_port": "Port of /metrics, /healthz, /readyz (9108 in the image). A one-shot command (`extract`) "
+                    "whose port is taken serves on a free port instead and logs it (`metrics_port_in_use`).",
+    "metrics_host": "Interface /metrics, /healthz and /readyz listen on. Default 127.0.0.1 (this host only); "
+                    "set 0.0.0.0 where Prometheus scrapes from elsewhere (compose does, inside its network).",
     "alert_email": "Recipient(s) of failure alerts (comma-separated); unset = no email.",
     "alert_email_from": "Sender address of alert emails.",
     "smtp_host": "SMTP relay for alert emails.",
@@ -102,8 +120,8 @@ EXPLAIN: dict[str, str] = {
     "smtp_password": "SMTP password (optional).",
     "smtp_starttls": "Use STARTTLS with the SMTP relay.",
     "slack_webhook_url": "Slack incoming-webhook URL for alerts; unset = no Slack.",
-    "api_token": "Bearer token required by the history API (`trialsync api`); unset = open API. Compared in "
-                 "constant time, never logged.",
+    "api_token": "Bearer token required by the history API (`trialsync api`). Unset: the API only starts on a "
+                 "loopback interface, or with `--no-auth`. Compared in constant time, never logged.",
 }
 
 #: settings models of other packages, documented when the package is installed: (module, class, title)

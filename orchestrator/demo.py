@@ -19,7 +19,6 @@ re-created on first use and the loader/transformer start from the new topics' be
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import time
@@ -53,17 +52,12 @@ class DemoReport:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _route_logs_to_file(path: str) -> None:
-    """On a terminal the live display owns the screen: structured logs go to a file instead."""
-    from common.logging import JsonFormatter
+def _route_logs_to_file(path: str, stderr_level: str | None = None) -> None:
+    """Structured logs to ``path``; on stderr nothing (a live display owns the terminal) or only
+    ``stderr_level`` and above (plain output, e.g. ``demo > out.txt 2>&1``)."""
+    from common.logging import route_logs_to_file
 
-    root = logging.getLogger("trialsync")
-    for h in list(root.handlers):
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-            root.removeHandler(h)
-    fh = logging.FileHandler(path)
-    fh.setFormatter(JsonFormatter("demo"))
-    root.addHandler(fh)
+    route_logs_to_file(path, "demo", stderr_level)
 
 
 def safe_dsn(dsn: str) -> str:
@@ -167,6 +161,11 @@ def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = N
     def step(msg: str) -> None:
         console.print(f"[bold cyan]▸[/] {msg}", highlight=False)
 
+    log_dir = stack.state_dir(s) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # people read stdout; the machine record goes to the log file (warnings also to stderr, unless
+    # the live display owns the terminal)
+    _route_logs_to_file(str(log_dir / "demo.log"), stderr_level=None if tty else "WARNING")
     step(f"embedded stack (state in {stack.state_dir(s)})")
     st = stack.up(s)
     applied = migrate(s)
@@ -177,10 +176,6 @@ def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = N
     console.print(f"  PostgreSQL {'127.0.0.1:' + str(st.pg_port) if s.uses_embedded_database else '(DATABASE_URL)'}, "
                   f"broker {kafka.bootstrap_servers(s)}; {len(applied)} migration(s) applied; "
                   f"{len(catalog.runnable)} active jobs ({r.inserted} new)", highlight=False)
-    log_dir = stack.state_dir(s) / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    if tty:
-        _route_logs_to_file(str(log_dir / "demo.log"))
 
     with connect(s, autocommit=True, application_name="trialsync-demo") as conn:
         row = conn.execute("SELECT count(*) FROM etl.dw_etl_watermarks").fetchone()
@@ -245,25 +240,32 @@ def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = N
 
 
 def print_report(report: DemoReport, console: Console, settings: Settings | None = None) -> None:
-    from common.stack import database_dsn, state_dir
-    from orchestrator.display import summary_notes, summary_table
+    from common.stack import state_dir
+    from orchestrator.display import print_result_lines, summary_notes, summary_table
 
     s = settings or get_settings()
     res = report.result
     console.print()
-    console.print(summary_table(res, title=f"TrialSync demo ({report.mode} run): {res.status} -- "
-                                           f"{len(res.jobs)} jobs in {fmt_duration(res.duration)}",
-                                width=console.width))
-    if console.width < 140:
-        for line in summary_notes(res):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
-    layers = Table(title="Silver / Gold", title_justify="left")
-    layers.add_column("table / view")
-    layers.add_column("rows", justify="right")
-    for name, n in report.layer_counts.items():
-        layers.add_row(name, fmt_int(n) if n >= 0 else "[red]error[/]")
+    table = summary_table(res, title=f"TrialSync demo ({report.mode} run): {res.status} -- "
+                                     f"{len(res.jobs)} jobs in {fmt_duration(res.duration)}", width=console.width)
+    if table is None:
+        print_result_lines(res, console)
+    else:
+        console.print(table)
+        if console.width < 140:
+            for line in summary_notes(res):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+    from orchestrator.tables import Column, fitted_table
+
+    layer_rows = [[name, fmt_int(n) if n >= 0 else "[red]error[/]"] for name, n in report.layer_counts.items()]
+    layers = fitted_table([Column("table / view", flexible=True), Column("rows", "right")], layer_rows,
+                          console.width, title="Silver / Gold")
     if report.layer_counts:
-        console.print(layers)
+        if layers is not None:
+            console.print(layers)
+        else:
+            for name, n in layer_rows:
+                console.print(f"{name}: {n}", highlight=False)
     if report.transform_pending:
         console.print(f"[yellow]transform still catching up on {len(report.transform_pending)} run(s): "
                       "`trialsync transform --status`[/]")
@@ -277,7 +279,7 @@ def print_report(report: DemoReport, console: Console, settings: Settings | None
     nxt.add_column("what", style="bold")
     nxt.add_column("how", overflow="fold")
     nxt.add_row("job status", "trialsync status   ·   trialsync history --job 2   ·   trialsync status --job 10")
-    nxt.add_row("the warehouse", f"psql {safe_dsn(database_dsn(s))}   (schemas bronze, silver, gold, etl)")
+    nxt.add_row("the warehouse", f"{reader_psql(s)}   (read-only login; schemas bronze, silver, gold, etl)")
     for name, info in report.services.items():
         urls = info.get("urls", {})
         shown = "   ".join(f"{k}: {v}" for k, v in urls.items() if k in ("metrics", "health", "ready"))
@@ -287,6 +289,23 @@ def print_report(report: DemoReport, console: Console, settings: Settings | None
     nxt.add_row("stop everything", "trialsync demo --stop   (services and the embedded stack; data stays in "
                                     f"{sd}; `trialsync stack down --purge` deletes it)")
     console.print(nxt)
+
+
+def reader_psql(settings: Settings) -> str:
+    """A psql command line for the read-only login (the one analysts use), without its password:
+    for the embedded stack the password goes to a pgpass file next to the data (mode 0600)."""
+    from common.stack import PG_DATABASE, PG_LOGINS, database_dsn, embedded_passwords, read_state, state_dir
+
+    dsn = database_dsn(settings, login="reader")
+    if not settings.uses_embedded_database:
+        return f"psql {safe_dsn(dsn)}"
+    user = PG_LOGINS["reader"]
+    port = read_state(settings).pg_port
+    pgpass = state_dir(settings) / "pg" / "reader.pgpass"
+    fd = os.open(pgpass, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"127.0.0.1:{port}:{PG_DATABASE}:{user}:{embedded_passwords(settings)[user]}\n")
+    return f"PGPASSFILE={pgpass} psql {safe_dsn(dsn)}"
 
 
 def stop_demo(console: Console, settings: Settings | None = None) -> None:

@@ -120,27 +120,28 @@ class LiveDisplay:
         return Group(head, bar, t)
 
 
-def summary_table(result: OrchestrationResult, title: str | None = None, width: int = 200) -> Table:
+def summary_table(result: OrchestrationResult, title: str | None = None, width: int = 200) -> Table | None:
     """Every job of the run: status, records extracted/loaded, duration; totals in the footer.
 
     On a wide console (>= 140 columns) API calls and each job's note (error, skip reason) are
-    columns; otherwise :func:`summary_notes` prints the notes below the table.
+    columns; otherwise :func:`summary_notes` prints the notes below the table. Numbers are never
+    cut (names shorten instead, :mod:`orchestrator.tables`); None when no table fits ``width`` --
+    the caller prints :func:`print_result_lines`.
     """
+    from orchestrator.tables import Column, fitted_table
+
     wide = width >= 140
-    t = Table(title=title or f"run {result.orchestration_id[:8]}: {result.status} in {fmt_duration(result.duration)}",
-              title_justify="left", show_footer=True)
     c = result.counts
-    t.add_column("job", justify="right", footer="")
-    t.add_column("name", footer="total", no_wrap=True, max_width=34, overflow="ellipsis")
-    t.add_column("status", footer=f"{c['success']}/{len(result.jobs)} ok", no_wrap=True)
-    t.add_column("try", justify="right", footer="")
-    t.add_column("extracted", justify="right", footer=fmt_int(c["records_extracted"]))
-    t.add_column("loaded", justify="right", footer=fmt_int(c["records_loaded"]))
+    cols = [Column("job", "right"), Column("name", flexible=True, max_width=34, footer="total"),
+            Column("status", footer=f"{c['success']}/{len(result.jobs)} ok"), Column("try", "right"),
+            Column("extracted", "right", footer=fmt_int(c["records_extracted"])),
+            Column("loaded", "right", footer=fmt_int(c["records_loaded"]))]
     if wide:
-        t.add_column("API calls", justify="right", footer=fmt_int(c["api_calls"]))
-    t.add_column("duration", justify="right", footer=fmt_duration(result.duration))
+        cols.append(Column("API calls", "right", footer=fmt_int(c["api_calls"])))
+    cols.append(Column("duration", "right", footer=fmt_duration(result.duration)))
     if wide:
-        t.add_column("note", overflow="fold", max_width=60, footer="")
+        cols.append(Column("note", flexible=True, max_width=60))
+    rows = []
     for j in [j for level in result.plan.levels for j in level]:
         s = result.jobs[j]
         cells = [str(j), s.name, styled(s.status), str(s.attempt or "-"), fmt_int(s.records_extracted),
@@ -149,9 +150,13 @@ def summary_table(result: OrchestrationResult, title: str | None = None, width: 
             cells.append(fmt_int(s.api_calls))
         cells.append(fmt_duration(s.duration))
         if wide:
-            cells.append(_note(s)[:240])
-        t.add_row(*cells)
-    return t
+            from rich.markup import escape
+
+            cells.append(escape(_note(s)[:240]))
+        rows.append(cells)
+    return fitted_table(cols, rows, width, show_footer=True,
+                        title=title or f"run {result.orchestration_id[:8]}: {result.status} in "
+                                       f"{fmt_duration(result.duration)}")
 
 
 def _note(s: Any) -> str:
@@ -174,7 +179,7 @@ def print_result_lines(result: OrchestrationResult, console: Console) -> None:
             s = result.jobs[j]
             console.print(f"job {j} ({s.name}): {s.status} -- {s.records_extracted} extracted, {s.records_loaded} loaded"
                           f", {fmt_duration(s.duration)}" + (f" -- {s.error or s.reason}" if (s.error or s.reason) else ""),
-                          highlight=False, soft_wrap=True)
+                          highlight=False, soft_wrap=True, markup=False)
     c = result.counts
     console.print(f"orchestration {result.orchestration_id}: {result.status} in {fmt_duration(result.duration)}; "
                   f"{c['success']} success, {c['partial']} partial, {c['failed']} failed, {c['skipped']} skipped; "

@@ -294,6 +294,8 @@ class HistoryApi:
         self.app = Starlette(routes=routes, middleware=[Middleware(BaseHTTPMiddleware, dispatch=self._auth)])
         self.app.add_exception_handler(404, self._not_found)
         self.app.add_exception_handler(405, self._not_allowed)
+        # anything that escapes a handler (meta endpoints, middleware) still answers JSON
+        self.app.add_exception_handler(Exception, self._internal_error)
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
@@ -302,8 +304,9 @@ class HistoryApi:
             if self._pool is None:
                 from common.db import make_pool
 
+                # the read-only login (trialsync_reader): the API never needs to write
                 self._pool = make_pool(self.settings, min_size=1, max_size=min(10, self.settings.database_pool_size),
-                                       name="api")
+                                       name="api", login="reader")
             return self._pool
 
     def close(self) -> None:
@@ -331,6 +334,10 @@ class HistoryApi:
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         return error_response(404, f"no such resource: {request.url.path}")
 
+    async def _internal_error(self, request: Request, exc: Exception) -> Response:
+        log.error("api_internal_error", path=request.url.path, error_class=type(exc).__name__)
+        return error_response(500, f"internal error ({type(exc).__name__}); the API log has the details")
+
     async def _not_allowed(self, request: Request, exc: Exception) -> Response:
         return error_response(405, "method not allowed: this API is read-only (GET)", {"Allow": "GET"})
 
@@ -355,12 +362,18 @@ class HistoryApi:
             except (psycopg.OperationalError, TimeoutError) as e:
                 log.warning("api_database_unavailable", error=type(e).__name__)
                 return error_response(503, "database unavailable: try again later (see /readyz)")
-            except Exception as e:  # psycopg_pool.PoolTimeout etc.
+            except psycopg.errors.InsufficientPrivilege as e:
+                first = (str(e).strip().splitlines() or ["permission denied"])[0]
+                log.error("api_permission_denied", path=path, error=first)
+                return error_response(503, f"the API's database login may not read this ({first}): run "
+                                           "`trialsync db migrate` (it grants the read-only role what the API reads)")
+            except Exception as e:  # psycopg_pool.PoolTimeout, and bugs: always JSON, never a plain-text 500
                 from psycopg_pool import PoolTimeout
 
                 if isinstance(e, PoolTimeout):
                     return error_response(503, "database unavailable: try again later (see /readyz)")
-                raise
+                log.exception("api_internal_error", path=path, error_class=type(e).__name__)
+                return error_response(500, f"internal error ({type(e).__name__}); the API log has the details")
             finally:
                 self._update_pool_metrics()
 

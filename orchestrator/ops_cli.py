@@ -21,11 +21,17 @@ def register(app: typer.Typer) -> None:
 def api(
     host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 in containers)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the API")] = 8000,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="serve without API_TOKEN on a non-loopback "
+                                          "interface, on purpose (anyone who reaches it reads the history)")] = False,
 ) -> None:
     """Serve the read-only job-history API (JSON; OpenAPI at /openapi.json; bearer token from API_TOKEN).
 
-    Also serves /metrics, /healthz and /readyz on METRICS_PORT like every TrialSync service.
+    Without API_TOKEN it only starts on a loopback interface (127.0.0.1, ::1, localhost), unless
+    told ``--no-auth``. Also serves /metrics, /healthz and /readyz on METRICS_PORT like every
+    TrialSync service. Reads the database as the read-only login (embedded stack:
+    trialsync_reader; else DATABASE_READER_URL / DATABASE_READER_PASSWORD when set).
     """
+    from common.cli import UserError
     from common.config import get_settings
     from common.health import service_checks
     from common.logging import setup_logging
@@ -34,12 +40,28 @@ def api(
 
     setup_logging("api")
     s = get_settings()
+    if s.api_token is None and not no_auth and not is_loopback(host):
+        raise UserError(f"API_TOKEN is not set and --host {host} would serve the run history (errors, rejected "
+                        "records) to anyone who can reach it: set API_TOKEN (e.g. `openssl rand -hex 32`), "
+                        "or bind to 127.0.0.1, or pass --no-auth to serve it openly on purpose", code=2)
     metrics = start_metrics_server("api", checks=service_checks("api", s)) if s.metrics_port != port else None
     try:
         serve(host=host, port=port, settings=s)
     finally:
         if metrics is not None:
             metrics.stop()
+
+
+def is_loopback(host: str) -> bool:
+    """True for an interface only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.strip().lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname: assume it faces a network
 
 
 def doctor(

@@ -125,20 +125,22 @@ def styled(status: str | None) -> str:
     return f"[{color}]{st}[/]" if color else st
 
 
-def status_table(rows: list[dict[str, Any]], width: int = 200) -> Table:
-    """All jobs; on a narrow console (< 130 columns) without the start and next-fire times."""
+def status_table(rows: list[dict[str, Any]], width: int = 200) -> Table | None:
+    """All jobs; on a narrow console (< 130 columns) without the start and next-fire times.
+
+    Numbers are never cut (:mod:`orchestrator.tables`): names shorten instead, and when even that
+    does not fit the width, None -- the caller prints :func:`status_lines`."""
+    from orchestrator.tables import Column, fitted_table
+
     wide = width >= 130
-    t = Table(title=f"TrialSync jobs ({len(rows)})", title_justify="left")
-    cols: list[tuple[str, dict[str, Any]]] = [("job", {"justify": "right"}), ("name", {"no_wrap": True}),
-                                              ("last run", {"justify": "right"}), ("state", {"no_wrap": True})]
+    cols = [Column("job", "right"), Column("name", flexible=True), Column("last run", "right"), Column("state")]
     if wide:
-        cols.append(("started (UTC)", {}))
-    cols += [("extracted", {"justify": "right"}), ("loaded", {"justify": "right"}),
-             ("duration", {"justify": "right"}), ("lag", {"justify": "right"})]
+        cols.append(Column("started (UTC)"))
+    cols += [Column("extracted", "right"), Column("loaded", "right"), Column("duration", "right"),
+             Column("lag", "right")]
     if wide:
-        cols.append(("next fire (UTC)", {}))
-    for col, kw in cols:
-        t.add_column(col, **kw)
+        cols.append(Column("next fire (UTC)"))
+    cells_by_row = []
     for r in rows:
         state = styled(r["state"])
         if r["state"] in ("success", "partial") and r["loaded"] is False:
@@ -150,8 +152,23 @@ def status_table(rows: list[dict[str, Any]], width: int = 200) -> Table:
                   fmt_duration(r["lag_seconds"]) if r["lag_seconds"] is not None else "[dim]never[/]"]
         if wide:
             cells.append(fmt_time(r["next_fire_at"]) if r["next_fire_at"] else "-")
-        t.add_row(*cells)
-    return t
+        cells_by_row.append(cells)
+    return fitted_table(cols, cells_by_row, width, title=f"TrialSync jobs ({len(rows)})")
+
+
+def status_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One plain line per job, for consoles too narrow for any table."""
+    out = []
+    for r in rows:
+        if r["last_run_id"] is None:
+            out.append(f"job {r['job_id']} ({r['name']}): {r['state']}")
+            continue
+        loading = " (loading)" if r["state"] in ("success", "partial") and r["loaded"] is False else ""
+        lag = fmt_duration(r["lag_seconds"]) if r["lag_seconds"] is not None else "never"
+        out.append(f"job {r['job_id']} ({r['name']}): {r['state']}{loading}, run {r['last_run_id'] or '-'}, "
+                   f"{fmt_int(r['records_extracted'])} extracted, {fmt_int(r['records_loaded'])} loaded, "
+                   f"{fmt_duration(r['duration_seconds'])}, lag {lag}")
+    return out
 
 
 def job_detail_table(r: dict[str, Any]) -> Table:
@@ -179,17 +196,23 @@ def job_detail_table(r: dict[str, Any]) -> Table:
     return t
 
 
-def history_table(job_id: int, name: str, rows: list[dict[str, Any]]) -> Table:
-    t = Table(title=f"job {job_id} ({name}): last {len(rows)} runs", title_justify="left")
-    for col, kw in (("run", {"justify": "right"}), ("started (UTC)", {}), ("state", {}),
-                    ("mode / trigger / try", {}), ("extracted", {"justify": "right"}),
-                    ("loaded", {"justify": "right"}), ("duration", {"justify": "right"})):
-        t.add_column(col, **kw)
-    for r in rows:
-        t.add_row(str(r["run_id"]), fmt_time(r["started_at"]), styled(r["status"]),
-                  f"{r['mode']} / {r['trigger']} / {r['attempt']}", fmt_int(r["records_extracted"]),
-                  fmt_int(r["records_loaded"]), fmt_duration(r["duration_seconds"]))
-    return t
+def history_table(job_id: int, name: str, rows: list[dict[str, Any]], width: int = 200) -> Table | None:
+    """The job's runs; None when no table fits ``width`` without cutting a number."""
+    from orchestrator.tables import Column, fitted_table
+
+    cols = [Column("run", "right"), Column("started (UTC)"), Column("state"),
+            Column("mode / trigger / try", flexible=True), Column("extracted", "right"), Column("loaded", "right"),
+            Column("duration", "right")]
+    cells = [[str(r["run_id"]), fmt_time(r["started_at"]), styled(r["status"]),
+              f"{r['mode']} / {r['trigger']} / {r['attempt']}", fmt_int(r["records_extracted"]),
+              fmt_int(r["records_loaded"]), fmt_duration(r["duration_seconds"])] for r in rows]
+    return fitted_table(cols, cells, width, title=f"job {job_id} ({name}): last {len(rows)} runs")
+
+
+def history_lines(rows: list[dict[str, Any]]) -> list[str]:
+    return [f"run {r['run_id']} {fmt_time(r['started_at'])}: {r['status']} ({r['mode']} / {r['trigger']} / "
+            f"{r['attempt']}), {fmt_int(r['records_extracted'])} extracted, {fmt_int(r['records_loaded'])} loaded, "
+            f"{fmt_duration(r['duration_seconds'])}" for r in rows]
 
 
 def history_errors(rows: list[dict[str, Any]]) -> list[str]:
@@ -203,8 +226,22 @@ def to_json(obj: Any) -> str:
     return orjson.dumps(obj, default=str, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
 
 
+def settle_stale_runs(conn: psycopg.Connection, job_id: int | None = None) -> None:
+    """Mark runs whose extractor died ``failed`` before showing them -- the same check an extractor
+    makes when it starts (``producers.runs.detect_stale_runs``: heartbeat older than 120 s, or its
+    process on this host is gone). Without it a killed run stays ``running`` in ``status`` until the
+    next extract of that job. A read-only login cannot mark anything: it sees the rows as they are."""
+    from producers.runs import detect_stale_runs
+
+    try:
+        detect_stale_runs(conn, job_id=job_id)
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction):
+        pass
+
+
 def show_status(settings: Settings, job_id: int | None, as_json: bool, console: Console, timezone: str) -> int:
     with connect(settings, autocommit=True, application_name="trialsync-status") as conn:
+        settle_stale_runs(conn, job_id)
         rows = job_status(conn, job_id, timezone)
     if job_id is not None and not rows:
         from schemas.jobs import CatalogError
@@ -216,7 +253,12 @@ def show_status(settings: Settings, job_id: int | None, as_json: bool, console: 
     elif job_id is not None:
         console.print(job_detail_table(rows[0]))
     else:
-        console.print(status_table(rows, console.width))
+        table = status_table(rows, console.width)
+        if table is not None:
+            console.print(table)
+        else:
+            for line in status_lines(rows):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["state"]] = counts.get(r["state"], 0) + 1
@@ -232,11 +274,17 @@ def show_history(settings: Settings, job_id: int, limit: int, as_json: bool, con
 
             raise CatalogError(f"job {job_id} is not in etl.dw_etl_jobs: run `trialsync jobs sync`, "
                                "or see `trialsync jobs list`")
+        settle_stale_runs(conn, job_id)
         rows = job_history(conn, job_id, limit)
     if as_json:
         print(to_json(rows))
     else:
-        console.print(history_table(job_id, row[0], rows))
+        table = history_table(job_id, row[0], rows, console.width)
+        if table is not None:
+            console.print(table)
+        else:
+            for line in history_lines(rows):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
         for line in history_errors(rows):
             console.print(line, highlight=False, soft_wrap=True, markup=False)
         if not rows:

@@ -203,8 +203,8 @@ class DbRunStore:
                    RETURNING id""",
                 (job_id, trigger[:32], oid, reason, HOST, os.getpid(), _json({"skip_reason": reason}))).fetchone()
             assert row is not None
-            self._exec("""UPDATE etl.dw_etl_jobs SET last_run_id = %s, last_run_at = now(), last_run_status = 'skipped'
-                          WHERE id = %s""", (row[0], job_id))
+            self._exec("""UPDATE etl.dw_etl_jobs SET last_run_id = %s, last_run_at = now(), last_run_status = 'skipped',
+                                 last_run_records = 0 WHERE id = %s""", (row[0], job_id))
         return int(row[0])
 
     def mark_failed(self, job_id: int, oid: str, attempt: int, trigger: str, error_class: str, message: str,
@@ -236,8 +236,9 @@ class DbRunStore:
                      os.getpid())).fetchone()
                 assert ins is not None
                 run_id = int(ins[0])
-            self._exec("""UPDATE etl.dw_etl_jobs SET last_run_id = %s, last_run_at = now(), last_run_status = %s
-                          WHERE id = %s""", (run_id, status, job_id))
+            self._exec("""UPDATE etl.dw_etl_jobs SET last_run_id = %s, last_run_at = now(), last_run_status = %s,
+                                 last_run_records = (SELECT records_published FROM etl.dw_etl_runs WHERE id = %s)
+                          WHERE id = %s""", (run_id, status, run_id, job_id))
         return run_id
 
     def mark_cancelled(self, run_id: int, reason: str) -> None:

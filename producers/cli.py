@@ -137,7 +137,8 @@ def _start_metrics() -> None:
     if not get_settings().enable_metrics:
         return
     try:
-        start_metrics_server("extractor")
+        # a one-shot command: if METRICS_PORT is taken (a loader runs beside it), a free port
+        start_metrics_server("extractor", any_port_if_taken=True)
     except OSError as e:
         get_logger("extractor").warning("metrics_port_unavailable", error=str(e), port=get_settings().metrics_port)
 

@@ -117,6 +117,13 @@ class Publisher:
             log.error("producer_fatal_error", error=err.str(),
                       note="this producer is replaced for the next run (get_publisher)")
 
+    def _unreachable(self, e: KafkaException) -> PublishError:
+        """The broker did not answer: this producer is done (the run's control messages fail at
+        once instead of waiting 60 s each; the next run gets a new producer and tries again)."""
+        msg = K.describe_broker_error(e, self.settings)
+        self.fatal = msg
+        return PublishError(msg)
+
     # -- topics ----------------------------------------------------------------------------------
     def ensure_topic(self, topic: str) -> None:
         if topic in self._topics:
@@ -127,7 +134,7 @@ class Publisher:
             try:
                 K.ensure_topics([topic], self.settings)
             except KafkaException as e:
-                raise PublishError(K.describe_broker_error(e, self.settings)) from None
+                raise self._unreachable(e) from None
             self._topics.add(topic)
 
     def refresh_topics(self, timeout: float = 5.0) -> bool:
@@ -167,7 +174,7 @@ class Publisher:
         try:
             K.ensure_system_topics(self.settings)
         except KafkaException as e:
-            raise PublishError(K.describe_broker_error(e, self.settings)) from None
+            raise self._unreachable(e) from None
         self._topics.update({K.control_topic(self.settings), K.watermark_topic(self.settings)})
 
     # -- records ---------------------------------------------------------------------------------

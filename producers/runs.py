@@ -101,7 +101,8 @@ def create_run(conn: psycopg.Connection, *, job_id: int, mode: str, trigger: str
         assert row is not None
         run_id, started = int(row[0]), row[1]
         conn.execute(
-            """UPDATE etl.dw_etl_jobs SET last_run_id = %s, last_run_at = %s, last_run_status = 'running'
+            """UPDATE etl.dw_etl_jobs SET last_run_id = %s, last_run_at = %s, last_run_status = 'running',
+                      last_run_records = NULL
                WHERE id = %s""",
             (run_id, started, job_id),
         )

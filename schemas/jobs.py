@@ -603,6 +603,10 @@ def load_overrides(path: Path | str) -> OverridesFile:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise CatalogError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{path}: the top level must be a mapping with `jobs:` and/or `sources:` "
+                           f"(found a {type(raw).__name__}): indent the entries under `jobs:` as in the "
+                           "file's header comment")
     try:
         return OverridesFile(**raw)
     except ValidationError as e:

@@ -7,7 +7,8 @@ used instead of the embedded parts.
 
 Fixtures for other test modules:
 
-* ``stack``      -- session: env pointing at the running stack, migrated, catalog synced;
+* ``stack``      -- session: env pointing at the running stack, migrated, catalog synced; ``dsn`` is
+  the superuser's, ``writer_dsn`` / ``reader_dsn`` the least-privilege logins';
 * ``settings``   -- the Settings of that stack (fresh object per test);
 * ``db``         -- a connection (autocommit) to the session database;
 * ``fresh_db``   -- a brand-new empty database on the same server (Settings pointing at it);
@@ -80,7 +81,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
         migrate()
         sync(load_catalog())
-        yield {"state_dir": str(state), "dsn": stack_mod.database_dsn(), "bootstrap": stack_mod.bootstrap_servers()}
+        # "dsn" is the superuser's (tests create databases with it); the processes under test log in
+        # as the writer (every service) or the reader (history API, quality checks) by themselves
+        yield {"state_dir": str(state), "dsn": stack_mod.database_dsn(login="admin"),
+               "writer_dsn": stack_mod.database_dsn(login="writer"),
+               "reader_dsn": stack_mod.database_dsn(login="reader"),
+               "bootstrap": stack_mod.bootstrap_servers()}
     finally:
         with contextlib.suppress(Exception):
             stack_mod.down()

@@ -154,7 +154,10 @@ class Lab:
         return stack.read_state(self.settings())
 
     def server_dsn(self, db: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.state.pg_port}/{db}"
+        """The superuser's DSN (the embedded server asks for its password)."""
+        from common import stack
+
+        return stack.database_dsn(self.settings(), dbname=db, login="admin")
 
     @property
     def bootstrap(self) -> str:

@@ -60,9 +60,20 @@ def demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=1200)
 
 
+def demo_to_one_file(env: dict[str, str], path: Path) -> subprocess.CompletedProcess[str]:
+    """`trialsync demo > out.txt 2>&1`, as a user saving what they saw."""
+    with open(path, "w") as out:
+        proc = subprocess.run([TRIALSYNC, "demo", "--scale", SCALE], env=env, cwd=REPO, stdout=out,
+                              stderr=subprocess.STDOUT, text=True, timeout=1200)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, path.read_text(), "")
+
+
 def dsn(env: dict[str, str]) -> str:
-    st = json.loads((Path(env["TRIALSYNC_STATE_DIR"]) / "stack.json").read_text())
-    return f"postgresql://postgres@127.0.0.1:{st['pg_port']}/trialsync"
+    """The superuser's DSN of the demo's embedded server (its password lives in the state dir)."""
+    from common.config import load_settings
+    from common.stack import database_dsn
+
+    return database_dsn(load_settings(trialsync_state_dir=Path(env["TRIALSYNC_STATE_DIR"])), login="admin")
 
 
 def services(env: dict[str, str]) -> dict[str, Any]:
@@ -92,15 +103,29 @@ def last_orchestration(conn: psycopg.Connection) -> tuple[Any, ...]:
 
 def test_demo_end_to_end_then_incremental_then_stop(demo_env: dict[str, str]) -> None:
     t0 = time.monotonic()
-    first = demo(demo_env)
+    first = demo_to_one_file(demo_env, Path(demo_env["TRIALSYNC_STATE_DIR"]) / "out.txt")
     first_s = time.monotonic() - t0
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert first.returncode == 0, first.stdout[-4000:]
     out = first.stdout
     assert "TrialSync demo (full run): success -- 72 jobs" in out
     assert "72 succeeded, 0 partial, 0 failed, 0 skipped" in out
-    for hint in ("trialsync status", "psql postgresql://postgres@127.0.0.1:", "/metrics", "trialsync demo --stop",
-                 "silver.dim_studies", "gold.v_study_enrollment_summary"):
+    for hint in ("trialsync status", "psql postgresql://trialsync_reader@127.0.0.1:", "PGPASSFILE=", "/metrics",
+                 "trialsync demo --stop", "silver.dim_studies", "gold.v_study_enrollment_summary"):
         assert hint in out, hint
+    # stdout and stderr in one file read cleanly: the machine log went to the log file
+    json_lines = [ln for ln in out.splitlines() if ln.lstrip().startswith("{")]
+    assert json_lines == [], json_lines[:3]
+    demo_log = (Path(demo_env["TRIALSYNC_STATE_DIR"]) / "logs" / "demo.log").read_text().splitlines()
+    assert demo_log and all(ln.startswith("{") for ln in demo_log)
+    # the printed read-only login works, and is read-only
+    line = next(ln for ln in out.splitlines() if "PGPASSFILE=" in ln)
+    pgpass, reader = re.search(r"PGPASSFILE=(\S+) psql (\S+)", line).groups()  # type: ignore[union-attr]
+    host, port, db, user, password = Path(pgpass).read_text().strip().split(":")
+    assert user == "trialsync_reader" and password not in out
+    with psycopg.connect(reader, password=password) as rc:
+        assert rc.execute("SELECT count(*) FROM silver.dim_studies").fetchone()[0] > 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            rc.execute("DELETE FROM silver.dim_studies")
     conn, catalog = check_exact(demo_env)
     try:
         oid, status, total, ok, extracted, loaded = last_orchestration(conn)

@@ -83,7 +83,7 @@ def test_replay_rebuilds_a_table_emptied_or_damaged_by_hand(ctx: Ctx) -> None:
     assert ctx.state() == good
     assert seen and min(seen) > 0
     # the shadow table is gone
-    left = ctx.conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'etl' AND tablename LIKE '\\_replay\\_%'"
+    left = ctx.conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname IN ('etl', 'bronze') AND tablename LIKE '\\_replay\\_%'"
                             ).fetchone()[0]
     assert left == 0
 

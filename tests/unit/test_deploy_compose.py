@@ -100,6 +100,8 @@ def test_dockerfile_copies_every_package() -> None:
 
 
 DOCKER_COMPOSE = shutil.which("docker-compose")
+_SECRETS_ENV = ("DATABASE_ADMIN_PASSWORD=admin-pw\nDATABASE_WRITER_PASSWORD=writer-pw\nDATABASE_READER_PASSWORD=reader-pw\n"
+                "API_TOKEN=tok\nGRAFANA_ADMIN_PASSWORD=grafana-pw\n")
 
 
 @pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose not installed (apt-get install docker-compose)")
@@ -108,22 +110,47 @@ def test_docker_compose_config_validates(tmp_path: Path) -> None:
     for f in ("compose.yaml", "Dockerfile"):
         shutil.copy(REPO / f, tmp_path / f)
     shutil.copytree(REPO / "deploy", tmp_path / "deploy")
-    (tmp_path / ".env").write_text((REPO / ".env.example").read_text() + "\nDATABASE_PASSWORD=example\n")
+    (tmp_path / ".env").write_text((REPO / ".env.example").read_text() + "\n" + _SECRETS_ENV)
     proc = subprocess.run([DOCKER_COMPOSE, "-f", "compose.yaml", "config"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
-    assert resolved["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == "example"
-    assert resolved["services"]["loader"]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "redpanda:9092"
+    svc = resolved["services"]
+    assert svc["postgres"]["environment"]["POSTGRES_PASSWORD"] == "admin-pw"
+    assert svc["loader"]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "redpanda:9092"
+    # least privilege: only migrate logs in as the superuser; services as the writer, the API as the reader
+    assert (svc["migrate"]["environment"]["DATABASE_USER"], svc["migrate"]["environment"]["DATABASE_PASSWORD"]) == (
+        "postgres", "admin-pw")
+    for name in ("loader", "transform", "scheduler"):
+        env = svc[name]["environment"]
+        assert (env["DATABASE_USER"], env["DATABASE_PASSWORD"]) == ("trialsync_writer", "writer-pw"), name
+        assert env["DATABASE_ADMIN_PASSWORD"] == "" and env["API_TOKEN"] == "" and env["GRAFANA_ADMIN_PASSWORD"] == ""
+        assert env["METRICS_HOST"] == "0.0.0.0", name
+    api = svc["api"]["environment"]
+    assert (api["DATABASE_USER"], api["DATABASE_PASSWORD"], api["API_TOKEN"]) == ("trialsync_reader", "reader-pw", "tok")
+    assert api["DATABASE_WRITER_PASSWORD"] == "" and api["DATABASE_ADMIN_PASSWORD"] == ""
+    assert svc["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "grafana-pw"
     proc = subprocess.run([DOCKER_COMPOSE, "-f", "compose.yaml", "--profile", "simulator", "config", "--services"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "simulator" in proc.stdout.split()
 
 
 @pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose not installed")
-def test_docker_compose_refuses_a_missing_password(tmp_path: Path) -> None:
+@pytest.mark.parametrize("missing", ["DATABASE_ADMIN_PASSWORD", "DATABASE_WRITER_PASSWORD", "DATABASE_READER_PASSWORD",
+                                     "API_TOKEN", "GRAFANA_ADMIN_PASSWORD"])
+def test_docker_compose_refuses_a_missing_secret(tmp_path: Path, missing: str) -> None:
+    """No default passwords: without any one of them compose refuses to start, naming it (Grafana
+    never comes up as admin/admin, the history API never without a token)."""
     shutil.copy(REPO / "compose.yaml", tmp_path / "compose.yaml")
-    (tmp_path / ".env").write_text("CC_API_KEY=x\n")
+    env = "".join(line + "\n" for line in _SECRETS_ENV.splitlines() if not line.startswith(missing + "="))
+    (tmp_path / ".env").write_text("CC_API_KEY=x\n" + env)
     proc = subprocess.run([DOCKER_COMPOSE, "-f", "compose.yaml", "config"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
-    assert proc.returncode != 0 and "DATABASE_PASSWORD" in proc.stderr
+    assert proc.returncode != 0 and f"set {missing} in .env" in proc.stderr, proc.stderr
+
+
+def test_compose_secrets_have_no_defaults() -> None:
+    text = (REPO / "compose.yaml").read_text()
+    for var in ("DATABASE_ADMIN_PASSWORD", "DATABASE_WRITER_PASSWORD", "DATABASE_READER_PASSWORD", "API_TOKEN",
+                "GRAFANA_ADMIN_PASSWORD"):
+        assert f"${{{var}:?" in text and f"${{{var}:-" not in text, var

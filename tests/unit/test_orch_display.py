@@ -38,3 +38,28 @@ def test_live_view_and_summary() -> None:
     notes = summary_notes(res)
     assert any(n.startswith("job 1 (Studies): HTTP 500") for n in notes)
     assert any(n.startswith("job 2 (Subjects): skipped: parent job 1 (Studies) failed") for n in notes)
+
+
+def test_summary_never_cuts_a_number_at_80_columns_or_narrower() -> None:
+    """At 80 columns (and when piped, which rich treats as 80) the run summary used to print
+    ``11,4…`` and headers like ``extr…``; names shorten instead, and below what any table fits the
+    caller prints one line per job (None)."""
+    import re
+
+    from orchestrator.display import print_result_lines
+
+    clock = FakeClock()
+    world = FakeWorld(clock, default=Script(duration=3, records=112_288_411))
+    res = Runner(build_plan(small_catalog(), [1, 2, 3, 4, 5]), world, world, RunnerOptions(), clock=clock,
+                 wall=clock.wall, wait=clock.wait).run()
+    for width in (80, 72):
+        table = summary_table(res, width=width)
+        assert table is not None, width
+        text = _render(table, width)
+        assert max(len(line) for line in text.splitlines()) <= width
+        assert "112,288,411" in text and "561,442,055" in text  # a job's records and the total
+        assert not re.search(r"[\d,]…", text) and "extracted" in text and "loaded" in text, text
+    assert summary_table(res, width=40) is None
+    c = Console(width=40, record=True, force_terminal=False)
+    print_result_lines(res, c)
+    assert "112288411 extracted" in c.export_text()

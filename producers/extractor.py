@@ -214,6 +214,7 @@ class Extraction:
 
     # -- the run ----------------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        """Steps 1-6 here, 7-10 in the run recorder; every outcome is recorded, never raised."""
         t0 = time.monotonic()
         job = self.job
         conn = connect(self.s, autocommit=True, application_name="trialsync-extract")

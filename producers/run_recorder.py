@@ -72,6 +72,8 @@ class RunRecorder:
                error_class: str | None, driver: FetchDriver, plan: RunPlan | None, tracker: DeliveryTracker,
                facts: RunFacts, warnings: list[str], counters: dict[str, Any], duration: Callable[[], float],
                fetch_seconds: float) -> RunResult:
+        """Steps 7-10 of the delivery contract; returns the run's result (its status may turn
+        ``failed`` here when the database cannot record it)."""
         job, pages = self.job, driver.pages
         snap = tracker.snapshot()
         failed_parents = driver.failed_parents()

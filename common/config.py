@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     trialsync_state_dir: Path = Field(default=Path(".trialsync"), validation_alias=AliasChoices("TRIALSYNC_STATE_DIR", "STATE_DIR"))
     trialsync_pg_port: int | None = Field(default=None, ge=1, le=65535)
     trialsync_kafka_port: int | None = Field(default=None, ge=1, le=65535)
+    trialsync_broker_storage: Literal["durable", "memory"] = Field(
+        default="durable", description="embedded broker storage: durable (s3:// on a local disk-backed S3 server) "
+                                       "| memory (faster, lost on restart)")
+    trialsync_broker_retention_hours: float = Field(default=168.0, gt=0, le=100_000)
+    trialsync_broker_retention_mb: int = Field(default=2048, ge=1, le=10_000_000)
+    trialsync_broker_retention_interval_seconds: float = Field(default=300.0, ge=0.2, le=86_400)
 
     # -- logging and metrics -------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

@@ -6,8 +6,13 @@
  * `If-Match: <etag>`, and relies on the 412 answer. s3rver 3.7 ignores both headers on PUT, so at
  * every broker start tansu's "create the partition watermark if absent" overwrote the real one with
  * 0 and the next records overwrote offset 0 onwards (seen: 50 records acknowledged before a restart
- * were replaced by the next 50). This wrapper answers 412 PreconditionFailed as S3 does, and
- * serialises PUT/DELETE per key so a check and its write are atomic.
+ * were replaced by the next 50). This wrapper answers 412 PreconditionFailed as S3 does.
+ *
+ * s3rver also answers a PUT before the file is fully written (it resolves on its hashing stream's
+ * 'finish', not the file's), so a GET right after read half an object (tansu: "EOF while parsing a
+ * string" on a partition watermark, produce requests failing under concurrent producers). Here an
+ * object is written to a temporary file and renamed into place (also atomic against a crash), and
+ * every request on one key -- PUT, DELETE, GET, HEAD -- runs alone, the GET's body read in full.
  *
  * Usage: node embedded_s3_server.js --directory DIR --address 127.0.0.1 --port N --bucket NAME
  */
@@ -58,6 +63,27 @@ async function withKeyLock(key, fn) {
   }
 }
 
+const fsp = require('fs').promises;
+const crypto = require('crypto');
+
+async function readAll(stream) {
+  const chunks = [];
+  for await (const chunk of stream) chunks.push(chunk);
+  return Buffer.concat(chunks);
+}
+
+server.store.putObject = async function putObject(object) {
+  const objectPath = this.getResourcePath(object.bucket, object.key, 'object');
+  await fsp.mkdir(path.dirname(objectPath), { recursive: true });
+  const content = Buffer.isBuffer(object.content) ? object.content : await readAll(object.content);
+  const md5 = crypto.createHash('md5').update(content).digest('hex');
+  const tmp = `${objectPath}.tmp-${process.pid}-${crypto.randomBytes(6).toString('hex')}`;
+  await fsp.writeFile(tmp, content);
+  await fsp.rename(tmp, objectPath);
+  await this.putMetadata(object.bucket, object.key, object.metadata, md5);
+  return { size: content.length, md5 };
+};
+
 const bare = (etag) => String(etag || '').replace(/^W\//, '').replace(/"/g, '');
 
 function preconditionFailed(ctx) {
@@ -70,8 +96,7 @@ function preconditionFailed(ctx) {
 server.middleware.unshift(async (ctx, next) => {
   const prefix = `/${bucket}/`;
   const isObject = ctx.path.startsWith(prefix) && ctx.path.length > prefix.length;
-  if (!isObject || (ctx.method !== 'PUT' && ctx.method !== 'DELETE') || ctx.headers['x-amz-copy-source'] ||
-      ctx.query.uploadId || ctx.query.partNumber) {
+  if (!isObject || ctx.headers['x-amz-copy-source'] || ctx.query.uploadId || ctx.query.partNumber) {
     return next();
   }
   const key = decodeURIComponent(ctx.path.slice(prefix.length));
@@ -87,7 +112,10 @@ server.middleware.unshift(async (ctx, next) => {
         if (ifMatch !== '*' && bare(meta && meta.etag) !== bare(ifMatch)) return preconditionFailed(ctx);
       }
     }
-    return next();
+    await next();
+    if (ctx.method === 'GET' && ctx.body && typeof ctx.body.pipe === 'function') {
+      ctx.body = await readAll(ctx.body); // read under the key's lock: never a half-replaced object
+    }
   });
 });
 

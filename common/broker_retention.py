@@ -60,7 +60,7 @@ class SweepReport:
     deleted_bytes: int = 0
     kept_bytes: int = 0
     per_topic: dict[str, dict[str, int]] = field(default_factory=dict)
-    held_unloaded: int = 0  # batches over the limit kept because the loader has not committed them
+    held_unloaded: int = 0  # bronze batches not fully committed by the loader group: never deleted
 
     def as_dict(self) -> dict[str, object]:
         return {"deleted_batches": self.deleted_batches, "deleted_bytes": self.deleted_bytes,
@@ -91,7 +91,7 @@ def parse_batches(objects: Iterable[embedded_s3.S3Object]) -> dict[tuple[str, in
 
 def plan(partitions: dict[tuple[str, int], list[Batch]], policy: Policy, now: float,
          committed: Callable[[str, int], int | None]) -> tuple[list[Batch], int]:
-    """The batches to delete, and how many over-limit batches were held back as not yet loaded.
+    """The batches to delete, and how many bronze batches are kept because not yet fully loaded.
 
     ``committed(topic, partition)`` is the loader group's next offset to read (None: never
     committed); only bronze topics are guarded by it.

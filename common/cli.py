@@ -115,7 +115,7 @@ def stack_retention(dry_run: Annotated[bool, typer.Option("--dry-run", help="onl
                                  broker_retention.policy_from_settings(), dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     console.print(f"{verb} {rep.deleted_batches} batches ({rep.deleted_bytes:,} bytes); kept {rep.kept_bytes:,} bytes; "
-                  f"{rep.held_unloaded} over-limit batches held back as not yet loaded", highlight=False)
+                  f"{rep.held_unloaded} batches not yet loaded are kept whatever the limits", highlight=False)
 
 
 def _print_stack(st: dict[str, dict[str, object]]) -> None:

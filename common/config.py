@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     kafka_partitions: int = Field(default=3, ge=1, le=256)
     kafka_replication_factor: int = Field(default=1, ge=1, le=5)
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000, le=300_000)
+    kafka_topic_retention_hours: float = Field(default=336.0, gt=0, le=876_000)
 
     # -- loader --------------------------------------------------------------------------------
     loader_batch_size: int = Field(default=20_000, ge=1, le=1_000_000)  # tuned by bench/loader_bench.py

@@ -78,6 +78,11 @@ EXPLAIN: dict[str, str] = {
     "trialsync_state_dir": "Where the embedded stack keeps data, logs and ports (also STATE_DIR).",
     "trialsync_pg_port": "Fixed port for the embedded PostgreSQL; unset = a free one, remembered.",
     "trialsync_kafka_port": "Fixed port for the embedded broker; unset = a free one, remembered.",
+    "kafka_topic_retention_hours": "`retention.ms` TrialSync sets on the bronze, dead-letter and control topics it "
+                                   "creates (Redpanda/Kafka enforce it; the compacted watermark topic keeps the latest "
+                                   "value per key instead). Keep it longer than the interval between full runs, so "
+                                   "`replay --truncate` finds every key. Existing topics keep theirs "
+                                   "(`rpk topic alter-config`).",
     "trialsync_broker_storage": "`durable` keeps topics, records and committed offsets on disk under the state "
                                 "directory (tansu on a local S3 server, s3rver from npm) so they survive `stack down`, "
                                 "a reboot or a killed broker; `memory` is faster (the test suite uses it) and loses "

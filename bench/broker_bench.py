@@ -1,9 +1,13 @@
 """Embedded broker storage: memory vs durable (tansu on s3:// against the local s3rver store).
 
-    .venv/bin/python -m bench.broker_bench [--records 100000] [--rounds 3] [--out FILE]
+    .venv/bin/python -m bench.broker_bench [--records 100000] [--rounds 3] [--engines memory,durable,moto]
+                                           [--out FILE]
 
-Each round starts a fresh embedded broker of each storage in turn (A/B alternately, so machine
-noise hits both), produces ``--records`` extractor-sized records (~380-byte JSON, key = source id)
+Engines: ``memory`` (tansu memory://), ``durable`` (the stack's default: tansu s3:// on the local
+s3rver store with conditional PUTs, common/embedded_s3_server.js) and ``moto`` (tansu s3:// on
+moto's S3 server from PyPI -- in memory itself, so not durable across its own restart; measured as
+the other registry-installable S3 endpoint). Each round starts a fresh broker of each engine in
+turn (alternating order, so machine noise hits all), produces ``--records`` extractor-sized records (~380-byte JSON, key = source id)
 to a 3-partition topic with TrialSync's own producer settings, waits for every delivery report,
 then reads them all back with an assigned consumer. Reported per storage (median over rounds):
 produce and fetch records/s (wall), CPU-µs per record of the broker's processes (tansu + s3rver,
@@ -19,6 +23,7 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -65,11 +70,48 @@ def _consume_all(bootstrap: str, n: int, timeout: float = 300) -> tuple[int, flo
     return got, dt
 
 
+def _start_moto(d: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """moto's S3 server with a bucket, and the environment tansu needs to use it."""
+    import sys
+    import urllib.request
+
+    port = stack.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=open(d / "moto.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/tansu", method="PUT"), timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+    return proc, env
+
+
+def _start_moto_broker(d: Path) -> tuple[stack.StackState, subprocess.Popen[bytes]]:
+    moto, env = _start_moto(d)
+    port = stack.free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen([stack.tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                             "--storage-engine", "s3://tansu/"], env={**os.environ, **env},
+                            stdout=open(d / "tansu.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    stack._wait_port(port, 15)
+    return stack.StackState(kafka_port=port, kafka_pid=proc.pid, s3_pid=moto.pid), moto
+
+
 def one(storage: str, records: int) -> dict[str, Any]:
     d = Path(tempfile.mkdtemp(prefix=f"trialsync-bench-broker-{storage}-"))
-    s = Settings(trialsync_state_dir=d, trialsync_broker_storage=storage, kafka_bootstrap_servers=None,
-                 trialsync_kafka_port=None, enable_metrics=False)
-    st = stack.start_broker(s, stack.StackState())
+    s = Settings(trialsync_state_dir=d, trialsync_broker_storage="memory" if storage == "moto" else storage,
+                 kafka_bootstrap_servers=None, trialsync_kafka_port=None, enable_metrics=False)
+    moto = None
+    if storage == "moto":
+        st, moto = _start_moto_broker(d)
+    else:
+        st = stack.start_broker(s, stack.StackState())
     try:
         bootstrap = f"127.0.0.1:{st.kafka_port}"
         s = Settings(trialsync_state_dir=d, kafka_bootstrap_servers=bootstrap, enable_metrics=False)
@@ -108,7 +150,11 @@ def one(storage: str, records: int) -> dict[str, Any]:
         return out
     finally:
         stack.stop_broker(s, st)
-        stack.stop_object_store(s, st)
+        if moto is not None:
+            moto.terminate()
+            moto.wait(30)
+        else:
+            stack.stop_object_store(s, st)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -116,18 +162,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engines", default="memory,durable", help="comma-separated: memory, durable, moto")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     rows: list[dict[str, Any]] = []
     for r in range(args.rounds):
-        order = ["memory", "durable"] if r % 2 == 0 else ["durable", "memory"]
+        order = engines[r % len(engines):] + engines[:r % len(engines)]
         for storage in order:
             row = one(storage, args.records)
             row["round"] = r
             rows.append(row)
             print(json.dumps(row), flush=True)
     summary: dict[str, Any] = {}
-    for storage in ("memory", "durable"):
+    for storage in engines:
         mine = [x for x in rows if x["storage"] == storage]
         summary[storage] = {k: statistics.median(x[k] for x in mine)
                             for k in ("produce_rps", "fetch_rps", "produce_cpu_us_per_record",
@@ -135,12 +183,11 @@ def main() -> None:
         if storage == "durable":
             summary[storage]["disk_bytes_per_record"] = statistics.median(x["disk_bytes_per_record"] for x in mine)
             summary[storage]["all_back_after_kill9"] = all(x["fetched_after_kill9"] == args.records for x in mine)
-    m, d = summary["memory"], summary["durable"]
-    summary["ratio_durable_over_memory"] = {
-        "produce_rps": round(d["produce_rps"] / m["produce_rps"], 3),
-        "fetch_rps": round(d["fetch_rps"] / m["fetch_rps"], 3),
-        "produce_cpu_per_record": round(d["produce_cpu_us_per_record"] / max(m["produce_cpu_us_per_record"], 0.1), 2),
-    }
+    if "memory" in summary:
+        m = summary["memory"]
+        summary["ratio_to_memory"] = {
+            e: {"produce_rps": round(summary[e]["produce_rps"] / m["produce_rps"], 3),
+                "fetch_rps": round(summary[e]["fetch_rps"] / m["fetch_rps"], 3)} for e in engines if e != "memory"}
     result = {"records": args.records, "rounds": args.rounds, "loadavg": os.getloadavg(), "runs": rows,
               "summary": summary}
     print(json.dumps(summary, indent=2))

@@ -70,6 +70,23 @@ def _consume_all(bootstrap: str, n: int, timeout: float = 300) -> tuple[int, flo
     return got, dt
 
 
+def _round_trip_ms(s: Settings, value: bytes, n: int = 200) -> float:
+    """One record produced and acknowledged at a time (what a control message or a small page costs):
+    median milliseconds per round trip."""
+    topic = TOPIC + "_rtt"
+    ensure_topics([topic], s, partitions=1)
+    p = Producer(producer_config(s, **{"linger.ms": 0}))
+    p.produce(topic, key=b"warm-up", value=value)
+    p.flush(30)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        p.produce(topic, key=f"rtt:{i}".encode(), value=value)
+        p.flush(30)
+        times.append((time.perf_counter() - t0) * 1000)
+    return round(statistics.median(times), 2)
+
+
 def _start_moto(d: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     """moto's S3 server with a bucket, and the environment tansu needs to use it."""
     import sys
@@ -117,6 +134,7 @@ def one(storage: str, records: int) -> dict[str, Any]:
         s = Settings(trialsync_state_dir=d, kafka_bootstrap_servers=bootstrap, enable_metrics=False)
         ensure_topics([TOPIC], s, partitions=PARTITIONS)
         value = json.dumps({"id": 0, "name": "x" * 300, "modifiedDate": "2025-12-01T20:30:52Z"}).encode()
+        rtt_ms = _round_trip_ms(s, value)
         p = Producer(producer_config(s))
         cpu0, t0 = _broker_cpu(st), time.perf_counter()
         for i in range(records):
@@ -135,6 +153,7 @@ def one(storage: str, records: int) -> dict[str, Any]:
         cpu2 = _broker_cpu(st)
         out: dict[str, Any] = {
             "storage": storage, "records": records, "undelivered": left, "fetched": got,
+            "produce_round_trip_ms": rtt_ms,
             "produce_rps": round(records / produce_s), "fetch_rps": round(got / fetch_s) if fetch_s else None,
             "produce_cpu_us_per_record": round((cpu1 - cpu0) * 1e6 / records, 1),
             "fetch_cpu_us_per_record": round((cpu2 - cpu1) * 1e6 / max(got, 1), 1),
@@ -178,7 +197,7 @@ def main() -> None:
     for storage in engines:
         mine = [x for x in rows if x["storage"] == storage]
         summary[storage] = {k: statistics.median(x[k] for x in mine)
-                            for k in ("produce_rps", "fetch_rps", "produce_cpu_us_per_record",
+                            for k in ("produce_round_trip_ms", "produce_rps", "fetch_rps", "produce_cpu_us_per_record",
                                       "fetch_cpu_us_per_record") if all(x.get(k) is not None for x in mine)}
         if storage == "durable":
             summary[storage]["disk_bytes_per_record"] = statistics.median(x["disk_bytes_per_record"] for x in mine)

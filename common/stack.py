@@ -9,8 +9,9 @@ directly and remember ports and pids in ``<state_dir>/stack.json``.
 Everything lives under one state directory (default ``.trialsync/``). ``up`` is idempotent; a
 second ``up`` only checks health. The broker is durable by default (tansu on ``s3://`` against a
 local disk-backed S3 server, :mod:`common.embedded_s3`, with a retention keeper,
-:mod:`common.broker_retention`); ``TRIALSYNC_BROKER_STORAGE=memory`` trades that for speed. When DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS point elsewhere,
-nothing here starts and :func:`database_dsn` / :func:`bootstrap_servers` return those.
+:mod:`common.broker_retention`); ``TRIALSYNC_BROKER_STORAGE=memory`` trades that for speed.
+When DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS point elsewhere, nothing here starts and
+:func:`database_dsn` / :func:`bootstrap_servers` return those.
 """
 
 from __future__ import annotations

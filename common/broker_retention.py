@@ -199,14 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--once", action="store_true")
     args = ap.parse_args(argv)
     s = get_settings()
-    stop = False
-
-    def _term(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _term)
-    while not stop:
+    # a sweep is a series of idempotent deletes: stopping in the middle loses nothing, so SIGTERM
+    # ends the keeper at once (a sweep waiting on a broker that is gone must not hold `stack down`)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
         st = stack.read_state(s)
         t0 = time.monotonic()
         try:
@@ -219,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"event": "broker_retention_failed", "error": f"{type(e).__name__}: {e}"[:300]}), flush=True)
         if args.once:
             return 0
-        deadline = time.monotonic() + s.trialsync_broker_retention_interval_seconds
-        while not stop and time.monotonic() < deadline:
-            time.sleep(0.2)
-    return 0
+        time.sleep(s.trialsync_broker_retention_interval_seconds)
 
 
 if __name__ == "__main__":

@@ -568,7 +568,7 @@ def stop_broker(settings: Settings | None = None, st: StackState | None = None) 
 def stop_object_store(settings: Settings | None = None, st: StackState | None = None) -> StackState:
     s = settings or get_settings()
     st = st or read_state(s)
-    _terminate(st.keeper_pid)
+    _terminate(st.keeper_pid, timeout=2)  # SIGKILL is harmless: deletes are idempotent
     _terminate(st.s3_pid)
     st.keeper_pid = st.s3_pid = None
     return st
@@ -641,6 +641,7 @@ def has_stack(settings: Settings | None = None) -> bool:
 def down(settings: Settings | None = None, purge: bool = False) -> StackState:
     s = settings or get_settings()
     st = read_state(s)
+    _terminate(st.keeper_pid, timeout=2)  # first: a sweep in progress talks to the broker
     st = stop_broker(s, st)
     st = stop_object_store(s, st)
     st = stop_postgres(s, st)

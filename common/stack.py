@@ -508,9 +508,17 @@ def start_broker(settings: Settings | None = None, st: StackState | None = None)
     s = settings or get_settings()
     sd = state_dir(s)
     st = st or read_state(s)
-    if kafka_running(st):
-        return st
-    storage = s.trialsync_broker_storage
+    running = kafka_running(st)
+    # a running broker keeps the storage it was started with; its S3 store is restarted if it died
+    storage = (st.broker_storage or s.trialsync_broker_storage) if running else s.trialsync_broker_storage
+    if running:
+        if storage != "durable":
+            return st
+        endpoint = st.s3_port
+        st = start_object_store(s, st)
+        if st.s3_port == endpoint:
+            return st
+        st = stop_broker(s, st)  # its store came back on another port: tansu must be told
     env = dict(os.environ)
     if storage == "durable":
         from common import embedded_s3

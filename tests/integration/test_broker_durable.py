@@ -191,6 +191,13 @@ def test_concurrent_producers_and_a_broker_kill_lose_nothing() -> None:
         work(0, 1000, "b")
         assert not errors and len(set(acked)) == 5000, "offsets after the restart must not reuse acknowledged ones"
 
+        # the S3 store itself dies: status says so, `stack up` brings it back under the running broker
+        os.kill(ps.state().s3_pid, signal.SIGKILL)
+        rc, st = wait_until(lambda: (lambda r: r if r[0] == 3 else None)(ps.status()), 15, what="status to see it")
+        assert st["broker"]["running"] is False
+        ps.cli("stack", "up")
+        assert ps.status()[0] == 0
+
         c = Consumer({"bootstrap.servers": f"127.0.0.1:{ps.state().kafka_port}", "group.id": "verify",
                       "enable.auto.commit": False})
         c.assign([TopicPartition(t, p, 0) for t in topics for p in range(3)])

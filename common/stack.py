@@ -519,18 +519,21 @@ def start_broker(settings: Settings | None = None, st: StackState | None = None)
         if st.s3_port == endpoint:
             return st
         st = stop_broker(s, st)  # its store came back on another port: tansu must be told
+    # what can fail without side effects first: the port and the binary, then the S3 store
+    port = _pick_port(s.trialsync_kafka_port, st.kafka_port, "TRIALSYNC_KAFKA_PORT")
+    binary = tansu_binary()
     env = dict(os.environ)
+    store_started = False
     if storage == "durable":
         from common import embedded_s3
 
+        store_started = not s3_running(st)
         st = start_object_store(s, st)
         assert st.s3_port is not None
         env.update(embedded_s3.tansu_env(st.s3_port))
         engine = f"s3://{embedded_s3.BUCKET}/"
     else:
         engine = "memory://tansu/"
-    port = _pick_port(s.trialsync_kafka_port, st.kafka_port, "TRIALSYNC_KAFKA_PORT")
-    binary = tansu_binary()
     log = _kafka_log(sd)
     log.parent.mkdir(parents=True, exist_ok=True)
     url = f"tcp://127.0.0.1:{port}"
@@ -542,6 +545,8 @@ def start_broker(settings: Settings | None = None, st: StackState | None = None)
         )
     if not _wait_port(port, 15):
         proc.kill()
+        if store_started:  # leave nothing running behind an error
+            st = stop_object_store(s, st)
         raise StackError(f"tansu broker did not listen on {url} within 15 s; see {log}")
     st.kafka_port, st.kafka_pid, st.broker_storage = port, proc.pid, storage
     return st

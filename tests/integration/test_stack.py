@@ -64,9 +64,10 @@ def test_configured_port_taken_is_clear_error(stack, monkeypatch: pytest.MonkeyP
         port = s.getsockname()[1]
         d = Path(tempfile.mkdtemp(prefix="trialsync-test-port-"))
         try:
-            cfg = load_settings(trialsync_state_dir=d, trialsync_kafka_port=port)
+            cfg = load_settings(trialsync_state_dir=d, trialsync_kafka_port=port, trialsync_broker_storage="durable")
             with pytest.raises(stack_mod.StackError, match=rf"port {port} \(TRIALSYNC_KAFKA_PORT\) is already in use"):
                 stack_mod.start_broker(cfg)
+            assert not (d / "kafka" / "s3").exists(), "nothing may be started behind the error"
         finally:
             import shutil
 

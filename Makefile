@@ -13,12 +13,16 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements.lock
+$(VENV)/.installed: pyproject.toml requirements.lock package.json package-lock.json
 	@test -n "$(PYTHON)" || { echo "error: Python >= 3.12 not found (install it, or pyenv install 3.12)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	@# s3rver (npm) keeps the durable embedded broker's topics on disk; without Node.js the stack
+	@# needs TRIALSYNC_BROKER_STORAGE=memory (docs/deployment.md)
+	@if command -v npm >/dev/null 2>&1; then npm ci --no-audit --no-fund --omit=dev --loglevel=error >/dev/null; \
+	else echo "note: npm not found: durable embedded broker unavailable (set TRIALSYNC_BROKER_STORAGE=memory)"; fi
 	@touch $@
 
 demo: install
@@ -54,4 +58,4 @@ lock: install
 
 clean:
 	-$(BIN)/trialsync demo --stop
-	rm -rf $(VENV) .trialsync .pytest_cache .ruff_cache
+	rm -rf $(VENV) .trialsync .pytest_cache .ruff_cache node_modules

@@ -70,16 +70,26 @@ def stack_up() -> None:
 
 @stack_app.command("down")
 def stack_down(purge: Annotated[bool, typer.Option(help="also delete the state directory (all data)")] = False) -> None:
-    """Stop the embedded services."""
+    """Stop the embedded services (PostgreSQL with a fast shutdown: connected services are disconnected)."""
     from common import stack
 
+    where = stack.state_dir()
+    if not stack.has_stack():
+        console.print(f"no embedded stack under {where} (looked for {where / 'stack.json'}): nothing to stop; "
+                      "TRIALSYNC_STATE_DIR selects another", highlight=False, soft_wrap=True)
+        return
+    parts = stack.running_parts()
     stack.down(purge=purge)
-    console.print("embedded stack stopped" + (" and purged" if purge else ""))
+    if parts:
+        msg = f"embedded stack under {where} stopped ({', '.join(parts)})"
+    else:
+        msg = f"embedded stack under {where} was not running: nothing to stop"
+    console.print(msg + (" and purged" if purge else ""), highlight=False, soft_wrap=True)
 
 
 @stack_app.command("status")
 def stack_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Show whether the embedded services run, and where."""
+    """Show whether the embedded services answer, and where (exit 3 when one is down)."""
     from common import stack
 
     st = stack.status()
@@ -92,6 +102,22 @@ def stack_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
         raise typer.Exit(3)
 
 
+@stack_app.command("retention")
+def stack_retention(dry_run: Annotated[bool, typer.Option("--dry-run", help="only say what would go")] = False) -> None:
+    """Apply the durable broker's retention now (the stack's keeper does it every interval)."""
+    from common import broker_retention, stack
+
+    st = stack.read_state()
+    if not (stack.s3_running(st) and stack.kafka_running(st)):
+        raise UserError("no durable embedded broker is running here: `trialsync stack up` "
+                        "(TRIALSYNC_BROKER_STORAGE=durable; memory storage has no retention)")
+    rep = broker_retention.sweep(int(st.s3_port or 0), f"127.0.0.1:{st.kafka_port}",
+                                 broker_retention.policy_from_settings(), dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    console.print(f"{verb} {rep.deleted_batches} batches ({rep.deleted_bytes:,} bytes); kept {rep.kept_bytes:,} bytes; "
+                  f"{rep.held_unloaded} batches not yet loaded are kept whatever the limits", highlight=False)
+
+
 def _print_stack(st: dict[str, dict[str, object]]) -> None:
     t = Table(title="TrialSync stack")
     for col in ("service", "mode", "running", "where"):
@@ -99,7 +125,11 @@ def _print_stack(st: dict[str, dict[str, object]]) -> None:
     for name, info in st.items():
         if info["embedded"]:
             where = f"127.0.0.1:{info['port']}" if info.get("port") else "-"
-            t.add_row(name, "embedded", "yes" if info["running"] else "no", where)
+            if info.get("storage"):
+                where += f" ({info['storage']})"
+            state = info.get("state")
+            running = "yes" if info["running"] else (f"no ({state})" if state and state != "down" else "no")
+            t.add_row(name, "embedded", running, where)
         else:
             t.add_row(name, "external", "-", str(info.get("target")))
     console.print(t)

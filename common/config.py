@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000, le=300_000)
     kafka_connect_timeout_seconds: float = Field(default=8.0, ge=1, le=300,
                                                  description="a broker that does not answer within this is reported down")
+    kafka_topic_retention_hours: float = Field(default=336.0, gt=0, le=876_000)
 
     # -- loader --------------------------------------------------------------------------------
     loader_batch_size: int = Field(default=20_000, ge=1, le=1_000_000)  # tuned by bench/loader_bench.py
@@ -113,6 +114,12 @@ class Settings(BaseSettings):
     trialsync_state_dir: Path = Field(default=Path(".trialsync"), validation_alias=AliasChoices("TRIALSYNC_STATE_DIR", "STATE_DIR"))
     trialsync_pg_port: int | None = Field(default=None, ge=1, le=65535)
     trialsync_kafka_port: int | None = Field(default=None, ge=1, le=65535)
+    trialsync_broker_storage: Literal["durable", "memory"] = Field(
+        default="durable", description="embedded broker storage: durable (s3:// on a local disk-backed S3 server) "
+                                       "| memory (faster, lost on restart)")
+    trialsync_broker_retention_hours: float = Field(default=168.0, gt=0, le=100_000)
+    trialsync_broker_retention_mb: int = Field(default=2048, ge=1, le=10_000_000)
+    trialsync_broker_retention_interval_seconds: float = Field(default=300.0, ge=0.2, le=86_400)
 
     # -- logging and metrics -------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

@@ -159,7 +159,11 @@ def admin_client(settings: Settings | None = None):  # -> AdminClient
 
 def ensure_topics(names: Iterable[str], settings: Settings | None = None, partitions: int | None = None,
                   compacted: Iterable[str] = (), timeout: float = 15.0) -> list[str]:
-    """Create the topics that do not exist yet; return those created. Existing topics are left alone."""
+    """Create the topics that do not exist yet; return those created. Existing topics are left alone.
+
+    Retention is set deliberately at creation: the compacted topics keep the latest value per key
+    (the watermark state); every other topic keeps KAFKA_TOPIC_RETENTION_HOURS of history, long
+    enough to replay a table (docs/deployment.md, "Topic retention")."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import NewTopic
 
@@ -174,7 +178,7 @@ def ensure_topics(names: Iterable[str], settings: Settings | None = None, partit
             t,
             num_partitions=1 if t in compacted else (partitions or s.kafka_partitions),
             replication_factor=s.kafka_replication_factor,
-            config={"cleanup.policy": "compact"} if t in compacted else {},
+            config=topic_config(t in compacted, s),
         )
         for t in wanted if t not in existing
     ]
@@ -190,6 +194,14 @@ def ensure_topics(names: Iterable[str], settings: Settings | None = None, partit
                 continue
             raise
     return created
+
+
+def topic_config(compacted: bool, settings: Settings | None = None) -> dict[str, str]:
+    """The configs TrialSync creates a topic with."""
+    s = settings or get_settings()
+    if compacted:
+        return {"cleanup.policy": "compact"}
+    return {"cleanup.policy": "delete", "retention.ms": str(int(s.kafka_topic_retention_hours * 3_600_000))}
 
 
 def ensure_system_topics(settings: Settings | None = None) -> list[str]:

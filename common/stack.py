@@ -7,8 +7,11 @@ programs that must share one long-lived server over TCP, so we drive ``initdb``/
 directly and remember ports and pids in ``<state_dir>/stack.json``.
 
 Everything lives under one state directory (default ``.trialsync/``). ``up`` is idempotent; a
-second ``up`` only checks health. When DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS point elsewhere,
-nothing here starts and :func:`database_dsn` / :func:`bootstrap_servers` return those.
+second ``up`` only checks health. The broker is durable by default (tansu on ``s3://`` against a
+local disk-backed S3 server, :mod:`common.embedded_s3`, with a retention keeper,
+:mod:`common.broker_retention`); ``TRIALSYNC_BROKER_STORAGE=memory`` trades that for speed.
+When DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS point elsewhere, nothing here starts and
+:func:`database_dsn` / :func:`bootstrap_servers` return those.
 """
 
 from __future__ import annotations
@@ -58,6 +61,12 @@ class StackState:
     kafka_pid: int | None = None
     started_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: where PostgreSQL's data and log live when not under the state dir (root, unreachable state dir)
+    pg_home: str | None = None
+    broker_storage: str | None = None  # "durable" | "memory", as the running broker was started
+    s3_port: int | None = None
+    s3_pid: int | None = None
+    keeper_pid: int | None = None  # the durable broker's retention keeper
 
 
 # -- paths and state -----------------------------------------------------------------------------
@@ -238,38 +247,119 @@ def _run_as_pg_user() -> str | None:
     return PG_SYSTEM_USER
 
 
-def _open_path_for(user: str, path: Path) -> None:
-    """Let ``user`` traverse every parent of ``path`` (pgserver does the same when run as root)."""
+def _chown_to(user: str, path: Path) -> None:
     import pwd
 
-    for parent in [path, *path.parents]:
-        mode = parent.stat().st_mode
-        if mode & 0o005 != 0o005:
-            parent.chmod(mode | 0o005)
     pw = pwd.getpwnam(user)
     os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
+def _user_can_enter(user: str, path: Path) -> bool:
+    """Can ``user`` reach ``path`` (search permission on it and every parent)? Asked as that user."""
+    proc = subprocess.run(["test", "-x", str(path)], user=user, capture_output=True, cwd="/", timeout=30)
+    return proc.returncode == 0
+
+
 # -- PostgreSQL ----------------------------------------------------------------------------------
 
-def _pg_paths(sd: Path) -> tuple[Path, Path]:
-    return sd / "pg" / "data", sd / "pg" / "postgres.log"
+#: where the data goes when the PostgreSQL system user cannot enter the state directory (root in a
+#: folder other users cannot enter, e.g. a clone under /root): one directory per state directory
+EXTERNAL_PG_ROOT = Path("/var/lib/trialsync")
+
+
+def _pg_home(sd: Path, st: StackState | None = None) -> Path:
+    return Path(st.pg_home) if st is not None and st.pg_home else sd / "pg"
+
+
+def _pg_paths(sd: Path, st: StackState | None = None) -> tuple[Path, Path]:
+    home = _pg_home(sd, st)
+    return home / "data", home / "postgres.log"
+
+
+def _choose_pg_home(sd: Path, st: StackState, user: str | None) -> None:
+    """Keep PostgreSQL's files where its system user can reach them, without opening the user's folders.
+
+    Why: as root, PostgreSQL runs as ``pgserver``, which cannot enter e.g. ``/root/clone/.trialsync``
+    (``initdb: could not access directory ... Permission denied``). Loosening the permissions of
+    ``/root`` would expose the operator's home, so the data goes to
+    ``/var/lib/trialsync/pg-<hash of the state dir>`` instead, remembered in ``stack.json``.
+    """
+    if user is None or st.pg_home or (sd / "pg" / "data" / "PG_VERSION").exists():
+        return
+    home = sd / "pg"
+    home.mkdir(parents=True, exist_ok=True)
+    for d in (sd, home):  # our own folders: let the server user pass through them
+        mode = d.stat().st_mode
+        if mode & 0o001 == 0:
+            d.chmod(mode | 0o001)
+    if _user_can_enter(user, home):
+        return
+    import hashlib
+
+    ext = EXTERNAL_PG_ROOT / ("pg-" + hashlib.sha1(str(sd).encode()).hexdigest()[:12])
+    try:
+        EXTERNAL_PG_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
+        ext.mkdir(mode=0o755, exist_ok=True)
+    except OSError as e:
+        raise StackError(
+            f"PostgreSQL runs as system user {user!r}, which cannot enter {sd}, and {ext} cannot be created ({e}): "
+            f"use a state directory it can reach, e.g. TRIALSYNC_STATE_DIR=/var/tmp/trialsync"
+        ) from None
+    st.pg_home = str(ext)
+
+
+def pg_probe(port: int | None, timeout: int = 2) -> str:
+    """What the server on ``port`` says: ``ready``, ``shutting down``, ``starting`` or ``down``.
+
+    A live postmaster and an open port are not enough: during a shutdown PostgreSQL keeps both while
+    refusing every connection ("the database system is shutting down").
+    """
+    if not port:
+        return "down"
+    import psycopg
+
+    try:
+        with psycopg.connect(f"postgresql://{PG_SUPERUSER}@127.0.0.1:{port}/postgres", connect_timeout=timeout,
+                             application_name="trialsync-stack-probe") as conn:
+            conn.execute("SELECT 1")
+        return "ready"
+    except psycopg.OperationalError as e:
+        msg = str(e).lower()
+        if "shutting down" in msg:
+            return "shutting down"
+        if "starting up" in msg or "recovery" in msg:
+            return "starting"
+        if "refused" in msg or "timeout" in msg or "timed out" in msg or "no such file" in msg:
+            return "down"
+        return "ready"  # it answered (e.g. an authentication rule): the server is up
+
+
+def pg_state(st: StackState) -> str:
+    if not st.pg_port or not pid_alive(st.pg_pid):
+        return "down"
+    return pg_probe(st.pg_port)
 
 
 def pg_running(st: StackState) -> bool:
-    return bool(st.pg_port) and pid_alive(st.pg_pid) and port_in_use(int(st.pg_port))
+    return pg_state(st) == "ready"
 
 
 def start_postgres(settings: Settings | None = None, st: StackState | None = None) -> StackState:
     s = settings or get_settings()
     sd = state_dir(s)
     st = st or read_state(s)
-    datadir, logfile = _pg_paths(sd)
-    if pg_running(st):
+    state = pg_state(st)
+    if state == "ready":
         # a server started by an older version still lets anyone in (trust): require passwords now
+        datadir, _ = _pg_paths(sd, st)
         _require_passwords(int(st.pg_port), embedded_passwords(s)[PG_SUPERUSER], datadir,  # type: ignore[arg-type]
                            _logins_file(sd))
         return st
+    if state == "starting" and _wait_ready(st.pg_port, 60):
+        return st
+    user = _run_as_pg_user()
+    _choose_pg_home(sd, st, user)
+    datadir, logfile = _pg_paths(sd, st)
     # a postmaster.pid from a server that is still alive but unknown to us: the data dir is locked
     pidfile = datadir / "postmaster.pid"
     if pidfile.exists():
@@ -279,14 +369,19 @@ def start_postgres(settings: Settings | None = None, st: StackState | None = Non
             other = 0
         if pid_alive(other):
             port = _pidfile_port(pidfile)
-            if port and _wait_port(port, 1.0):
+            probe = pg_probe(port) if port else "down"
+            if probe == "ready" or (probe == "starting" and _wait_ready(port, 60)):
                 st.pg_pid, st.pg_port = other, port
                 return st
-            raise StackError(
-                f"PostgreSQL data directory {datadir} is locked by running process {other}: "
-                f"stop it (`kill {other}`) or run `trialsync stack down`"
-            )
-        pidfile.unlink()
+            if probe == "shutting down":
+                # a smart shutdown waits for every client; finish it fast, then start afresh
+                _stop_pg_server(datadir, user, st_pid=other)
+            else:
+                raise StackError(
+                    f"PostgreSQL data directory {datadir} is locked by running process {other}: "
+                    f"stop it (`kill {other}`) or run `trialsync stack down`"
+                )
+        pidfile.unlink(missing_ok=True)
     port = s.trialsync_pg_port or st.pg_port or free_port()
     if port_in_use(port):
         if s.trialsync_pg_port:
@@ -296,21 +391,18 @@ def start_postgres(settings: Settings | None = None, st: StackState | None = Non
             )
         port = free_port()
     bindir = pg_bin_dir()
-    user = _run_as_pg_user()
     datadir.parent.mkdir(parents=True, exist_ok=True)
     if not (datadir / "PG_VERSION").exists():
         datadir.mkdir(parents=True, exist_ok=True)
         datadir.chmod(0o700)
         if user:
-            _open_path_for(user, datadir.parent)
-            _open_path_for(user, datadir)
+            _chown_to(user, datadir)
         _check_call([str(bindir / "initdb"), "-D", str(datadir), "-U", PG_SUPERUSER, "--auth=trust",
                      "--encoding=UTF8", "--locale=C.UTF-8", "--no-instructions"], user, "initdb")
     if user:
-        _open_path_for(user, datadir.parent)
         if not logfile.exists():
             logfile.touch()
-        _open_path_for(user, logfile)
+        _chown_to(user, logfile)
     # pg_ctl hands -o to a shell: quote every value
     opts = " ".join(f"-c {k}='{v}'" for k, v in PG_SERVER_OPTIONS.items())
     _check_call([str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(logfile), "-w", "-t", "60",
@@ -321,6 +413,15 @@ def start_postgres(settings: Settings | None = None, st: StackState | None = Non
     _ensure_database(port, password, _logins_file(sd))
     _require_passwords(port, password, datadir, _logins_file(sd))
     return st
+
+
+def _wait_ready(port: int | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pg_probe(port) == "ready":
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _pidfile_port(pidfile: Path) -> int | None:
@@ -392,17 +493,37 @@ def _ensure_database(port: int, password: str | None = None, logins: Path | None
             time.sleep(0.2)
 
 
+#: seconds a fast shutdown may take before ``stop`` escalates to an immediate one
+PG_FAST_STOP_SECONDS = 15
+
+
 def stop_postgres(settings: Settings | None = None, st: StackState | None = None, mode: str = "fast") -> StackState:
+    """Stop the embedded server: ``fast`` (disconnects clients, clean checkpoint), escalating to
+    ``immediate`` when that does not finish within PG_FAST_STOP_SECONDS. ``smart`` would wait for
+    every pooled connection of the loader and transformer to close, i.e. forever."""
     s = settings or get_settings()
     st = st or read_state(s)
-    datadir, _ = _pg_paths(state_dir(s))
+    datadir, _ = _pg_paths(state_dir(s), st)
     if (datadir / "postmaster.pid").exists():
-        user = _run_as_pg_user()
-        with contextlib.suppress(StackError):
-            _check_call([str(pg_bin_dir() / "pg_ctl"), "-D", str(datadir), "-m", mode, "-w", "-t", "60", "stop"],
-                        user, "pg_ctl stop")
+        _stop_pg_server(datadir, _run_as_pg_user(), mode=mode, st_pid=st.pg_pid)
     st.pg_pid = None
     return st
+
+
+def _stop_pg_server(datadir: Path, user: str | None, mode: str = "fast", st_pid: int | None = None) -> None:
+    pg_ctl = str(pg_bin_dir() / "pg_ctl")
+    modes = [mode] if mode == "immediate" else [mode, "immediate"]
+    for m in modes:
+        try:
+            _check_call([pg_ctl, "-D", str(datadir), "-m", m, "-w", "-t", str(PG_FAST_STOP_SECONDS), "stop"],
+                        user, f"pg_ctl stop -m {m}")
+            return
+        except (StackError, subprocess.TimeoutExpired):
+            continue
+    if pid_alive(st_pid):  # pg_ctl could not stop it (e.g. a foreign postmaster.pid): last resort
+        assert st_pid is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(st_pid, signal.SIGQUIT)
 
 
 def _check_call(cmd: list[str], user: str | None, what: str, logfile: Path | None = None) -> None:
@@ -421,55 +542,164 @@ def _kafka_log(sd: Path) -> Path:
     return sd / "kafka" / "tansu.log"
 
 
+def _s3_dir(sd: Path) -> Path:
+    return sd / "kafka" / "s3"
+
+
 def kafka_running(st: StackState) -> bool:
     return bool(st.kafka_port) and pid_alive(st.kafka_pid) and port_in_use(int(st.kafka_port))
+
+
+def s3_running(st: StackState) -> bool:
+    return bool(st.s3_port) and pid_alive(st.s3_pid) and port_in_use(int(st.s3_port))
+
+
+def _pick_port(configured: int | None, remembered: int | None, what: str) -> int:
+    port = configured or remembered or free_port()
+    if port_in_use(port):
+        if configured:
+            raise StackError(
+                f"port {port} ({what}) is already in use by another process: choose a free port or stop that process"
+            )
+        port = free_port()
+    return port
+
+
+def start_object_store(settings: Settings | None = None, st: StackState | None = None) -> StackState:
+    """Start the local S3 server that holds the durable broker's topics (see common.embedded_s3)."""
+    from common import embedded_s3
+
+    s = settings or get_settings()
+    sd = state_dir(s)
+    st = st or read_state(s)
+    if s3_running(st):
+        return st
+    if embedded_s3.s3rver_command() is None:
+        raise StackError(
+            "the durable embedded broker needs s3rver (npm) and Node.js: run `make install` with node/npm on PATH, "
+            "or set TRIALSYNC_BROKER_STORAGE=memory (topics are then lost when the broker stops)"
+        )
+    port = _pick_port(None, st.s3_port, "S3")
+    log = sd / "kafka" / "s3.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = embedded_s3.start(_s3_dir(sd), port, log)
+    deadline = time.monotonic() + 30
+    while not embedded_s3.bucket_ready(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            tail = " / ".join(log.read_text(errors="replace").strip().splitlines()[-2:])
+            raise StackError(f"the broker's S3 store did not start on 127.0.0.1:{port} within 30 s ({tail}); see {log}")
+        time.sleep(0.1)
+    st.s3_port, st.s3_pid = port, proc.pid
+    return st
 
 
 def start_broker(settings: Settings | None = None, st: StackState | None = None) -> StackState:
     s = settings or get_settings()
     sd = state_dir(s)
     st = st or read_state(s)
-    if kafka_running(st):
-        return st
-    port = s.trialsync_kafka_port or st.kafka_port or free_port()
-    if port_in_use(port):
-        if s.trialsync_kafka_port:
-            raise StackError(
-                f"port {port} (TRIALSYNC_KAFKA_PORT) is already in use by another process: "
-                "choose a free port or stop that process"
-            )
-        port = free_port()
+    running = kafka_running(st)
+    # a running broker keeps the storage it was started with; its S3 store is restarted if it died
+    storage = (st.broker_storage or s.trialsync_broker_storage) if running else s.trialsync_broker_storage
+    if running:
+        if storage != "durable":
+            return st
+        endpoint = st.s3_port
+        st = start_object_store(s, st)
+        if st.s3_port == endpoint:
+            return st
+        st = stop_broker(s, st)  # its store came back on another port: tansu must be told
+    # what can fail without side effects first: the port and the binary, then the S3 store
+    port = _pick_port(s.trialsync_kafka_port, st.kafka_port, "TRIALSYNC_KAFKA_PORT")
     binary = tansu_binary()
+    env = dict(os.environ)
+    store_started = False
+    if storage == "durable":
+        from common import embedded_s3
+
+        store_started = not s3_running(st)
+        st = start_object_store(s, st)
+        assert st.s3_port is not None
+        env.update(embedded_s3.tansu_env(st.s3_port))
+        engine = f"s3://{embedded_s3.BUCKET}/"
+    else:
+        engine = "memory://tansu/"
     log = _kafka_log(sd)
     log.parent.mkdir(parents=True, exist_ok=True)
     url = f"tcp://127.0.0.1:{port}"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", st.extra.get("broker_storage", "memory://tansu/")],
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", engine],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(sd),
+            env=env,
         )
     if not _wait_port(port, 15):
         proc.kill()
+        if store_started:  # leave nothing running behind an error
+            st = stop_object_store(s, st)
         raise StackError(f"tansu broker did not listen on {url} within 15 s; see {log}")
-    st.kafka_port, st.kafka_pid = port, proc.pid
+    st.kafka_port, st.kafka_pid, st.broker_storage = port, proc.pid, storage
     return st
 
 
+def _terminate(pid: int | None, timeout: float = 10) -> None:
+    """SIGTERM, wait, then SIGKILL: for the processes the stack started itself."""
+    if not pid_alive(pid):
+        return
+    assert pid is not None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def stop_broker(settings: Settings | None = None, st: StackState | None = None) -> StackState:
+    """Stop tansu (its S3 store and retention keeper stay: see :func:`stop_object_store`)."""
     s = settings or get_settings()
     st = st or read_state(s)
-    if pid_alive(st.kafka_pid):
-        assert st.kafka_pid is not None
-        os.kill(st.kafka_pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while pid_alive(st.kafka_pid) and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(st.kafka_pid, os.WNOHANG)
-            time.sleep(0.05)
-        if pid_alive(st.kafka_pid):
-            os.kill(st.kafka_pid, signal.SIGKILL)
+    _terminate(st.kafka_pid)
     st.kafka_pid = None
+    return st
+
+
+def stop_object_store(settings: Settings | None = None, st: StackState | None = None) -> StackState:
+    s = settings or get_settings()
+    st = st or read_state(s)
+    _terminate(st.keeper_pid, timeout=2)  # SIGKILL is harmless: deletes are idempotent
+    _terminate(st.s3_pid)
+    st.keeper_pid = st.s3_pid = None
+    return st
+
+
+# -- retention keeper (durable broker) ------------------------------------------------------------
+
+def keeper_running(st: StackState) -> bool:
+    return pid_alive(st.keeper_pid)
+
+
+def start_keeper(settings: Settings | None = None, st: StackState | None = None) -> StackState:
+    """Start ``python -m common.broker_retention`` beside a durable broker (idempotent)."""
+    import sys
+
+    s = settings or get_settings()
+    sd = state_dir(s)
+    st = st or read_state(s)
+    if keeper_running(st) or st.broker_storage != "durable":
+        return st
+    env = dict(os.environ, TRIALSYNC_STATE_DIR=str(sd))
+    repo = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH", "")) if p)
+    with open(sd / "kafka" / "retention.log", "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "common.broker_retention"], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                cwd=str(repo), env=env)
+    st.keeper_pid = proc.pid
     return st
 
 
@@ -486,42 +716,76 @@ def up(settings: Settings | None = None) -> StackState:
         write_state(st, s)
     if s.uses_embedded_broker:
         st = start_broker(s, st)
+        write_state(st, s)
+        st = start_keeper(s, st)
     st.started_at = st.started_at or time.time()
     write_state(st, s)
     return st
 
 
+def running_parts(settings: Settings | None = None) -> list[str]:
+    """The embedded processes of this state directory that are alive now (for ``stack down``'s report)."""
+    s = settings or get_settings()
+    st = read_state(s)
+    named = [("postgres", st.pg_pid), ("broker", st.kafka_pid), ("s3 store", st.s3_pid),
+             ("retention keeper", st.keeper_pid)]
+    parts = [name for name, pid in named if pid_alive(pid)]
+    datadir, _ = _pg_paths(state_dir(s), st)
+    if "postgres" not in parts and (datadir / "postmaster.pid").exists():
+        parts.insert(0, "postgres")
+    return parts
+
+
+def has_stack(settings: Settings | None = None) -> bool:
+    """Was a stack ever started under this state directory?"""
+    return _state_file(state_dir(settings)).exists()
+
+
 def down(settings: Settings | None = None, purge: bool = False) -> StackState:
     s = settings or get_settings()
     st = read_state(s)
+    _terminate(st.keeper_pid, timeout=2)  # first: a sweep in progress talks to the broker
     st = stop_broker(s, st)
+    st = stop_object_store(s, st)
     st = stop_postgres(s, st)
     st.started_at = None
-    write_state(st, s)
     if purge:
         shutil.rmtree(state_dir(s), ignore_errors=True)
+        if st.pg_home:
+            shutil.rmtree(st.pg_home, ignore_errors=True)
+    elif has_stack(s):
+        write_state(st, s)
     return st
 
 
 def status(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    """Each embedded part: ``running`` is true only when it answers (PostgreSQL: accepts a login)."""
     s = settings or get_settings()
     st = read_state(s)
+    sd = state_dir(s)
     out: dict[str, dict[str, Any]] = {}
     if s.uses_embedded_database:
-        out["postgres"] = {"embedded": True, "running": pg_running(st), "port": st.pg_port, "pid": st.pg_pid,
-                           "data": str(_pg_paths(state_dir(s))[0])}
+        state = pg_state(st)
+        out["postgres"] = {"embedded": True, "running": state == "ready", "state": state, "port": st.pg_port,
+                           "pid": st.pg_pid, "data": str(_pg_paths(sd, st)[0])}
     else:
         out["postgres"] = {"embedded": False, "running": None, "target": "DATABASE_URL/DATABASE_HOST"}
     if s.uses_embedded_broker:
-        out["broker"] = {"embedded": True, "running": kafka_running(st), "port": st.kafka_port, "pid": st.kafka_pid,
-                         "log": str(_kafka_log(state_dir(s)))}
+        storage = st.broker_storage or s.trialsync_broker_storage
+        running = kafka_running(st) and (storage != "durable" or s3_running(st))
+        out["broker"] = {"embedded": True, "running": running, "state": "ready" if running else "down",
+                         "port": st.kafka_port, "pid": st.kafka_pid, "storage": storage,
+                         "log": str(_kafka_log(sd))}
+        if storage == "durable":
+            out["broker"].update(data=str(_s3_dir(sd)), retention_keeper=keeper_running(st))
     else:
         out["broker"] = {"embedded": False, "running": None, "target": s.kafka_bootstrap_servers}
     return out
 
 
 def restart_broker(settings: Settings | None = None) -> StackState:
-    """Stop and start the embedded broker on the same port (fault tests). Memory storage is lost."""
+    """Stop and start the embedded broker on the same port (fault tests). Memory storage is lost;
+    durable storage (its S3 store keeps running) is not."""
     s = settings or get_settings()
     st = stop_broker(s)
     write_state(st, s)

@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(alerts_app, name="alerts")
     app.command("demo")(demo)
     __import__("orchestrator.ops_cli", fromlist=["register"]).register(app)
+    __import__("orchestrator.report_cli", fromlist=["register"]).register(app)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

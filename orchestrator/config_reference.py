@@ -103,6 +103,23 @@ EXPLAIN: dict[str, str] = {
     "trialsync_state_dir": "Where the embedded stack keeps data, logs and ports (also STATE_DIR).",
     "trialsync_pg_port": "Fixed port for the embedded PostgreSQL; unset = a free one, remembered.",
     "trialsync_kafka_port": "Fixed port for the embedded broker; unset = a free one, remembered.",
+    "kafka_topic_retention_hours": "`retention.ms` TrialSync sets on the bronze, dead-letter and control topics it "
+                                   "creates (Redpanda/Kafka enforce it; the compacted watermark topic keeps the latest "
+                                   "value per key instead). Keep it longer than the interval between full runs, so "
+                                   "`replay --truncate` finds every key. Existing topics keep theirs "
+                                   "(`rpk topic alter-config`).",
+    "trialsync_broker_storage": "`durable` keeps topics, records and committed offsets on disk under the state "
+                                "directory (tansu on a local S3 server, s3rver from npm) so they survive `stack down`, "
+                                "a reboot or a killed broker; `memory` is faster (the test suite uses it) and loses "
+                                "every topic when the broker stops. Takes effect at the next `stack up` of a stopped "
+                                "broker. See docs/deployment.md.",
+    "trialsync_broker_retention_hours": "Durable embedded broker: bronze and dead-letter records older than this are "
+                                        "deleted (never records the loader group has not loaded yet). Keep it longer "
+                                        "than the interval between full runs so `replay --truncate` has every key.",
+    "trialsync_broker_retention_mb": "Durable embedded broker: per-topic size bound; the oldest loaded batches go "
+                                     "first. Size it above one full run of the largest table.",
+    "trialsync_broker_retention_interval_seconds": "How often the embedded stack's retention keeper sweeps the "
+                                                   "durable broker's storage.",
     "log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL.",
     "log_format": "`json` (one event per line, for services), `console` (readable) or `auto` (console on a "
                   "terminal, else json).",

@@ -23,6 +23,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -285,6 +286,7 @@ def print_report(report: DemoReport, console: Console, settings: Settings | None
         shown = "   ".join(f"{k}: {v}" for k, v in urls.items() if k in ("metrics", "health", "ready"))
         nxt.add_row(f"{name}", shown + ("" if info.get("alive") else "   [red](not running)[/]"))
     nxt.add_row("logs", str(sd / "logs"))
+    nxt.add_row("run report", _run_report(s, sd))
     nxt.add_row("run it again", "trialsync demo   (incremental: only what changed since this run)")
     nxt.add_row("stop everything", "trialsync demo --stop   (services and the embedded stack; data stays in "
                                     f"{sd}; `trialsync stack down --purge` deletes it)")
@@ -306,6 +308,19 @@ def reader_psql(settings: Settings) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(f"127.0.0.1:{port}:{PG_DATABASE}:{user}:{embedded_passwords(settings)[user]}\n")
     return f"PGPASSFILE={pgpass} psql {safe_dsn(dsn)}"
+
+
+def _run_report(settings: Settings, sd: Path) -> str:
+    """Write the HTML run report of this run (orchestrator/report.py); say where, or how to make it."""
+    try:
+        from common.db import connect
+        from orchestrator.report import write_report
+
+        with connect(settings, autocommit=True, application_name="trialsync-demo") as conn:
+            path, _ = write_report(conn, None, state_dir=sd)
+        return f"{path.resolve()}   (open it in a browser; `trialsync report --last` writes it again)"
+    except Exception as e:  # noqa: BLE001 - the report never fails the demo
+        return f"trialsync report --last   (could not write it now: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
 
 
 def stop_demo(console: Console, settings: Settings | None = None) -> None:

@@ -8,7 +8,8 @@ used instead of the embedded parts.
 Fixtures for other test modules:
 
 * ``stack``      -- session: env pointing at the running stack, migrated, catalog synced; ``dsn`` is
-  the superuser's, ``writer_dsn`` / ``reader_dsn`` the least-privilege logins';
+  the superuser's, ``writer_dsn`` / ``reader_dsn`` the least-privilege logins'; its broker uses
+  memory storage (TRIALSYNC_TEST_BROKER_STORAGE=durable runs the suite on the durable one);
 * ``settings``   -- the Settings of that stack (fresh object per test);
 * ``db``         -- a connection (autocommit) to the session database;
 * ``fresh_db``   -- a brand-new empty database on the same server (Settings pointing at it);
@@ -33,7 +34,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 _ENV_KEYS = ("DATABASE_URL", "DATABASE_HOST", "KAFKA_BOOTSTRAP_SERVERS", "TRIALSYNC_STATE_DIR", "CC_API_KEY",
-             "CC_API_BASE_URL", "KAFKA_TOPIC_PREFIX", "ENABLE_METRICS", "LOG_FORMAT")
+             "CC_API_BASE_URL", "KAFKA_TOPIC_PREFIX", "ENABLE_METRICS", "LOG_FORMAT", "TRIALSYNC_BROKER_STORAGE")
 
 
 def _docker_available() -> bool:
@@ -61,6 +62,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     os.environ["TRIALSYNC_STATE_DIR"] = str(state)
     os.environ["ENABLE_METRICS"] = "false"
     os.environ["LOG_FORMAT"] = "json"
+    # memory storage: ~2x faster end to end than the durable default (bench/broker_bench.py, docs/
+    # deployment.md); the durable broker has its own tests on private stacks
+    os.environ["TRIALSYNC_BROKER_STORAGE"] = os.environ.get("TRIALSYNC_TEST_BROKER_STORAGE", "memory")
     for k in ("DATABASE_URL", "DATABASE_HOST", "KAFKA_BOOTSTRAP_SERVERS"):
         os.environ.pop(k, None)
     containers = []

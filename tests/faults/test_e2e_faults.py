@@ -94,7 +94,10 @@ def test_api_fault_storm_ends_success_or_partial_and_heals_exactly(lab: Lab) -> 
 
 @pytest.fixture(scope="module")
 def durable_lab() -> Iterator[Lab]:
-    pytest.importorskip("moto", reason="the durable broker needs moto's S3 server (test extra)")
+    from common.embedded_s3 import s3rver_command
+
+    if s3rver_command() is None:
+        pytest.skip("the durable broker needs s3rver (npm; `make install` with Node.js)")
     with Lab(scale=SCALE, seed=7, durable_broker=True) as lab:
         yield lab
 

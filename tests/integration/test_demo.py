@@ -47,7 +47,9 @@ def demo_env() -> Iterator[dict[str, str]]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("DATABASE_URL", "DATABASE_HOST", "KAFKA_BOOTSTRAP_SERVERS", "CC_API_KEY", "CC_API_BASE_URL",
                         "KAFKA_TOPIC_PREFIX", "ENABLE_METRICS", "LOG_FORMAT")}
-    env.update({"TRIALSYNC_STATE_DIR": str(state), "COLUMNS": "160"})
+    env.update({"TRIALSYNC_STATE_DIR": str(state), "COLUMNS": "160",
+                # the durable default costs ~2x the time here; it has its own tests (test_broker_durable.py)
+                "TRIALSYNC_BROKER_STORAGE": os.environ.get("TRIALSYNC_TEST_BROKER_STORAGE", "memory")})
     try:
         yield env
     finally:
@@ -126,6 +128,8 @@ def test_demo_end_to_end_then_incremental_then_stop(demo_env: dict[str, str]) ->
         assert rc.execute("SELECT count(*) FROM silver.dim_studies").fetchone()[0] > 0
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             rc.execute("DELETE FROM silver.dim_studies")
+    report = re.search(r"run report\s+│?\s*(\S+\.html)", out)
+    assert report and Path(report.group(1)).is_file(), "the closing panel points to the written run report"
     conn, catalog = check_exact(demo_env)
     try:
         oid, status, total, ok, extracted, loaded = last_orchestration(conn)

@@ -64,9 +64,10 @@ def test_configured_port_taken_is_clear_error(stack, monkeypatch: pytest.MonkeyP
         port = s.getsockname()[1]
         d = Path(tempfile.mkdtemp(prefix="trialsync-test-port-"))
         try:
-            cfg = load_settings(trialsync_state_dir=d, trialsync_kafka_port=port)
+            cfg = load_settings(trialsync_state_dir=d, trialsync_kafka_port=port, trialsync_broker_storage="durable")
             with pytest.raises(stack_mod.StackError, match=rf"port {port} \(TRIALSYNC_KAFKA_PORT\) is already in use"):
                 stack_mod.start_broker(cfg)
+            assert not (d / "kafka" / "s3").exists(), "nothing may be started behind the error"
         finally:
             import shutil
 
@@ -113,3 +114,21 @@ def test_no_stack_no_url_is_clear_error(tmp_path) -> None:
         stack_mod.database_dsn(cfg)
     with pytest.raises(stack_mod.StackError, match="KAFKA_BOOTSTRAP_SERVERS"):
         stack_mod.bootstrap_servers(cfg)
+
+
+def test_topics_are_created_with_deliberate_retention(settings, unique) -> None:
+    """Bronze topics keep KAFKA_TOPIC_RETENTION_HOURS of history; the watermark topic is compacted
+    (what Redpanda in compose.yaml enforces; the embedded broker stores the configs too)."""
+    from confluent_kafka.admin import ConfigResource
+
+    from common.kafka import admin_client
+
+    s = settings.model_copy(update={"kafka_topic_prefix": f"ret{unique}", "kafka_topic_retention_hours": 48.0})
+    bronze, state = f"ret{unique}.bronze.x_staging", f"ret{unique}.state.watermarks"
+    ensure_topics([bronze, state], s, compacted=[state])
+    admin = admin_client(s)
+    got = {}
+    for res, fut in admin.describe_configs([ConfigResource("topic", bronze), ConfigResource("topic", state)]).items():
+        got[res.name] = {k: v.value for k, v in fut.result().items()}
+    assert got[bronze]["retention.ms"] == str(48 * 3_600_000) and got[bronze]["cleanup.policy"] == "delete"
+    assert got[state]["cleanup.policy"] == "compact"

@@ -68,3 +68,18 @@ def test_promtool(args: list[str]) -> None:
     proc = subprocess.run([PROMTOOL, *args], cwd=PROM, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout + proc.stderr
+
+
+def test_every_long_running_compose_service_is_scraped_on_its_metrics_port() -> None:
+    """Each TrialSync service compose runs (not the one-shot migrate) is a scrape target on the port
+    its /metrics listens on: METRICS_PORT for the services, the API port for the simulator."""
+    compose = yaml.safe_load((PROM.parents[1] / "compose.yaml").read_text())
+    cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "trialsync")
+    scraped = {n: sd["port"] for sd in job["dns_sd_configs"] for n in sd["names"]}
+    for name, svc in compose["services"].items():
+        if svc.get("image") != "trialsync:local" or name == "migrate":
+            continue
+        cmd = svc.get("command") or []
+        expected = int(cmd[cmd.index("--port") + 1]) if cmd[:1] == ["simulator"] else int(svc["environment"]["METRICS_PORT"])
+        assert scraped.get(name) == expected, f"compose service {name} is not scraped on port {expected}"

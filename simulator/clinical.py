@@ -82,6 +82,36 @@ def day_floor(ms: np.ndarray) -> np.ndarray:
     return (ms // DAY) * DAY
 
 
+# == per-study protocol traits ====================================================================
+def study_phases(m: DataModel, study: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(has a run-in phase, has a follow-up phase) per study index."""
+    hs = m.hash(m.entity("studies"), study)
+    return unit(m.sub(hs, 111)) < 0.25, unit(m.sub(hs, 112)) < 0.5
+
+
+def study_schedule(m: DataModel, study: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(visit interval, window half-width) in days per study index: every 14..56 days, ±3 or ±7 days."""
+    hs = m.sub(m.hash(m.entity("studies"), study), 140)
+    interval = VISIT_INTERVAL_DAYS[(hs % np.uint64(len(VISIT_INTERVAL_DAYS))).astype(np.int64)]
+    return interval, np.where(interval <= 14, 3, 7).astype(np.int64)
+
+
+def visit_outcome(m: DataModel, v: Entity, idx: np.ndarray, pos: np.ndarray,
+                  window: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(missed, day offset from the target, time of day ms) of patient visits: 5 % of treatment visits
+    are missed; the others take place mostly inside the window, some late, a few early; screening
+    and baseline visits on their day. A pure function of the visit, so a visit that comes due later
+    (simulator.activity) happens on the day its hash says."""
+    hv = m.hash(v, idx)
+    missed = (pos > 1) & (unit(m.sub(hv, 141)) < MISSED_SHARE)
+    r, u = unit(m.sub(hv, 142)), unit(m.sub(hv, 143))
+    off = np.where(r < 0.85, np.floor(u * (2 * window + 1)).astype(np.int64) - window,
+                   np.where(r < 0.95, window + 1 + np.floor(u * 10).astype(np.int64),
+                            -window - 1 - np.floor(u * 4).astype(np.int64)))
+    off = np.where(pos <= 1, 0, off)  # screening and baseline (enrollment) visits happen on their day
+    return missed, off, 8 * HOUR + (m.sub(hv, 144) % np.uint64(8 * HOUR)).astype(np.int64)
+
+
 # == subjects ======================================================================================
 @dataclass
 class SubjectPlan:
@@ -130,11 +160,8 @@ def _build_subject_plan(m: DataModel, s: Entity) -> SubjectPlan:
     idx = np.arange(n, dtype=np.int64)
     k = _status_counts(m, s)
     kmax = int(k.max()) if n else 0
-    studies = m.entity("studies")
     study = m.parent_of(s, idx) if n else idx
-    hs = m.hash(studies, study)
-    runin = unit(m.sub(hs, 111)) < 0.25  # studies with a run-in phase
-    fup = unit(m.sub(hs, 112)) < 0.5  # studies with a follow-up phase after treatment
+    runin, fup = study_phases(m, study)
     pre = _u(m, s, idx, 103) < 0.35  # subjects entered as prescreening leads (else at screening)
     include = np.stack([pre, np.ones(n, bool), runin, np.ones(n, bool), fup, np.ones(n, bool)], axis=1)
     cum = np.cumsum(include, axis=1)
@@ -272,11 +299,8 @@ def _build_visit_plan(m: DataModel, v: Entity) -> VisitPlan:
     sp = subject_plan(m)
     subj = m.parent_of(v, idx) if n else idx
     pos = idx - v.offsets[subj] if n else idx
-    studies = m.entity("studies")
     study = m.parent_of(s, subj) if n else subj
-    hs = m.sub(m.hash(studies, study), 140)
-    interval = VISIT_INTERVAL_DAYS[(hs % np.uint64(len(VISIT_INTERVAL_DAYS))).astype(np.int64)]
-    window = np.where(interval <= 14, 3, 7).astype(np.int64)
+    interval, window = study_schedule(m, study)
     screened_at, enrolled_at, exit_at = sp.screened_at[subj], sp.enrolled_at[subj], sp.exit_at[subj]
     screened, enrolled = screened_at >= 0, enrolled_at >= 0
     anchor = np.where(screened, screened_at, s.created[subj] + DAY)
@@ -286,15 +310,9 @@ def _build_visit_plan(m: DataModel, v: Entity) -> VisitPlan:
     closed = target + (window + 1) * DAY <= CLOCK_START_MS
     on_study = np.where(pos == 0, screened, enrolled & ((exit_at < 0) | (target < exit_at)))
     hv = m.hash(v, idx)
-    missed = (pos > 0) & (unit(m.sub(hv, 141)) < MISSED_SHARE)
+    missed, off, tod = visit_outcome(m, v, idx, pos, window)
     done = on_study & closed & ~missed
-    # the day it happened: mostly inside the window, some late, a few early; screening on its day
-    r, u = unit(m.sub(hv, 142)), unit(m.sub(hv, 143))
-    off = np.where(r < 0.85, np.floor(u * (2 * window + 1)).astype(np.int64) - window,
-                   np.where(r < 0.95, window + 1 + np.floor(u * 10).astype(np.int64),
-                            -window - 1 - np.floor(u * 4).astype(np.int64)))
-    off = np.where(pos <= 1, 0, off)  # screening and baseline (enrollment) visits happen on their day
-    actual = target + off * DAY + 8 * HOUR + (m.sub(hv, 144) % np.uint64(8 * HOUR)).astype(np.int64)
+    actual = target + off * DAY + tod
     actual = np.clip(actual, s.created[subj] + MINUTE, LAST_BASE_MS)
     # appointments: one Completed per visit that took place (the production total is the budget)
     budget = m.scaled(m.defs["appointments"].count, m.defs["appointments"].min_count)

@@ -195,7 +195,8 @@ def current_conditions(conn: psycopg.Connection) -> list[Condition]:
         for check, table, status, failed_rows, checked, error in conn.execute(
                 """SELECT check_name, target_table, status, failed_rows, checked_at, error_message
                      FROM etl.v_quality_latest WHERE severity = 'error' AND status IS NOT NULL""").fetchall():
-            out.append(Condition(f"quality:{check}", "quality", f"quality check {check}", status != "pass",
+            # 'empty' (nothing to check) neither fails nor recovers a check
+            out.append(Condition(f"quality:{check}", "quality", f"quality check {check}", status in ("fail", "error"),
                                  f"{checked.isoformat() if checked else ''}", error,
                                  {"check": check, "table": table, "status": status, "failed_rows": failed_rows,
                                   "at": checked}))

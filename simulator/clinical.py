@@ -301,6 +301,9 @@ def _build_visit_plan(m: DataModel, v: Entity) -> VisitPlan:
     pos = idx - v.offsets[subj] if n else idx
     study = m.parent_of(s, subj) if n else subj
     interval, window = study_schedule(m, study)
+    # a long schedule is denser, never longer than about five years (protocols end; the calendar does too)
+    k = v.counts[subj] if n else subj
+    interval = np.maximum(14, np.minimum(interval, 1825 // np.maximum(k - 1, 1)))
     screened_at, enrolled_at, exit_at = sp.screened_at[subj], sp.enrolled_at[subj], sp.exit_at[subj]
     screened, enrolled = screened_at >= 0, enrolled_at >= 0
     anchor = np.where(screened, screened_at, s.created[subj] + DAY)

@@ -263,6 +263,13 @@ def appointment_refs(m: DataModel, e: Entity, idx, h, parent):
     }
 
 
+def element_refs(m: DataModel, e: Entity, idx, h, parent):
+    """An element is done in a room of the network (RoomAssignment type Room, a real room id)."""
+    rooms = m.previews("rooms", m.pick("rooms", h, 21), "RoomPreviewModel")
+    return {"study": m.previews("studies", parent, "StudyPreviewModel"),
+            "roomAssignment": [{"name": r["name"], "type": "Room", "id": r["id"]} if r else None for r in rooms]}
+
+
 def query_refs(m: DataModel, e: Entity, idx, h, parent):
     return {"study": m.previews("studies", parent, "StudyPreviewModel"), **clinical.query_fields(m, e, idx, parent)}
 
@@ -456,7 +463,7 @@ ENTITIES: list[EntityDef] = [
     _mk("study_visits", "VisitViewModel", parent="studies", derived=study_visit_counts, id_base=500_001,
         scalars=named_scalars("Visit"), refs=study_visit_refs, mutable="description"),
     _mk("elements", "ElementViewModel", 15_836, parent="studies", zero_frac=0.9, parent_mask=_studies_with_subjects,
-        id_base=20_001, scalars=named_scalars("Element"), refs=study_child_refs(), mutable="description"),
+        id_base=20_001, scalars=named_scalars("Element"), refs=element_refs, mutable="description"),
     _mk("visit_element_rels", "VisitElementRelationshipViewModel", parent="study_visits",
         derived=visit_element_rel_counts, id_field=None, refs=visit_element_rel_refs, mutable="element.isRequired",
         insertable=False, key_fields=("visit", "element")),

@@ -659,7 +659,7 @@ BEGIN
         SELECT a.*, pv.patient_visit_source_id,
                coalesce(pv.subject_source_id,
                         (SELECT min(d.source_id) FROM silver.dim_subjects d
-                          WHERE d.is_current AND d.study_source_id = a.study_source_id
+                          WHERE d.is_current AND NOT d.is_deleted AND d.study_source_id = a.study_source_id
                             AND d.patient_ref = a.patient_ref)) AS subject_source_id
           FROM a LEFT JOIN pv ON pv.appointment_source_id = a.source_id)
     SELECT s.source_id, s.appointment_id, s.appointment_status, s.planned_start, s.planned_end,

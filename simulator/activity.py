@@ -46,13 +46,13 @@ if TYPE_CHECKING:
 
 ACTIVE_STUDY_STATUSES = ("Active", "Enrolling")
 #: per subject and day: (chance of a status change, chance that the change is the exit)
-HAZARD = {c.PRE: (1 / 12, 0.4), c.SCR: (1 / 18, 0.3), c.RUNIN: (1 / 14, 0.2), c.RAND: (1 / 240, 0.15),
+HAZARD = {c.PRE: (1 / 10, 0.4), c.SCR: (1 / 14, 0.3), c.RUNIN: (1 / 14, 0.2), c.RAND: (1 / 120, 0.15),
           c.FUP: (1 / 90, 0.1)}
 #: per active study and day, for studies with subjects / still without any
 NEW_SUBJECT_PER_STUDY_DAY = (0.03, 0.004)
 NEW_QUERY_PER_STUDY_DAY = (0.03, 0.003)
 #: a lead (Prescreened/Screened) whose last change is older than this stays where it is
-STALE_LEAD_DAYS = 180
+STALE_LEAD_DAYS = 365
 CLOSE_QUERY_PER_DAY = 1 / 20
 MILESTONE_DONE_PER_DAY = 0.15
 REASSIGN_PER_STUDY_DAY = 0.003

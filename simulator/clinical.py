@@ -68,6 +68,8 @@ A_NONE, A_DONE, A_PENDING, A_NOSHOW, A_CANCELLED = range(5)
 #: booked ahead: on-study visits due within this many days of the clock get a Pending appointment
 BOOKING_HORIZON_DAYS = 21
 LAST_BASE_MS = CLOCK_START_MS - 2 * HOUR
+#: base records were last modified at least an hour before the clock starts (as simulator.data does)
+BASE_END = CLOCK_START_MS - HOUR
 
 
 def _h(m: DataModel, e: Entity, idx: np.ndarray, salt: int) -> np.ndarray:
@@ -364,7 +366,7 @@ def visit_timestamps(m: DataModel, e: Entity) -> None:
     e.created = vp.created.copy()
     after = vp.actual + 2 * HOUR + (m.sub(m.hash(e, np.arange(e.n_base, dtype=np.int64)), 148)
                                      % np.uint64(22 * HOUR)).astype(np.int64)
-    e.modified = np.where(vp.done, np.minimum(np.maximum(after, vp.created), CLOCK_START_MS - 1), vp.created)
+    e.modified = np.where(vp.done, np.minimum(np.maximum(after, vp.created), BASE_END), vp.created)
 
 
 def visit_fields(m: DataModel, e: Entity, idx: np.ndarray, parent: np.ndarray) -> dict[str, list]:
@@ -439,7 +441,7 @@ def appointment_timestamps(m: DataModel, e: Entity) -> None:
                          [after, ap.end + DAY, created + (m.sub(h, 155) % np.uint64(3 * DAY)).astype(np.int64)],
                          created)
     e.created = created
-    e.modified = np.clip(modified, created, CLOCK_START_MS - 1)
+    e.modified = np.clip(modified, created, BASE_END)
 
 
 def appointment_fields(m: DataModel, e: Entity, idx: np.ndarray, parent: np.ndarray) -> dict[str, list]:
@@ -493,7 +495,7 @@ def element_timestamps(m: DataModel, e: Entity) -> None:
     vp = visit_plan(m)
     done = element_completed(m, e, idx, parent)
     e.created = vp.created[parent] if e.n_base else e.created
-    e.modified = np.where(done >= 0, np.minimum(done + HOUR, CLOCK_START_MS - 1), e.created)
+    e.modified = np.where(done >= 0, np.minimum(done + HOUR, BASE_END), e.created)
     e.modified = np.maximum(e.modified, e.created)
 
 
@@ -588,7 +590,7 @@ def query_state(m: DataModel, e: Entity, idx: np.ndarray) -> tuple[np.ndarray, n
 
 def query_timestamps(m: DataModel, e: Entity) -> None:
     _, closed = query_state(m, e, np.arange(e.n_base, dtype=np.int64))
-    e.modified = np.minimum(np.maximum(e.modified, closed), CLOCK_START_MS - 1)
+    e.modified = np.minimum(np.maximum(e.modified, closed), BASE_END)
 
 
 def query_status(open_: bool, h: int) -> dict:
@@ -625,7 +627,7 @@ def milestone_state(m: DataModel, e: Entity, idx: np.ndarray) -> tuple[np.ndarra
 
 def milestone_timestamps(m: DataModel, e: Entity) -> None:
     _, done = milestone_state(m, e, np.arange(e.n_base, dtype=np.int64))
-    e.modified = np.minimum(np.maximum(e.modified, done), CLOCK_START_MS - 1)
+    e.modified = np.minimum(np.maximum(e.modified, done), BASE_END)
 
 
 def milestone_fields(m: DataModel, e: Entity, idx: np.ndarray, parent: np.ndarray) -> dict[str, list]:

@@ -119,3 +119,14 @@ def test_queries_and_milestones_are_open_or_closed_consistently(m: DataModel) ->
         assert (ms["status"] == "Completed") == (ms["completedOn"] is not None)
         if ms["completedOn"]:
             assert ms["modifiedDate"] >= ms["completedOn"]
+
+
+def test_base_data_ends_an_hour_before_the_clock(m: DataModel) -> None:
+    """Every base record was created before it was last modified, and last modified at least an hour
+    before the clock starts -- an incremental read's overlap window meets no base record."""
+    from simulator.data import CLOCK_START_MS
+
+    for name in m.defs:
+        e = m.entity(name)
+        assert (e.created <= e.modified).all(), name
+        assert (e.modified <= CLOCK_START_MS - 3_600_000).all(), name

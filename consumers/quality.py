@@ -111,7 +111,8 @@ class CheckDefinitionError(ValueError):
     """A check's SELECT does not return exactly one column (the failing row's key)."""
 
 
-def run_check(conn: psycopg.Connection, check: QualityCheck, timeout_s: int = 300) -> QualityResult:
+def run_check(conn: psycopg.Connection, check: QualityCheck, timeout_s: int = 300,
+              table_rows: dict[str, int] | None = None) -> QualityResult:
     """Run one check in its own transaction (or savepoint, inside a caller's transaction)."""
     t0 = time.perf_counter()
     try:
@@ -121,7 +122,12 @@ def run_check(conn: psycopg.Connection, check: QualityCheck, timeout_s: int = 30
             ncols = len(cur.description or ())
             if ncols != 1:
                 raise CheckDefinitionError(f"the check's SELECT must return one column (the key), it returns {ncols}")
-            scope = conn.execute(_scope(check)).fetchone()[0]  # type: ignore[index]
+            if not check.scope_sql and table_rows is not None and check.target_table in table_rows:
+                scope = table_rows[check.target_table]  # counted for another check of the same batch
+            else:
+                scope = conn.execute(_scope(check)).fetchone()[0]  # type: ignore[index]
+                if not check.scope_sql and table_rows is not None:
+                    table_rows[check.target_table] = scope
             if not scope:
                 return QualityResult(check, "empty", 0, [], (time.perf_counter() - t0) * 1000, checked_rows=0)
             n, sample = conn.execute(_measure(check)).fetchone()  # type: ignore[misc]
@@ -163,7 +169,8 @@ def run_quality_checks(conn: psycopg.Connection, tables: Iterable[str] | None = 
     """Run the active checks of ``tables`` (all when None), record and return the results.
     ``force=False`` honours each check's min_interval_seconds (the consumer's mode)."""
     checks = load_checks(conn, tables, names, force)
-    results = [run_check(conn, c, timeout_s) for c in checks]
+    table_rows: dict[str, int] = {}  # a table's row count, once per call (the default scope)
+    results = [run_check(conn, c, timeout_s, table_rows) for c in checks]
     for r in results:
         fields = {"check": r.check.name, "table": r.check.target_table, "severity": r.check.severity,
                   "failed_rows": r.failed_rows, "duration_ms": round(r.duration_ms, 1)}

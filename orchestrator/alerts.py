@@ -23,6 +23,7 @@ configured secret, the webhook URL and SMTP password never appear in messages, l
 
 from __future__ import annotations
 
+import email.policy
 import smtplib
 import socket
 from dataclasses import dataclass, field
@@ -102,7 +103,9 @@ class EmailChannel:
         self.timeout = timeout
 
     def send(self, msg: Message) -> None:
-        em = EmailMessage()
+        # SMTP allows 998-character lines: a subject naming a long check is not folded (folding before
+        # its first word left readers a subject starting with a space)
+        em = EmailMessage(policy=email.policy.SMTP.clone(max_line_length=998))
         em["Subject"] = msg.title
         em["From"] = self.sender
         em["To"] = ", ".join(self.recipients)

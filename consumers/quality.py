@@ -7,6 +7,11 @@ check: ``etl.v_quality_latest``, which alerting reads) and sets the ``QUALITY_ST
 ``QUALITY_FAILED_ROWS`` gauges. A check that itself breaks (timeout, bad SQL) is recorded with
 status ``error`` and never stops the other checks or the transformer.
 
+A check that examines nothing proves nothing: its ``scope_sql`` (migration 0803; default: the rows
+of its target table) is counted first, in the same snapshot, and 0 is recorded as ``empty`` --
+"nothing to check" -- never as ``pass``; an empty result does not hold a check's
+``min_interval_seconds`` back, and sets no gauge sample (it neither passes nor fails).
+
 Why the checks live in SQL rows: they are data about the model, versioned with the migrations that
 define the model, readable by analysts, and extendable without a release of this code.
 
@@ -23,6 +28,7 @@ could switch the role back, so configure the reader.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterable
@@ -46,42 +52,49 @@ class QualityCheck:
     category: str
     description: str
     check_sql: str
+    scope_sql: str | None = None  # how many rows the check examines (None: its target table's rows)
 
 
 @dataclass
 class QualityResult:
     check: QualityCheck
-    status: str  # pass | fail | error
+    status: str  # pass | fail | error | empty (nothing to check)
     failed_rows: int = 0
     sample_keys: list[str] = field(default_factory=list)
     duration_ms: float = 0.0
     error: str | None = None
+    checked_rows: int | None = None
 
     @property
     def is_blocking(self) -> bool:
-        """An error-severity check that did not pass fails the transform run of its table."""
-        return self.check.severity == "error" and self.status != "pass"
+        """An error-severity check that failed or could not run fails the transform run of its table."""
+        return self.check.severity == "error" and self.status in ("fail", "error")
 
     def summary(self) -> str:
         if self.status == "error":
             return f"{self.check.name} could not run ({self.error})"
+        if self.status == "empty":
+            return f"{self.check.name}: nothing to check"
         return f"{self.check.name}: {self.failed_rows} rows (e.g. {', '.join(self.sample_keys[:3])})"
 
 
 def load_checks(conn: psycopg.Connection, tables: Iterable[str] | None = None,
                 names: Iterable[str] | None = None, force: bool = True) -> list[QualityCheck]:
-    """Active checks, optionally only those of ``tables`` (schema-qualified) or with ``names``.
+    """Active checks, optionally only those of ``tables`` (schema-qualified; ``gold.*`` = every table
+    or view of that schema) or with ``names``.
 
     Without ``force``, a check whose ``min_interval_seconds`` has not passed since its last result
     is left out (its last result stays the latest in etl.v_quality_latest).
     """
     rows = conn.execute(
-        "SELECT c.check_name, c.target_table, c.severity, c.category, c.description, c.check_sql "
+        "SELECT c.check_name, c.target_table, c.severity, c.category, c.description, c.check_sql, c.scope_sql "
         "FROM etl.dw_quality_checks c WHERE c.is_active "
-        "AND (%(t)s::text[] IS NULL OR c.target_table = ANY(%(t)s)) "
+        "AND (%(t)s::text[] IS NULL OR c.target_table = ANY(%(t)s) "
+        "     OR split_part(c.target_table, '.', 1) || '.*' = ANY(%(t)s)) "
         "AND (%(n)s::text[] IS NULL OR c.check_name = ANY(%(n)s)) "
         "AND (%(force)s OR c.min_interval_seconds = 0 OR NOT EXISTS ("
-        "     SELECT 1 FROM etl.dw_quality_results r WHERE r.check_name = c.check_name AND r.status <> 'error' "
+        "     SELECT 1 FROM etl.dw_quality_results r WHERE r.check_name = c.check_name "
+        "        AND r.status NOT IN ('error', 'empty') "
         "        AND r.checked_at > now() - make_interval(secs => c.min_interval_seconds))) "
         "ORDER BY c.target_table, c.check_name",
         {"t": None if tables is None else list(tables), "n": None if names is None else list(names),
@@ -94,6 +107,14 @@ def _measure(check: QualityCheck) -> sql.Composed:
     # the check's SELECT must yield exactly one column (q(k) fails otherwise: a clear error)
     return sql.SQL("SELECT count(*), (array_agg(k::text ORDER BY k::text))[1:{}] FROM ({}) AS q(k)").format(
         sql.Literal(SAMPLE_SIZE), sql.SQL(check.check_sql))  # type: ignore[arg-type]  # trusted: etl.dw_quality_checks
+
+
+def _scope(check: QualityCheck) -> sql.Composable:
+    """How many rows the check examines: its scope_sql, else its target table's row count."""
+    if check.scope_sql:
+        return sql.SQL("SELECT coalesce(({}), 0)").format(sql.SQL(check.scope_sql))  # type: ignore[arg-type]
+    schema, table = check.target_table.split(".", 1)
+    return sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
 
 
 class CheckDefinitionError(ValueError):
@@ -128,7 +149,7 @@ def _read_only(conn: psycopg.Connection, timeout_s: float, switch_role: bool) ->
 
 
 def run_check(conn: psycopg.Connection, check: QualityCheck, timeout_s: int = 300,
-              switch_role: bool = True) -> QualityResult:
+              table_rows: dict[str, int] | None = None, switch_role: bool = True) -> QualityResult:
     """Run one check read-only in a transaction (or savepoint) that is always rolled back.
 
     ``conn`` is the read-only login's connection (``switch_role`` is then moot), or the caller's own
@@ -142,9 +163,18 @@ def run_check(conn: psycopg.Connection, check: QualityCheck, timeout_s: int = 30
             ncols = len(cur.description or ())
             if ncols != 1:
                 raise CheckDefinitionError(f"the check's SELECT must return one column (the key), it returns {ncols}")
+            if not check.scope_sql and table_rows is not None and check.target_table in table_rows:
+                scope = table_rows[check.target_table]  # counted for another check of the same batch
+            else:
+                scope = conn.execute(_scope(check)).fetchone()[0]  # type: ignore[index]
+                if not check.scope_sql and table_rows is not None:
+                    table_rows[check.target_table] = scope
+            if not scope:
+                return QualityResult(check, "empty", 0, [], (time.perf_counter() - t0) * 1000, checked_rows=0)
             n, sample = conn.execute(_measure(check)).fetchone()  # type: ignore[misc]
         status = "pass" if n == 0 else "fail"
-        return QualityResult(check, status, int(n), list(sample or []), (time.perf_counter() - t0) * 1000)
+        return QualityResult(check, status, int(n), list(sample or []), (time.perf_counter() - t0) * 1000,
+                             checked_rows=int(scope))
     except (psycopg.Error, CheckDefinitionError) as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return QualityResult(check, "error", 0, [], (time.perf_counter() - t0) * 1000, f"{type(e).__name__}: {msg}")
@@ -157,12 +187,18 @@ def record_results(conn: psycopg.Connection, results: list[QualityResult], batch
     with conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO etl.dw_quality_results (check_name, target_table, severity, status, failed_rows, "
-            "sample_keys, batch_id, transform_run_id, duration_ms, error_message) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "sample_keys, batch_id, transform_run_id, duration_ms, error_message, checked_rows) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             [(r.check.name, r.check.target_table, r.check.severity, r.status, r.failed_rows, r.sample_keys,
-              batch_id, run_ids.get(r.check.target_table), round(r.duration_ms, 3), r.error) for r in results],
+              batch_id, run_ids.get(r.check.target_table), round(r.duration_ms, 3), r.error, r.checked_rows)
+             for r in results],
         )
     for r in results:
+        if r.status == "empty":  # nothing to check: neither passing nor failing
+            for gauge in (QUALITY_STATUS, QUALITY_FAILED_ROWS):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(r.check.name, r.check.severity)
+            continue
         QUALITY_STATUS.labels(r.check.name, r.check.severity).set(1 if r.status == "pass" else 0)
         QUALITY_FAILED_ROWS.labels(r.check.name, r.check.severity).set(r.failed_rows)
 
@@ -178,12 +214,15 @@ def run_quality_checks(conn: psycopg.Connection, tables: Iterable[str] | None = 
     ``force=False`` honours each check's min_interval_seconds (the consumer's mode)."""
     checks = load_checks(conn, tables, names, force)
     on = reader if reader is not None else conn
-    results = [run_check(on, c, timeout_s) for c in checks]
+    table_rows: dict[str, int] = {}  # a table's row count, once per call (the default scope)
+    results = [run_check(on, c, timeout_s, table_rows) for c in checks]
     for r in results:
         fields = {"check": r.check.name, "table": r.check.target_table, "severity": r.check.severity,
                   "failed_rows": r.failed_rows, "duration_ms": round(r.duration_ms, 1)}
         if r.status == "pass":
-            log.debug("quality_check_passed", **fields)
+            log.debug("quality_check_passed", checked_rows=r.checked_rows, **fields)
+        elif r.status == "empty":
+            log.info("quality_check_nothing_to_check", **fields)
         elif r.status == "fail":
             (log.error if r.check.severity == "error" else log.warning)(
                 "quality_check_failed", sample_keys=r.sample_keys[:5], **fields)

@@ -86,14 +86,16 @@ def _run_now(names: list[str], downstream: bool, full: bool, as_json: bool) -> i
             batch = runner.run_batch(procs, trigger="manual")
     finally:
         runner.close()
-    failed_checks = [q for q in batch.quality if q.status != "pass"]
+    failed_checks = [q for q in batch.quality if q.status in ("fail", "error")]
+    empty_checks = [q.check.name for q in batch.quality if q.status == "empty"]
     if as_json:
         print(json.dumps({
             "batch_id": str(batch.batch_id),
             "procedures": [{"procedure": r.procedure, "status": r.status, "duration_s": round(r.duration_s, 3),
                             **r.counts, "error": r.error} for r in batch.procedures],
             "quality": [{"check": q.check.name, "severity": q.check.severity, "status": q.status,
-                         "failed_rows": q.failed_rows, "sample_keys": q.sample_keys} for q in batch.quality],
+                         "failed_rows": q.failed_rows, "checked_rows": q.checked_rows, "sample_keys": q.sample_keys}
+                        for q in batch.quality],
         }, indent=2))
     else:
         out = _out()
@@ -109,7 +111,9 @@ def _run_now(names: list[str], downstream: bool, full: bool, as_json: bool) -> i
             out.print(_quality_table([(q.check.name, q.check.severity, q.status, q.failed_rows,
                                        ", ".join(q.sample_keys[:3]) or (q.error or "")) for q in failed_checks]))
         else:
-            out.print(f"quality: {len(batch.quality)} checks passed")
+            out.print(f"quality: {len(batch.quality) - len(empty_checks)} checks passed")
+        if empty_checks:
+            out.print(f"quality: nothing to check for {len(empty_checks)}: {', '.join(empty_checks)}", highlight=False)
     blocking = [q for q in failed_checks if q.check.severity == "error"]
     return 1 if batch.failed or blocking else 0
 
@@ -147,14 +151,17 @@ def _status(as_json: bool) -> int:
         procs = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
         cur = conn.execute(
             "SELECT check_name, target_table, severity, status, failed_rows, sample_keys, checked_at, error_message "
-            "FROM etl.v_quality_latest WHERE status IS DISTINCT FROM 'pass' AND status IS NOT NULL "
+            "FROM etl.v_quality_latest WHERE status NOT IN ('pass', 'empty') "
             "ORDER BY severity, check_name")
         qcols = [d.name for d in cur.description]  # type: ignore[union-attr]
         checks = [dict(zip(qcols, r, strict=True)) for r in cur.fetchall()]
+        empty = [r[0] for r in conn.execute("SELECT check_name FROM etl.v_quality_latest WHERE status = 'empty' "
+                                            "ORDER BY check_name").fetchall()]
     failing = [p for p in procs if p["is_failing"]]
     blocking = [c for c in checks if c["severity"] == "error"]
     if as_json:
-        print(json.dumps({"procedures": procs, "failing_checks": checks}, indent=2, default=str))
+        print(json.dumps({"procedures": procs, "failing_checks": checks, "nothing_to_check": empty}, indent=2,
+                         default=str))
     else:
         out = _out()
         t = Table(title="transform procedures")
@@ -176,4 +183,6 @@ def _status(as_json: bool) -> int:
                                       for c in checks]))
         else:
             out.print("quality: no failing checks")
+        if empty:
+            out.print(f"quality: nothing to check for {len(empty)}: {', '.join(empty)}", highlight=False)
     return 1 if failing or blocking else 0

@@ -23,6 +23,7 @@ configured secret, the webhook URL and SMTP password never appear in messages, l
 
 from __future__ import annotations
 
+import email.policy
 import smtplib
 import socket
 from dataclasses import dataclass, field
@@ -102,7 +103,9 @@ class EmailChannel:
         self.timeout = timeout
 
     def send(self, msg: Message) -> None:
-        em = EmailMessage()
+        # SMTP allows 998-character lines: a subject naming a long check is not folded (folding before
+        # its first word left readers a subject starting with a space)
+        em = EmailMessage(policy=email.policy.SMTP.clone(max_line_length=998))
         em["Subject"] = msg.title
         em["From"] = self.sender
         em["To"] = ", ".join(self.recipients)
@@ -195,7 +198,8 @@ def current_conditions(conn: psycopg.Connection) -> list[Condition]:
         for check, table, status, failed_rows, checked, error in conn.execute(
                 """SELECT check_name, target_table, status, failed_rows, checked_at, error_message
                      FROM etl.v_quality_latest WHERE severity = 'error' AND status IS NOT NULL""").fetchall():
-            out.append(Condition(f"quality:{check}", "quality", f"quality check {check}", status != "pass",
+            # 'empty' (nothing to check) neither fails nor recovers a check
+            out.append(Condition(f"quality:{check}", "quality", f"quality check {check}", status in ("fail", "error"),
                                  f"{checked.isoformat() if checked else ''}", error,
                                  {"check": check, "table": table, "status": status, "failed_rows": failed_rows,
                                   "at": checked}))

@@ -419,6 +419,8 @@ def demo(
     full: Annotated[bool, typer.Option("--full", help="ignore watermarks: extract everything again")] = False,
     parallel: Annotated[int | None, typer.Option(min=1, max=64, help="jobs at once (default ETL_PARALLEL_JOBS)")] = None,
     stop: Annotated[bool, typer.Option("--stop", help="stop the demo's services and the embedded stack")] = False,
+    night: Annotated[bool, typer.Option("--night/--no-night", help="on a re-run, let a day of realistic activity "
+                                                                     "pass in the simulator first")] = True,
 ) -> None:
     """Set everything up and run all 72 jobs against the CC simulator; re-run for an incremental run."""
     from common.cli import UserError
@@ -432,7 +434,7 @@ def demo(
     if scale <= 0:
         raise UserError(f"--scale must be > 0, got {scale}", code=2)
     try:
-        report = run_demo(scale, seed=seed, console=console, full=full, parallel=parallel)
+        report = run_demo(scale, seed=seed, console=console, full=full, parallel=parallel, night=night)
     except ServiceError as e:
         raise UserError(str(e), code=3) from None
     print_report(report, console)

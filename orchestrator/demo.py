@@ -10,11 +10,14 @@
 5. wait until every run is loaded and transformed, then a summary: per job records extracted /
    loaded, duration, status; totals; Silver/Gold row counts; where to look next.
 
-Running it again performs an **incremental** run: the state directory (``.trialsync/``) keeps the
+Running it again tells the story of a **night**: the state directory (``.trialsync/``) keeps the
 database, whose ``etl.dw_etl_watermarks`` are the truth about what was extracted; the simulator is
-restarted with the same seed (same data), and the services are restarted too. The embedded
-broker's topics vanish whenever the broker restarts; nothing depends on them surviving: topics are
-re-created on first use and the loader/transformer start from the new topics' beginning.
+restarted with the same seed and the nights applied so far (orchestrator/demo_night.py), then a day
+of realistic activity passes at the simulated sites, the run is **incremental**, and the summary says
+what changed in Bronze, which SCD2 versions opened and how the Gold numbers moved. The services are
+restarted too. The embedded broker's topics vanish whenever the broker restarts; nothing depends on
+them surviving: topics are re-created on first use and the loader/transformer start from the new
+topics' beginning.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class DemoReport:
     services: dict[str, Any] = field(default_factory=dict)
     transform_pending: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    night: Any = None  # demo_night.NightSummary of a re-run
 
 
 def _route_logs_to_file(path: str, stderr_level: str | None = None) -> None:
@@ -135,14 +139,16 @@ def _remember_dataset(sd: Any, scale: float, seed: int) -> dict[str, Any] | None
         prev = json.loads(f.read_text()) if f.exists() else None
     except ValueError:
         prev = None
-    f.write_text(json.dumps({"scale": scale, "seed": seed}))
-    if prev and (prev.get("scale") != scale or prev.get("seed") != seed):
-        return prev
+    same = bool(prev) and prev.get("scale") == scale and prev.get("seed") == seed  # type: ignore[union-attr]
+    # the simulated nights belong to one data set: kept while it stays, forgotten when it changes
+    f.write_text(json.dumps({"scale": scale, "seed": seed, "nights": prev.get("nights", []) if same else []}))  # type: ignore[union-attr]
+    if prev and not same:
+        return {"scale": prev.get("scale"), "seed": prev.get("seed")}
     return None
 
 
 def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = None, full: bool = False,
-             parallel: int | None = None, transform_timeout: float = 600.0) -> DemoReport:
+             parallel: int | None = None, transform_timeout: float = 600.0, night: bool = True) -> DemoReport:
     """Everything ``trialsync demo`` does; returns the report the CLI prints."""
     from common import kafka, stack
     from common.catalog import load_catalog, sync
@@ -195,6 +201,10 @@ def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = N
     add_secret(api_key)
     services = Services(s)
     sim = services.start_simulator(scale, seed, api_key)
+    from orchestrator import demo_night
+
+    state_file = stack.state_dir(s) / "demo.json"
+    demo_night.replay_nights(sim.urls["admin"], demo_night.recorded_nights(state_file))
     os.environ["CC_API_BASE_URL"] = sim.urls["api"]
     os.environ["CC_API_KEY"] = api_key
     reset_settings()
@@ -204,6 +214,19 @@ def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = N
     timings["services_s"] = time.monotonic() - t1
     console.print(f"  simulator {sim.urls['api']} · loader {loader.urls['metrics']} · "
                   f"transformer {transformer.urls['metrics']}", highlight=False)
+
+    night_result: dict[str, Any] | None = None
+    before = None
+    if night and had_watermarks:
+        with connect(s, autocommit=True, application_name="trialsync-demo") as conn:
+            before = demo_night.snapshot(conn)
+        night_result = demo_night.apply_night(sim.urls["admin"], days=1)
+        demo_night.record_night(state_file, {"days": 1, "seq": night_result.get("seq"), "clock": night_result.get("clock")})
+        counts = night_result.get("counts", {})
+        step(f"a night passes at the simulated sites (realistic model, {night_result.get('days')} day, clock now "
+             f"{night_result.get('clock')}): {night_result.get('changed', 0)} records changed in "
+             f"{len(night_result.get('studies', []))} active studies -- "
+             + ", ".join(f"{k} {v['modified']}~ {v['inserted']}+" for k, v in sorted(counts.items())))
 
     ids = select_jobs(catalog, all_jobs=True)
     plan = build_plan(catalog, ids)
@@ -230,6 +253,7 @@ def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = N
     timings["transform_wait_s"] = time.monotonic() - t3
     with connect(s, autocommit=True, application_name="trialsync-demo") as conn:
         counts = layer_counts(conn)
+        night_summary = demo_night.summarise(conn, night_result, before) if before and night_result else None
     try:
         from orchestrator.alerts import evaluate_and_notify
 
@@ -237,7 +261,8 @@ def run_demo(scale: float, seed: int = DEFAULT_SEED, console: Console | None = N
     except Exception as e:  # noqa: BLE001 - alerting never fails the demo
         log.warning("alert_evaluation_failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
     return DemoReport(status=result.status, mode=mode_label, duration_s=time.monotonic() - t0, result=result,
-                      layer_counts=counts, services=services.status(), transform_pending=pending, timings=timings)
+                      layer_counts=counts, services=services.status(), transform_pending=pending, timings=timings,
+                      night=night_summary)
 
 
 def print_report(report: DemoReport, console: Console, settings: Settings | None = None) -> None:
@@ -267,6 +292,8 @@ def print_report(report: DemoReport, console: Console, settings: Settings | None
         else:
             for name, n in layer_rows:
                 console.print(f"{name}: {n}", highlight=False)
+    if report.night is not None:
+        print_night(report.night, console)
     if report.transform_pending:
         console.print(f"[yellow]transform still catching up on {len(report.transform_pending)} run(s): "
                       "`trialsync transform --status`[/]")
@@ -287,7 +314,7 @@ def print_report(report: DemoReport, console: Console, settings: Settings | None
         nxt.add_row(f"{name}", shown + ("" if info.get("alive") else "   [red](not running)[/]"))
     nxt.add_row("logs", str(sd / "logs"))
     nxt.add_row("run report", _run_report(s, sd))
-    nxt.add_row("run it again", "trialsync demo   (incremental: only what changed since this run)")
+    nxt.add_row("run it again", "trialsync demo   (a day passes at the simulated sites, then an incremental run)")
     nxt.add_row("stop everything", "trialsync demo --stop   (services and the embedded stack; data stays in "
                                     f"{sd}; `trialsync stack down --purge` deletes it)")
     console.print(nxt)
@@ -321,6 +348,34 @@ def _run_report(settings: Settings, sd: Path) -> str:
         return f"{path.resolve()}   (open it in a browser; `trialsync report --last` writes it again)"
     except Exception as e:  # noqa: BLE001 - the report never fails the demo
         return f"trialsync report --last   (could not write it now: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
+
+
+def print_night(night: Any, console: Console) -> None:
+    """The night's story: Bronze changes, SCD2 versions opened, Gold before -> after."""
+    bronze = Table(title="the night in Bronze (rows since this run started)", title_justify="left")
+    for col in ("staging table", "inserted", "updated", "deleted"):
+        bronze.add_column(col, justify="left" if col == "staging table" else "right")
+    for t, c in night.bronze.items():
+        bronze.add_row(t, fmt_int(c["inserted"]), fmt_int(c["updated"]), fmt_int(c["deleted"]))
+    if not night.bronze:
+        bronze.add_row("(nothing changed)", "", "", "")
+    console.print(bronze)
+    versions = Table(title="SCD2 versions opened", title_justify="left")
+    for col in ("dimension", "new keys", "new versions", "examples (previous -> new)"):
+        versions.add_column(col, overflow="fold")
+    for t, v in night.versions.items():
+        versions.add_row(t, fmt_int(v["new_keys"]), fmt_int(v["new_versions"]),
+                         f"{v['attribute']}: " + "; ".join(v["examples"]) if v["examples"] else "")
+    if not night.versions:
+        versions.add_row("(none)", "", "", "")
+    console.print(versions)
+    gold = Table(title="how Gold moved", title_justify="left")
+    for col in ("metric", "before", "after", "change"):
+        gold.add_column(col, justify="left" if col == "metric" else "right")
+    for label, b, a in night.gold:
+        delta = "" if b is None or a is None else (f"{a - b:+}" if a != b else "=")
+        gold.add_row(label, "" if b is None else str(b), "" if a is None else str(a), delta)
+    console.print(gold)
 
 
 def stop_demo(console: Console, settings: Settings | None = None) -> None:

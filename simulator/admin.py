@@ -6,7 +6,8 @@
 ``GET  /_sim/entities``                entity -> base / live / inserted / deleted counts
 ``GET  /_sim/clock``                   the simulated clock
 ``POST /_sim/clock``                   ``{"advance_seconds": N}``
-``POST /_sim/mutate``                  ``{"entity"|"endpoint", "modify", "insert", "delete", ...}``
+``POST /_sim/mutate``                  ``{"entity"|"endpoint", "modify", "insert", "delete", ...}`` (uniform)
+                                       or ``{"model": "realistic", "days"|"fraction", "touch_parents"}``
 ``GET|POST|DELETE /_sim/faults``       list / set (``{"spec"}`` or ``{"rules"}``, ``append``) / clear
 ``GET|DELETE /_sim/stats``             requests per route template and status; reset
 ``GET  /_sim/expected?endpoint=T``     NDJSON ``{"params", "record"}`` of every record endpoint T
@@ -146,10 +147,23 @@ def _clock_post(sim: Simulator, params: dict[str, str], body: dict[str, Any]) ->
 
 
 _MUTATE_KEYS = {"entity", "endpoint", "modify", "insert", "delete", "modify_count", "insert_count", "delete_count",
-                "modify_ids", "delete_ids", "parent_id", "spread_ms", "touch_parents"}
+                "modify_ids", "delete_ids", "parent_id", "spread_ms", "touch_parents", "model"}
+#: the realistic model (simulator/activity.py) takes these instead of an entity and fractions
+_REALISTIC_KEYS = {"model", "days", "fraction", "touch_parents"}
+MODELS = ("uniform", "realistic")
 
 
 def _mutate(sim: Simulator, params: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+    model = body.get("model") or "uniform"
+    if model not in MODELS:
+        raise ValueError(f"unknown change model {model!r}: use one of {', '.join(MODELS)}")
+    if model == "realistic":
+        unknown = set(body) - _REALISTIC_KEYS
+        if unknown:
+            raise ValueError(f"the realistic model takes {sorted(_REALISTIC_KEYS)}, not {sorted(unknown)} "
+                             "(it picks the records itself: days of activity on active studies)")
+        return sim.state.realistic(days=body.get("days"), fraction=body.get("fraction"),
+                                   touch_parents=bool(body.get("touch_parents")))
     unknown = set(body) - _MUTATE_KEYS
     if unknown:
         raise ValueError(f"unknown mutation keys {sorted(unknown)}: use {sorted(_MUTATE_KEYS)}")
@@ -161,7 +175,7 @@ def _mutate(sim: Simulator, params: dict[str, str], body: dict[str, Any]) -> dic
         entity = route.entity
     if not entity:
         raise ValueError("name the records to change: {\"entity\": ...} or {\"endpoint\": <template>}")
-    kwargs = {k: body[k] for k in _MUTATE_KEYS - {"entity", "endpoint"} if k in body and body[k] is not None}
+    kwargs = {k: body[k] for k in _MUTATE_KEYS - {"entity", "endpoint", "model"} if k in body and body[k] is not None}
     res = sim.state.mutate(entity, **kwargs)
     return res.as_dict()
 

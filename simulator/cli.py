@@ -101,6 +101,11 @@ def _print(data: object) -> None:
 
 @simulator_app.command("mutate")
 def mutate(
+    model: Annotated[str, typer.Option(help="uniform: change --entity records anywhere (fractions below); realistic: "
+                                            "--days of site activity on active studies (simulator/activity.py)")] = "uniform",
+    days: Annotated[int | None, typer.Option(help="realistic model: days of activity (default 1)")] = None,
+    fraction: Annotated[float | None, typer.Option(help="realistic model: simulate days until this share of all live "
+                                                        "records changed")] = None,
     entity: Annotated[str | None, typer.Option(help="entity name (see `trialsync simulator info`)")] = None,
     endpoint: Annotated[str | None, typer.Option(help="or an endpoint template, e.g. /api/v1/studies/{studyId}/subjects/odata")] = None,
     modify: Annotated[float, typer.Option(help="fraction of live records to modify (bumps the timestamp)")] = 0.0,
@@ -113,6 +118,12 @@ def mutate(
     url: AdminUrl = DEFAULT_ADMIN,
 ) -> None:
     """Modify / insert / delete records of a running simulator (deterministic per seed and call order)."""
+    if model == "realistic":
+        res = _admin(url, "POST", "/mutate", {k: v for k, v in {"model": "realistic", "days": days, "fraction": fraction,
+                                                                "touch_parents": touch_parents or None}.items()
+                                              if v is not None}).json()
+        print(json.dumps({k: res[k] for k in ("model", "seq", "clock", "days", "changed", "share", "counts")}, indent=2))
+        return
     body: dict = {"entity": entity, "endpoint": endpoint, "modify": modify, "insert": insert, "delete": delete,
                   "touch_parents": touch_parents or None}
     if modify_ids:

@@ -135,6 +135,9 @@ class EntityDef:
     singleton: bool = False
     min_count: int = 5
     key_fields: tuple[str, ...] = ()  # top-level fields of the primary key (never modified)
+    #: adjusts the base created/modified columns in place once the layout exists (records whose
+    #: timestamps follow their clinical course, e.g. a subject modified at its last status event)
+    timestamps: Callable[[DataModel, Entity], None] | None = None
 
 
 class Entity:
@@ -173,6 +176,8 @@ class Entity:
         else:
             self.n_base = model.scaled(d.count, d.min_count)
         self.created, self.modified = self._base_timestamps()
+        if d.timestamps is not None:
+            d.timestamps(model, self)
         self.alive: np.ndarray | None = None  # None = nothing deleted
         self.n_deleted = 0
         self.ins_parent: list[int] = []
@@ -259,6 +264,8 @@ class DataModel:
         self._entities: dict[str, Entity] = {}
         self._initialising: set[str] = set()
         self._plans: dict[tuple[str, str], list[tuple[str, str | None, Any]]] = {}
+        #: derived per-model data shared by several entities (simulator.clinical's plans)
+        self.cache: dict[str, Any] = {}
 
     # -- entities ---------------------------------------------------------------------------
     def entity(self, name: str) -> Entity:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulator.data import DataModel, Entity, EntityDef, fmt_ts, mix_np, unit, uuids
+from simulator import clinical
+from simulator.data import DataModel, Entity, EntityDef, mix_np, unit, uuids
 from simulator.values import STATUSES
 
 FIRST = ("James Mary Robert Patricia John Jennifer Michael Linda David Elizabeth William Barbara Richard "
@@ -30,7 +31,6 @@ LAST = ("Smith Johnson Williams Brown Jones Garcia Miller Davis Rodriguez Martin
         "Wilson Anderson Thomas Taylor Moore Jackson Martin Lee Perez Thompson White Harris Sanchez Clark "
         "Ramirez Lewis Robinson Walker Young Allen King Wright Scott Torres Nguyen Hill Flores").split()
 THERAPY = ("ONC", "CAR", "NEU", "DER", "END", "IMM", "NEP", "PSY", "RHE", "VAC")
-SUBJECT_STATUSES = ("Prescreened", "Screened", "Randomized", "Dropped")
 ROLES = ((1, "Principal Investigator", True), (2, "Sub-Investigator", False), (3, "Study Coordinator", True),
          (4, "Regulatory Coordinator", False), (5, "Research Nurse", False), (6, "Pharmacist", False),
          (7, "Data Manager", False), (8, "Recruiter", False))
@@ -97,36 +97,24 @@ DAY_MS = 86_400_000
 
 
 def subject_scalars(m: DataModel, e: Entity, idx, h, parent):
-    """Enrolment falls between the subject's Screened (day 14) and Randomized (day 28) status events
-    (see subject_status_scalars), so the milestones of a subject are in order, as in a real CTMS."""
+    """The current status is the last event of the subject's status history and only subjects that
+    reached RunIn/Randomized carry ``enrollmentDate`` (simulator.clinical)."""
     ids = (e.d.id_base + idx).tolist()
-    enrolled = e.created[idx] + 21 * DAY_MS + (h % np.uint64(DAY_MS)).astype(np.int64)
-    return {"screeningNumber": [f"SCR-{i}" for i in ids], "enrollmentDate": fmt_ts(enrolled)}
+    return {"screeningNumber": [f"SCR-{i}" for i in ids], **clinical.subject_fields(m, idx)}
 
 
 def subject_status_scalars(m: DataModel, e: Entity, idx, h, parent):
-    pos = m.position(e, idx, parent)
-    subjects = m.entity("subjects")
-    event = subjects.created[parent] + pos * 14 * 86_400_000 + 9 * 3_600_000
-    n = m.child_count(e.name, parent)
-    status = [SUBJECT_STATUSES[min(p, 3)] for p in pos.tolist()]
-    current = ((pos == n - 1) | (idx >= e.n_base)).tolist()
-    return {"status": status, "eventDate": fmt_ts(event), "isCurrentStatus": current}
+    return clinical.subject_status_fields(m, e, idx, parent)
 
 
 def patient_visit_scalars(m: DataModel, e: Entity, idx, h, parent):
-    """Visits are due every four weeks from the subject's creation, each with a +/- 7-day window
-    around its target date (min <= target <= max, as the protocol's schedule defines them)."""
-    pos = m.position(e, idx, parent)
-    target = m.entity("subjects").created[parent] + (pos * 28 + 28) * DAY_MS \
-        + (h % np.uint64(DAY_MS // 2)).astype(np.int64)
-    return {"sequence": (pos + 1).tolist(), "targetDueDate": fmt_ts(target),
-            "minDueDate": fmt_ts(target - 7 * DAY_MS), "maxDueDate": fmt_ts(target + 7 * DAY_MS)}
+    """The protocol schedule (screening visit, then every study-specific interval from enrollment,
+    min <= target <= max), the status and the visit's appointments (simulator.clinical)."""
+    return clinical.visit_fields(m, e, idx, parent)
 
 
 def visit_element_scalars(m: DataModel, e: Entity, idx, h, parent):
-    pos = m.position(e, idx, parent)
-    return {"sequence": (pos + 1).tolist()}
+    return clinical.element_fields(m, e, idx, parent)
 
 
 def role_scalars(m: DataModel, e: Entity, idx, h, parent):
@@ -241,36 +229,53 @@ def patient_visit_element_refs(m: DataModel, e: Entity, idx, h, parent):
     return {"elementId": [p["id"] for p in prev], "name": [p["name"] for p in prev]}
 
 
-def stipend_refs(m: DataModel, e: Entity, idx, h, parent):
-    pvs = m.entity("patient_visits")
-    subj = m.parent_of(pvs, parent)
-    return {"patientVisitId": (pvs.d.id_base + parent).tolist(),
-            "patientStudyId": (m.entity("subjects").d.id_base + subj).tolist()}
+def stipend_scalars(m: DataModel, e: Entity, idx, h, parent):
+    """A stipend pays its (completed) patient visit after it happened."""
+    return clinical.payment_fields(m, e, idx, parent)
 
 
-def patient_payment_refs(m: DataModel, e: Entity, idx, h, parent):
-    pvs = m.entity("patient_visits")
-    pv = m.pick("patient_visits", h, 12)
-    subj = m.parent_of(pvs, pv)
-    return {"patientVisitId": (pvs.d.id_base + pv).tolist(),
-            "patientStudyId": (m.entity("subjects").d.id_base + subj).tolist()}
+def patient_payment_scalars(m: DataModel, e: Entity, idx, h, parent):
+    """A patient payment pays a completed patient visit of the subject it names."""
+    return clinical.payment_fields(m, e, idx, None)
+
+
+def payment_refs(m: DataModel, e: Entity, idx, h, parent):
+    return {"paymentBy": m.previews("staff", m.pick("staff", h, 19), "StaffPreviewModel")}
+
+
+def appointment_scalars(m: DataModel, e: Entity, idx, h, parent):
+    return clinical.appointment_fields(m, e, idx, parent)
 
 
 def appointment_refs(m: DataModel, e: Entity, idx, h, parent):
-    subj = m.pick("subjects", h, 13)
+    """An appointment belongs to a patient visit (its parent): that visit's subject's study, site and
+    patient, and the study visit (protocol visit definition) the patient visit is an instance of."""
+    pvs = m.entity("patient_visits")
+    subj = m.parent_of(pvs, parent)
     study = _study_of_subject(m, subj)
-    nv = m.child_count("study_visits", study)
-    j = (m.sub(h, 14) % np.maximum(nv, 1).astype(np.uint64)).astype(np.int64)
-    visit = m.child_at("study_visits", study, np.where(nv > 0, j, -1))
-    start = e.created[idx] + (unit(m.sub(h, 15)) * 60 * 86_400_000).astype(np.int64)
-    dur = (1 + (m.sub(h, 16) % np.uint64(4)).astype(np.int64)) * 1_800_000
+    pos = m.position(pvs, parent, subj)
+    visit = _visit_of_patient_visit(m, parent, subj, pos)
     return {
-        "plannedStart": fmt_ts(start), "plannedEnd": fmt_ts(start + dur),
         "study": m.previews("studies", study, "StudyPreviewModel"),
         "site": m.previews("sites", _subject_site(m, subj), "SitePreviewModel"),
         "patient": m.previews("patients", _subject_patient(m, subj), "PatientPreviewModel"),
         "visit": m.previews("study_visits", visit, "VisitPreviewModel"),
     }
+
+
+def element_refs(m: DataModel, e: Entity, idx, h, parent):
+    """An element is done in a room of the network (RoomAssignment type Room, a real room id)."""
+    rooms = m.previews("rooms", m.pick("rooms", h, 21), "RoomPreviewModel")
+    return {"study": m.previews("studies", parent, "StudyPreviewModel"),
+            "roomAssignment": [{"name": r["name"], "type": "Room", "id": r["id"]} if r else None for r in rooms]}
+
+
+def query_refs(m: DataModel, e: Entity, idx, h, parent):
+    return {"study": m.previews("studies", parent, "StudyPreviewModel"), **clinical.query_fields(m, e, idx, parent)}
+
+
+def milestone_scalars(m: DataModel, e: Entity, idx, h, parent):
+    return clinical.milestone_fields(m, e, idx, parent)
 
 
 def _rel_element(m: DataModel, visit: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -451,14 +456,14 @@ ENTITIES: list[EntityDef] = [
     _mk("studies", "StudyViewModel", 157_270, id_base=10_001, ts_field="lastUpdatedOn", created_field="createdOn",
         scalars=study_scalars, refs=study_refs, mutable="status"),
     _mk("subjects", "SubjectViewModel", 88_773, parent="studies", zero_frac=0.85, id_base=300_001,
-        scalars=subject_scalars, refs=subject_refs, mutable="status"),
+        scalars=subject_scalars, refs=subject_refs, mutable="status", timestamps=clinical.subject_timestamps),
     _mk("subject_statuses", "SubjectStatusModel", 119_749, parent="subjects", zero_frac=0.3, id_field=None,
-        scalars=subject_status_scalars, refs=subject_status_refs, mutable="comment",
-        key_fields=("subject", "eventDate", "status")),
+        derived=clinical.subject_status_counts, scalars=subject_status_scalars, refs=subject_status_refs,
+        mutable="comment", key_fields=("subject", "eventDate", "status")),
     _mk("study_visits", "VisitViewModel", parent="studies", derived=study_visit_counts, id_base=500_001,
         scalars=named_scalars("Visit"), refs=study_visit_refs, mutable="description"),
     _mk("elements", "ElementViewModel", 15_836, parent="studies", zero_frac=0.9, parent_mask=_studies_with_subjects,
-        id_base=20_001, scalars=named_scalars("Element"), refs=study_child_refs(), mutable="description"),
+        id_base=20_001, scalars=named_scalars("Element"), refs=element_refs, mutable="description"),
     _mk("visit_element_rels", "VisitElementRelationshipViewModel", parent="study_visits",
         derived=visit_element_rel_counts, id_field=None, refs=visit_element_rel_refs, mutable="element.isRequired",
         insertable=False, key_fields=("visit", "element")),
@@ -469,14 +474,14 @@ ENTITIES: list[EntityDef] = [
     _mk("study_documents", "StudyDocumentViewModel", 30_000, parent="studies", zero_frac=0.8, id_base=720_001,
         refs=pick_refs(type=("document_types", "DocumentTypePreviewModel")), mutable="description"),
     _mk("monitor_queries", "MonitorQueryPreviewModel", 20_000, parent="studies", zero_frac=0.9, id_base=760_001,
-        created_field="createdOn", refs=study_child_refs(), mutable="query"),
+        created_field="createdOn", refs=query_refs, mutable="query", timestamps=clinical.query_timestamps),
     _mk("study_actions", "ActionViewModel", 40_000, parent="studies", zero_frac=0.8, id_base=780_001,
         scalars=named_scalars("Action"),
         refs=pick_refs(category=("action_categories", "ActionCategoryPreviewModel"),
                        assignedTo=("staff", "StaffPreviewModel")), mutable="status"),
     _mk("study_milestones", "StudyMilestoneViewModel", 30_000, parent="studies", zero_frac=0.8, id_base=830_001,
-        scalars=named_scalars("Milestone"), refs=pick_refs(assignedTo=("staff", "StaffPreviewModel")),
-        mutable="status"),
+        scalars=milestone_scalars, refs=pick_refs(assignedTo=("staff", "StaffPreviewModel")),
+        mutable="status", timestamps=clinical.milestone_timestamps),
     _mk("study_notes", "StudyNoteViewModel", 25_000, parent="studies", zero_frac=0.85, id_base=870_001,
         refs=pick_refs(staff=("staff", "StaffPreviewModel"), lastUpdatedStaff=("staff", "StaffPreviewModel")),
         mutable="note"),
@@ -511,13 +516,20 @@ ENTITIES: list[EntityDef] = [
     _patient_child("referral_touches", "ReferralTouchViewModel", 14, 22_001,
                    refs=patient_child_refs(study=("studies", "StudyPreviewModel")), mutable="comment"),
     # -- visits ---------------------------------------------------------------------------------
-    _mk("patient_visits", "PatientVisitPreview", 2_297_271, parent="subjects", zero_frac=0.05, id_base=1_000_001,
-        scalars=patient_visit_scalars, refs=patient_visit_refs, fixed={"appointments": []}, mutable="status"),
+    _mk("patient_visits", "PatientVisitPreview", 2_297_271, parent="subjects", id_base=1_000_001,
+        derived=clinical.patient_visit_counts, scalars=patient_visit_scalars, refs=patient_visit_refs,
+        mutable="status", timestamps=clinical.visit_timestamps),
     _mk("patient_visit_elements", "PatientVisitElementPreview", 2_090_584, parent="patient_visits", zero_frac=0.5,
-        id_base=5_000_001, scalars=visit_element_scalars, refs=patient_visit_element_refs, mutable="completedOn"),
+        id_base=5_000_001, scalars=visit_element_scalars, refs=patient_visit_element_refs, mutable="completedOn",
+        timestamps=clinical.element_timestamps),
     _mk("stipends", "PatientPaymentViewModel", 50_000, parent="patient_visits", zero_frac=0.9, id_base=9_000_001,
-        refs=stipend_refs, mutable="amount"),
-    _mk("appointments", "AppointmentViewModel", 860_893, id_base=2_000_001, refs=appointment_refs, mutable="status"),
+        derived=clinical.stipend_counts, scalars=stipend_scalars, refs=payment_refs, mutable="amount",
+        timestamps=clinical.payment_timestamps),
+    # appointments hang under the patient visit they belong to (the visit embeds their previews);
+    # the uniform model modifies their comment, so those previews never go stale
+    _mk("appointments", "AppointmentViewModel", 860_893, parent="patient_visits", id_base=2_000_001,
+        derived=clinical.appointment_counts, scalars=appointment_scalars, refs=appointment_refs, mutable="comment",
+        timestamps=clinical.appointment_timestamps),
     # -- finance and recruitment -----------------------------------------------------------------
     _mk("action_unit_completions", "ActionUnitCompletionViewModel", 20_000, id_base=1_001,
         refs=pick_refs(reportedBy=("staff", "StaffPreviewModel")), mutable="unitQuantity"),
@@ -531,6 +543,6 @@ ENTITIES: list[EntityDef] = [
     _mk("site_payments", "SitePaymentViewModel", 4_000, id_base=90_001, created_field="createdOn",
         refs=pick_refs(site=("sites", "SitePreviewModel"), approvedBy=("staff", "StaffPreviewModel")),
         mutable="comment"),
-    _mk("patient_payments", "PatientPaymentViewModel", 60_000, id_base=95_001, refs=patient_payment_refs,
-        mutable="amount"),
+    _mk("patient_payments", "PatientPaymentViewModel", 60_000, id_base=95_001, scalars=patient_payment_scalars,
+        refs=payment_refs, mutable="amount", timestamps=clinical.payment_timestamps),
 ]

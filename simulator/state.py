@@ -203,8 +203,7 @@ class SimState:
 
     def _insert(self, e: Entity, rng: np.random.Generator, n: int, parent_id: int | None,
                 stamps: np.ndarray) -> np.ndarray:
-        first = e.n_total
-        new = np.arange(first, first + n, dtype=np.int64)
+        parents = None
         if e.parent is not None:
             p = e.parent
             if parent_id is not None:
@@ -217,7 +216,17 @@ class SimState:
                 if len(plive) == 0:
                     raise MutationError(f"no live {p.name} to attach new {e.name} to")
                 parents = rng.choice(plive, size=n, replace=True)
-            for i, pi in zip(new.tolist(), parents.tolist(), strict=True):
+        return self.insert_at(e, parents, stamps)
+
+    # -- targeted changes (simulator.activity) ------------------------------------------------
+    def insert_at(self, e: Entity, parents: np.ndarray | None, stamps: np.ndarray) -> np.ndarray:
+        """Append ``len(stamps)`` records of ``e`` (under ``parents``, indices) created at ``stamps``."""
+        n = len(stamps)
+        first = e.n_total
+        new = np.arange(first, first + n, dtype=np.int64)
+        if e.parent is not None:
+            assert parents is not None and len(parents) == n
+            for i, pi in zip(new.tolist(), np.asarray(parents, dtype=np.int64).tolist(), strict=True):
                 base = int(e.counts[pi]) if pi < len(e.counts) else 0
                 lst = e.ins_by_parent.setdefault(pi, [])
                 e.ins_pos.append(base + len(lst))
@@ -230,7 +239,33 @@ class SimState:
         e.modified = np.concatenate((e.modified, stamps.astype(np.int64)))
         if e.alive is not None:
             e.alive = np.concatenate((e.alive, np.ones(n, dtype=bool)))
+        if n:
+            e.version += 1
         return new
+
+    def set_fields(self, e: Entity, idx: int, values: dict[str, Any], stamp_ms: int) -> None:
+        """Give record ``idx`` of ``e`` these field values, changed at ``stamp_ms`` (its timestamp moves)."""
+        if values:
+            e.overrides.setdefault(int(idx), {}).update(values)
+        e.modified[idx] = max(int(e.modified[idx]), int(stamp_ms))
+        e.version += 1
+
+    def touch_ancestors(self, e: Entity, idx: np.ndarray, stamp_ms: int) -> None:
+        self._touch_ancestors(e, idx, stamp_ms)
+
+    def realistic(self, *, days: int | None = None, fraction: float | None = None,
+                  touch_parents: bool = False) -> dict[str, Any]:
+        """Days of site activity concentrated on active studies (simulator.activity)."""
+        from simulator.activity import simulate
+
+        if days is not None and (not isinstance(days, int) or days < 1 or days > 3650):
+            raise MutationError("days must be a whole number of days, 1..3650")
+        if fraction is not None and not 0.0 < float(fraction) <= 0.5:
+            raise MutationError(f"fraction is a share of the live records: 0 < fraction <= 0.5, got {fraction}")
+        self.seq += 1
+        out = simulate(self, seq=self.seq, days=days, fraction=fraction, touch_parents=touch_parents)
+        self.log.append({"op": "realistic", "seq": self.seq, "days": out["days"], "changed": out["changed"]})
+        return out
 
 
 def _fraction_count(frac: float, live: int) -> int:

@@ -162,6 +162,13 @@ class SimulatorProcess:
         body = {"entity": entity, "endpoint": endpoint, **changes}
         return self._admin("POST", "/mutate", json={k: v for k, v in body.items() if v is not None}).json()
 
+    def realistic(self, *, days: int | None = None, fraction: float | None = None,
+                  touch_parents: bool = False) -> dict[str, Any]:
+        """Days of realistic site activity (simulator/activity.py): ``days`` of it, or as many as it
+        takes to change ``fraction`` of all live records; returns counts and ids per entity."""
+        body = {"model": "realistic", "days": days, "fraction": fraction, "touch_parents": touch_parents or None}
+        return self._admin("POST", "/mutate", json={k: v for k, v in body.items() if v is not None}).json()
+
     def advance_clock(self, seconds: float) -> str:
         return self._admin("POST", "/clock", json={"advance_seconds": seconds}).json()["clock"]
 

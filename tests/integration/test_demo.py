@@ -161,7 +161,20 @@ def test_demo_end_to_end_then_incremental_then_stop(demo_env: dict[str, str]) ->
         second_s = time.monotonic() - t1
         assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
         assert "TrialSync demo (incremental run): success -- 72 jobs" in second.stdout
-        conn, _ = check_exact(demo_env)  # the restarted simulator (same seed) and Bronze still agree
+        # the night: a day of realistic activity passed in the simulator first, and the summary tells it
+        assert "a night passes at the simulated sites" in second.stdout
+        for title in ("the night in Bronze", "SCD2 versions opened", "how Gold moved"):
+            assert title in second.stdout, title
+        conn, _ = check_exact(demo_env)  # the restarted simulator (same seed + the night) and Bronze agree
+        night = json.loads((Path(demo_env["TRIALSYNC_STATE_DIR"]) / "demo.json").read_text())["nights"]
+        assert len(night) == 1 and night[0]["clock"] == "2025-12-02T00:00:00.000Z"
+        # what the summary says changed in Bronze is what changed: rows touched by the second orchestration
+        started = conn.execute("SELECT started_at FROM etl.dw_orchestrations ORDER BY started_at DESC LIMIT 1").fetchone()[0]
+        changed = conn.execute("SELECT count(*) FROM bronze.dim_patient_visits_staging WHERE updated_at >= %s",
+                               (started,)).fetchone()[0]
+        line = next(ln for ln in second.stdout.splitlines() if "dim_patient_visits_staging" in ln and "│" in ln)
+        cells = [c.strip() for c in line.split("│") if c.strip()]
+        assert changed > 0 and int(cells[1].replace(",", "")) + int(cells[2].replace(",", "")) == changed
         oid2, status2, _, ok2, extracted2, _ = last_orchestration(conn)
         assert oid2 != oid and (status2, ok2) == ("success", 72)
         assert extracted2 < extracted  # incremental: filtered by the watermarks

@@ -85,10 +85,10 @@ def committed(settings, group: str) -> int:
 
 def test_messages_without_transform_work_are_logged_skipped_and_committed(tx, cfg, caplog) -> None:
     caplog.set_level(logging.INFO, logger="trialsync")
-    run_id = new_run(tx, 33)
+    run_id = new_run(tx, 34)
     publish(cfg,
-            finished(run_id, 33, "dim_rooms_staging"),                    # no procedure reads rooms
-            RunStarted(run_id=run_id, job_id=33, target_table="dim_rooms_staging", topic="x",
+            finished(run_id, 34, "dim_schedules_staging"),                # no procedure reads schedules
+            RunStarted(run_id=run_id, job_id=34, target_table="dim_schedules_staging", topic="x",
                        instance_id="cc1").to_bytes(),
             b'{"type": "something_else"}',                               # not a control message
             finished(run_id, 2, "dim_studies_staging", records=0))        # nothing published
@@ -127,8 +127,11 @@ def test_tables_finishing_together_run_each_procedure_once_after_load(tx, cfg) -
     names = [g["procedure_name"] for g in got]
     assert len(names) == len(set(names)), "a procedure ran twice"
     assert names == [
-        "silver.load_dim_studies", "silver.load_dim_subjects", "silver.load_fact_enrollment", "silver.load_fact_visit_timelines", "silver.load_fact_element_completions",
-        "silver.load_fact_study_performance", "gold.refresh_mv_study_performance_metrics"]
+        "silver.load_dim_studies", "silver.load_dim_subjects", "silver.load_fact_enrollment",
+        "silver.load_fact_visit_timelines", "silver.load_fact_element_completions", "silver.load_fact_appointments",
+        "silver.load_fact_monitor_queries", "silver.load_fact_study_milestones", "silver.load_fact_patient_payments",
+        "silver.load_fact_study_performance", "gold.advance_data_clock", "gold.refresh_mv_study_performance_metrics",
+        "gold.refresh_mv_visit_compliance"]
     assert {g["status"] for g in got} == {"success"} and {g["trigger"] for g in got} == {"control"}
     assert all(sorted(g["trigger_run_ids"]) == sorted(r for _, r in runs.values()) for g in got)
     assert scalar(tx, "SELECT count(*) FROM silver.fact_visit_timelines") == 4

@@ -102,33 +102,45 @@ def test_facts_reconcile_with_bronze_counts(tx) -> None:
 def test_gold_views_equal_handwritten_sql_over_bronze(tx) -> None:
     seed_small(tx, studies=3, subjects_per_study=5)
     load(tx, "dim_sponsors_staging", [sponsor(1, name="Acme Pharma")])
-    # a completed visit without an appointment (the simulator's previews never carry one) still counts
+    # a completed visit without a completed appointment still counts (on its due day)
     load(tx, "dim_patient_visits_staging", [visit(7777, 2, 1, status="Completed")], params={"studyId": 1, "subjectId": 2})
     transform_all(tx)
 
-    # hand-written over Bronze: subjects per study and funnel stage
+    # hand-written over Bronze: subjects per study and funnel stage, from the status history and the
+    # current status (the CC model: a stage is reached once, ranks Prescreened 1 .. Completed 5)
     expected = {r["study"]: r for r in rows(tx, """
-        SELECT 'cc1:' || (s.data->'study'->>'id') AS study,
-               count(*) AS total,
-               count(*) FILTER (WHERE s.data->>'status' = 'Randomized'
-                                 OR EXISTS (SELECT 1 FROM bronze.dim_subject_statuses_staging e
-                                             WHERE e.data->'subject'->>'Id' = s.data->>'id'
-                                               AND e.data->>'status' = 'Randomized')) AS randomized,
-               count(*) FILTER (WHERE s.data->>'status' = 'ScreenFailed') AS screen_failed,
-               count(*) FILTER (WHERE s.data->>'status' = 'Dropped') AS dropped,
-               count(*) FILTER (WHERE s.data->>'status' = 'Completed') AS completed,
-               count(*) FILTER (WHERE s.data->>'enrollmentDate' IS NOT NULL
-                                 OR s.data->>'status' IN ('Randomized', 'RunIn', 'FollowUp', 'Completed')) AS enrolled,
-               min((s.data->>'enrollmentDate')::timestamptz::date) AS first_enrollment
-          FROM bronze.dim_subjects_staging s WHERE NOT s.is_deleted GROUP BY 1""")}
+        WITH rk(status, r) AS (VALUES ('Prescreened', 1), ('NonQualified', 1), ('Screened', 2), ('ScreenFailed', 2),
+                                      ('RunIn', 3), ('RunInFailed', 3), ('Dropped', 3), ('Randomized', 4),
+                                      ('FollowUp', 4), ('Completed', 5)),
+             ev AS (SELECT e.data->'subject'->>'Id' AS subj, e.data->>'status' AS status, rk.r,
+                           (e.data->>'eventDate')::timestamptz::date AS d
+                      FROM bronze.dim_subject_statuses_staging e JOIN rk ON rk.status = e.data->>'status'
+                     WHERE NOT e.is_deleted),
+             s AS (SELECT s.data->'study'->>'id' AS study, s.data->>'status' AS status,
+                          greatest(coalesce((SELECT max(ev.r) FROM ev WHERE ev.subj = s.data->>'id'), 0),
+                                   coalesce((SELECT rk.r FROM rk WHERE rk.status = s.data->>'status'), 0)) AS stage,
+                          coalesce((SELECT min(ev.d) FROM ev WHERE ev.subj = s.data->>'id' AND ev.r >= 3),
+                                   (s.data->>'enrollmentDate')::timestamptz::date) AS enrolled_on,
+                          EXISTS (SELECT 1 FROM ev WHERE ev.subj = s.data->>'id' AND ev.status = 'Dropped') AS dropped_ever,
+                          EXISTS (SELECT 1 FROM ev WHERE ev.subj = s.data->>'id' AND ev.status = 'ScreenFailed') AS failed_ever
+                     FROM bronze.dim_subjects_staging s WHERE NOT s.is_deleted)
+        SELECT 'cc1:' || study AS study, count(*) AS total,
+               count(*) FILTER (WHERE stage >= 4) AS randomized,
+               count(*) FILTER (WHERE failed_ever OR status = 'ScreenFailed') AS screen_failed,
+               count(*) FILTER (WHERE dropped_ever OR status = 'Dropped') AS dropped,
+               count(*) FILTER (WHERE stage = 5) AS completed,
+               count(*) FILTER (WHERE stage >= 3) AS enrolled,
+               count(*) FILTER (WHERE status IN ('RunIn', 'Randomized', 'FollowUp')) AS active,
+               min(enrolled_on) FILTER (WHERE stage >= 3) AS first_enrollment
+          FROM s GROUP BY 1""")}
     got = {r["study_source_id"]: r for r in rows(tx, "SELECT * FROM gold.v_study_enrollment_summary")}
     assert set(got) == set(expected) == {"cc1:1", "cc1:2", "cc1:3"}
     for sid, e in expected.items():
         g = got[sid]
         assert (g["total_subjects"], g["randomized"], g["screen_failed"], g["dropped"], g["completed"],
-                g["enrolled"], g["first_enrollment_date"]) == (
+                g["enrolled"], g["active_subjects"], g["first_enrollment_date"]) == (
             e["total"], e["randomized"], e["screen_failed"], e["dropped"], e["completed"], e["enrolled"],
-            e["first_enrollment"]), sid
+            e["active"], e["first_enrollment"]), sid
         assert g["sponsor_name"] == "Acme Pharma" and g["managing_site_name"] == "Site 1"
 
     expected_status = {(r["study"], r["status"]): r["n"] for r in rows(tx, """

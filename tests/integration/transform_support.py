@@ -103,11 +103,18 @@ def fixture_tx(tx_dsn: str) -> Iterator[psycopg.Connection]:
 
 
 SILVER_TABLES = ("dim_sites", "dim_sponsors", "dim_staff", "dim_patients", "dim_studies", "dim_subjects",
-                 "fact_enrollment", "fact_visit_timelines", "fact_element_completions", "fact_study_performance")
+                 "dim_study_visits", "dim_elements", "dim_rooms", "dim_monitors", "dim_study_arms",
+                 "dim_study_staff_assignments", "fact_enrollment", "fact_visit_timelines", "fact_element_completions",
+                 "fact_study_performance", "fact_appointments", "fact_monitor_queries", "fact_study_milestones",
+                 "fact_patient_payments", "bridge_visit_appointments")
 BRONZE_TABLES = ("dim_sites_staging", "dim_sponsors_staging", "dim_staff_staging", "dim_patients_staging",
                  "dim_studies_staging", "dim_subjects_staging", "dim_subject_statuses_staging",
                  "dim_patient_visits_staging", "dim_patient_visit_elements_staging", "dim_visit_elements_staging",
-                 "dim_system_study_statuses_staging")
+                 "dim_system_study_statuses_staging", "dim_visits_staging", "dim_elements_staging", "dim_rooms_staging",
+                 "dim_monitors_staging", "dim_study_arms_staging", "dim_study_visit_arms_staging",
+                 "dim_study_personnel_staging", "dim_appointments_staging", "dim_queries_staging",
+                 "fact_study_milestones_staging", "dim_patient_visit_stipends_staging", "dim_patient_payments_staging")
+GOLD_MVS = ("mv_study_performance_metrics", "mv_visit_compliance")
 
 
 def reset_warehouse(conn: psycopg.Connection) -> None:
@@ -115,8 +122,10 @@ def reset_warehouse(conn: psycopg.Connection) -> None:
     conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY").format(sql.SQL(", ").join(
         [sql.Identifier("silver", t) for t in SILVER_TABLES] + [sql.Identifier("bronze", t) for t in BRONZE_TABLES]
         + [sql.Identifier("etl", t) for t in ("dw_transform_watermarks", "dw_transform_runs", "dw_quality_results",
-                                              "dw_transform_dirty_study_days")])))
-    conn.execute("REFRESH MATERIALIZED VIEW gold.mv_study_performance_metrics")
+                                              "dw_transform_dirty_study_days", "dw_transform_changes",
+                                              "dw_data_clock")])))
+    for mv in GOLD_MVS:
+        conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(sql.Identifier("gold", mv)))
 
 
 # -- Bronze writes, loader style ---------------------------------------------------------------------
@@ -241,7 +250,8 @@ def visit(i: int, subject_id: int, study_id: int, *, status: str = "Pending", ta
     return {"id": i, "uid": f"pv-{i}", "sequence": 1, "visitId": 100 + i % 5, "visitName": f"Visit {i % 5}",
             "mandatory": True, "status": status, "targetDueDate": ts(target),
             "minDueDate": ts(min_due) if min_due else None, "maxDueDate": ts(max_due) if max_due else None,
-            "appointments": [{"id": i, "status": "Scheduled", "scheduledStart": ts(appointment, "09:00:00")}]
+            "appointments": [{"id": i, "status": "Completed" if status == "Completed" else "Pending",
+                              "scheduledStart": ts(appointment, "09:00:00")}]
             if appointment else [],
             "study": {"id": study_id, "name": f"Study {study_id}"}, "subject": {"Id": subject_id},
             "modifiedDate": ts("2025-03-01"), **kw}
@@ -255,11 +265,34 @@ def element(i: int, *, completed: str | None, element_id: int = 7, duration: int
 
 def seed_small(conn: psycopg.Connection, *, studies: int = 2, subjects_per_study: int = 3) -> None:
     """A small consistent warehouse: sites, sponsor, staff, studies, patients, subjects with status
-    history, one visit per subject (completed for the first), one completed element per visit."""
+    history, one visit per subject (completed for the first, with its completed appointment and a
+    stipend), one completed element per visit; and per study its protocol visits, an arm, a role
+    holder, an open and a closed query, a completed and a pending milestone; rooms, a monitor, an
+    element definition and one patient payment."""
     load(conn, "dim_sites_staging", [site(1), site(2)])
     load(conn, "dim_sponsors_staging", [sponsor(1)])
     load(conn, "dim_staff_staging", [staff(1)])
     load(conn, "dim_studies_staging", [study(s) for s in range(1, studies + 1)])
+    load(conn, "dim_rooms_staging", [room(1, 1), room(2, 1), room(3, 2, conference=True)])
+    load(conn, "dim_monitors_staging", [{"id": 1, "firstName": "Mo", "lastName": "Nitor", "displayName": "Mo Nitor",
+                                          "modifiedDate": ts("2024-01-01")}])
+    load(conn, "dim_elements_staging", [{"id": 7, "uid": "el-7", "study": {"id": 1}, "name": "Element 7",
+                                          "standardTimeMinutes": 15, "roomAssignment": {"type": "Room", "id": 1},
+                                          "modifiedDate": ts("2024-01-01")}])
+    load(conn, "dim_visits_staging", [{"id": 100 + k, "uid": f"v-{k}", "study": {"id": 1}, "name": f"Visit {k}",
+                                        "isActive": True, "arms": [], "modifiedDate": ts("2024-01-01")}
+                                       for k in range(5)], params={"studyId": 1})
+    for s in range(1, studies + 1):
+        load(conn, "dim_study_arms_staging", [arm(s * 10, name="Arm A")], key=lambda r, s=s: f"{s}|{r['Id']}",
+             params={"studyId": s})
+        load(conn, "dim_study_personnel_staging", [personnel(1, staff_id=1)],
+             key=lambda r, s=s: f"{s}|{r['Role']['Id']}", params={"studyId": s})
+        load(conn, "dim_queries_staging", [query(9000 + 2 * s, s, opened="2025-02-01"),
+                                            query(9001 + 2 * s, s, opened="2025-01-01", closed="2025-01-20")],
+             params={"studyId": s})
+        load(conn, "fact_study_milestones_staging", [milestone(8000 + 2 * s, projected="2025-01-10", done="2025-01-15"),
+                                                      milestone(8001 + 2 * s, projected="2025-06-01")],
+             params={"studyId": s})
     subj_id = 0
     for s in range(1, studies + 1):
         for j in range(subjects_per_study):
@@ -282,3 +315,50 @@ def seed_small(conn: psycopg.Connection, *, studies: int = 2, subjects_per_study
             if j == 0:
                 load(conn, "dim_patient_visit_elements_staging", [element(5000 + subj_id, completed=ts("2025-03-12", "10:00:00"))],
                      params={"patientVisitId": vid})
+                load(conn, "dim_appointments_staging", [appointment(vid, s, 1 + subj_id % 2, subj_id, 100 + vid % 5,
+                                                                    "2025-03-12")])
+                load(conn, "dim_patient_visit_stipends_staging", [payment(7000 + subj_id, vid, subj_id, "2025-03-13")],
+                     params={"patientVisitId": vid})
+    load(conn, "dim_patient_payments_staging", [payment(7900, 1001, 1, "2025-03-20", kind="Travel")])
+
+
+def room(i: int, site_id: int, *, conference: bool = False, **kw: Any) -> dict[str, Any]:
+    return {"id": i, "name": f"Room {i}", "site": {"id": site_id, "name": f"Site {site_id}"}, "active": True,
+            "isConferenceRoom": conference, "isTreatmentRoom": not conference, "status": "Open",
+            "modifiedDate": ts("2024-01-01"), **kw}
+
+
+def arm(i: int, **kw: Any) -> dict[str, Any]:
+    return {"Id": i, "Uid": f"arm-{i}", "Name": f"Arm {i}", "createdDate": ts("2024-01-01"),
+            "modifiedDate": ts("2024-02-01"), **kw}
+
+
+def personnel(role_id: int, *, staff_id: int, modified: str = "2024-02-01") -> dict[str, Any]:
+    return {"Role": {"Id": role_id, "RoleName": "Principal Investigator", "Coordinator": True},
+            "Staff": [{"Id": staff_id, "FullName": f"Dr {staff_id}", "Priority": 1}],
+            "createdDate": ts("2024-01-01"), "modifiedDate": ts(modified)}
+
+
+def appointment(i: int, study_id: int, site_id: int, patient_id: int, visit_id: int, day: str, *,
+                status: str = "Completed", **kw: Any) -> dict[str, Any]:
+    return {"id": i, "status": status, "plannedStart": ts(day, "09:00:00"), "plannedEnd": ts(day, "10:00:00"),
+            "study": {"id": study_id}, "site": {"id": site_id}, "patient": {"id": patient_id},
+            "visit": {"id": visit_id}, "modifiedDate": ts(day, "12:00:00"), **kw}
+
+
+def query(i: int, study_id: int, *, opened: str, closed: str | None = None, **kw: Any) -> dict[str, Any]:
+    st = {"queryStatus": "Resolved" if closed else "New", "isConsideredOpen": closed is None}
+    return {"id": i, "study": {"id": study_id}, "status": st, "createdOn": ts(opened),
+            "closedOn": ts(closed) if closed else None, "assignedToMonitor": {"id": 1},
+            "requestedByStaff": {"id": 1}, "query": "free text", "modifiedDate": ts(closed or opened), **kw}
+
+
+def milestone(i: int, *, projected: str, done: str | None = None, **kw: Any) -> dict[str, Any]:
+    return {"id": i, "name": f"Milestone {i}", "projectedDate": ts(projected), "completedOn": ts(done) if done else None,
+            "status": "Completed" if done else "In Progress", "assignedTo": {"id": 1},
+            "modifiedDate": ts(done or "2025-01-01"), **kw}
+
+
+def payment(i: int, visit_id: int, subject_id: int, day: str, *, kind: str = "Visit", **kw: Any) -> dict[str, Any]:
+    return {"id": i, "patientVisitId": visit_id, "patientStudyId": subject_id, "amount": 50.0, "stipendType": kind,
+            "paymentMethod": "Check", "paymentOn": ts(day), "modifiedDate": ts(day), **kw}

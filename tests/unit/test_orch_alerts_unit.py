@@ -49,4 +49,11 @@ def test_demo_remembers_its_data_set(tmp_path) -> None:  # type: ignore[no-untyp
 
     assert _remember_dataset(tmp_path, 0.01, 42) is None
     assert _remember_dataset(tmp_path, 0.01, 42) is None
+    # the simulated nights belong to the data set: kept while it stays, dropped when it changes
+    import json
+
+    f = tmp_path / "demo.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "nights": [{"days": 1}]}))
+    assert _remember_dataset(tmp_path, 0.01, 42) is None and json.loads(f.read_text())["nights"] == [{"days": 1}]
     assert _remember_dataset(tmp_path, 0.05, 42) == {"scale": 0.01, "seed": 42}
+    assert json.loads(f.read_text())["nights"] == []

@@ -158,7 +158,8 @@ def test_values_are_plausible_where_the_warehouse_checks_them():
     screened = {s["subject"]["id"] if "subject" in s else None: s["eventDate"]
                 for s in _all(m, "subject_statuses") if s["status"] == "Screened"}
     subjects = _all(m, "subjects")
-    checked = [s for s in subjects if s["id"] in screened]
+    # only subjects that reached enrollment carry enrollmentDate (simulator/clinical.py)
+    checked = [s for s in subjects if s["id"] in screened and s["enrollmentDate"]]
     assert checked and all(screened[s["id"]] < s["enrollmentDate"] for s in checked)
     configured = {s["name"] for s in _all(m, "study_statuses")}
     assert len(configured) == 15 and {s["status"] for s in _all(m, "studies")} <= configured

@@ -112,7 +112,7 @@ def _start(j: JobRow) -> datetime | None:
 def _levels(job_ids: list[int]) -> dict[int, int]:
     """Dependency level of each job within this run (0 = no parent in the run); {} if the catalog fails."""
     try:
-        from orchestrator.catalog import load_catalog
+        from common.catalog import load_catalog
         from orchestrator.dag import build_plan
 
         cat = load_catalog()

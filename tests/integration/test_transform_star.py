@@ -16,9 +16,9 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from orchestrator.catalog import load_catalog
 
 from common import config
+from common.catalog import load_catalog
 from common.config import Settings
 from consumers.transform_runner import ProcedureRunner
 from consumers.transform_settings import load_transform_settings

@@ -18,8 +18,8 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from common.config import Settings, get_settings
-from common.stack import database_dsn
+from common.config import READER_LOGIN, WRITER_LOGIN, Settings, get_settings
+from common.stack import database_dsn, embedded_passwords
 from schemas.jobs import check_identifier
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -150,7 +150,7 @@ def migrate(settings: Settings | None = None, directory: Path = MIGRATIONS_DIR) 
     checksum, so an edited migration is reported instead of silently skipped). A missing privilege
     is one line naming it (``describe_privilege_error``), not a traceback.
     """
-    from common.logins import describe_privilege_error, passwords_to_provision, provision_logins
+    from common.logins import describe_privilege_error, provision_logins
 
     s = settings or get_settings()
     migrations = discover_migrations(directory)
@@ -219,3 +219,17 @@ def ensure_staging_tables(conn: psycopg.Connection, tables: list[str]) -> list[s
         if row and row[0]:
             created.append(t)
     return created
+
+
+def passwords_to_provision(settings: Settings) -> dict[str, str]:
+    """The logins ``db migrate`` should set up: both for the embedded stack (its generated
+    passwords), else those whose password is configured."""
+    if settings.uses_embedded_database:
+        pw = embedded_passwords(settings)
+        return {WRITER_LOGIN: pw[WRITER_LOGIN], READER_LOGIN: pw[READER_LOGIN]}
+    out = {}
+    if settings.database_writer_password is not None:
+        out[WRITER_LOGIN] = settings.database_writer_password.get_secret_value()
+    if settings.database_reader_password is not None:
+        out[READER_LOGIN] = settings.database_reader_password.get_secret_value()
+    return out

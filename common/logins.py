@@ -28,7 +28,7 @@ import re
 import psycopg
 from psycopg import sql
 
-from common.config import READER_LOGIN, WRITER_LOGIN, Settings
+from common.config import READER_LOGIN, WRITER_LOGIN
 
 ETL_ROLE = "trialsync_etl"
 ANALYTICS_ROLE = "trialsync_analytics"
@@ -85,22 +85,6 @@ def provision_logins(conn: psycopg.Connection, passwords: dict[str, str], update
         for g in sorted(groups):
             conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(g), sql.Identifier(login)))
     return created
-
-
-def passwords_to_provision(settings: Settings) -> dict[str, str]:
-    """The logins ``db migrate`` should set up: both for the embedded stack (its generated
-    passwords), else those whose password is configured."""
-    if settings.uses_embedded_database:
-        from common.stack import embedded_passwords
-
-        pw = embedded_passwords(settings)
-        return {WRITER_LOGIN: pw[WRITER_LOGIN], READER_LOGIN: pw[READER_LOGIN]}
-    out = {}
-    if settings.database_writer_password is not None:
-        out[WRITER_LOGIN] = settings.database_writer_password.get_secret_value()
-    if settings.database_reader_password is not None:
-        out[READER_LOGIN] = settings.database_reader_password.get_secret_value()
-    return out
 
 
 _DENIED = [

@@ -33,16 +33,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from simulator import clinical as c
 from simulator.clinical import DAY, HOUR, MINUTE
 from simulator.data import Entity, fmt_ts, key_of
-
-if TYPE_CHECKING:
-    from simulator.state import SimState
+from simulator.state import MutationError, SimState
 
 ACTIVE_STUDY_STATUSES = ("Active", "Enrolling")
 #: per subject and day: (chance of a status change, chance that the change is the exit)
@@ -460,3 +458,16 @@ def simulate(state: SimState, *, seq: int, days: int | None, fraction: float | N
     return {"model": "realistic", "seq": seq, "clock": state.clock_iso, "days": n, "changed": changed,
             "live": int(live_total), "share": round(changed / live_total, 6) if live_total else 0.0,
             "touch_parents": touch_parents, **out}
+
+
+def realistic(state: SimState, *, days: int | None = None, fraction: float | None = None,
+              touch_parents: bool = False) -> dict[str, Any]:
+    """Days of site activity concentrated on active studies, applied to ``state`` (logged there)."""
+    if days is not None and (not isinstance(days, int) or days < 1 or days > 3650):
+        raise MutationError("days must be a whole number of days, 1..3650")
+    if fraction is not None and not 0.0 < float(fraction) <= 0.5:
+        raise MutationError(f"fraction is a share of the live records: 0 < fraction <= 0.5, got {fraction}")
+    state.seq += 1
+    out = simulate(state, seq=state.seq, days=days, fraction=fraction, touch_parents=touch_parents)
+    state.log.append({"op": "realistic", "seq": state.seq, "days": out["days"], "changed": out["changed"]})
+    return out

@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import orjson
 
+from simulator.activity import realistic
 from simulator.asgi import send_bytes, send_error
 from simulator.faults import FaultSpecError, parse_faults, rules_from_json
 from simulator.spec import PLACEHOLDER_ENTITY, Route
@@ -162,7 +163,7 @@ def _mutate(sim: Simulator, params: dict[str, str], body: dict[str, Any]) -> dic
         if unknown:
             raise ValueError(f"the realistic model takes {sorted(_REALISTIC_KEYS)}, not {sorted(unknown)} "
                              "(it picks the records itself: days of activity on active studies)")
-        return sim.state.realistic(days=body.get("days"), fraction=body.get("fraction"),
+        return realistic(sim.state, days=body.get("days"), fraction=body.get("fraction"),
                                    touch_parents=bool(body.get("touch_parents")))
     unknown = set(body) - _MUTATE_KEYS
     if unknown:

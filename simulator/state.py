@@ -253,20 +253,6 @@ class SimState:
     def touch_ancestors(self, e: Entity, idx: np.ndarray, stamp_ms: int) -> None:
         self._touch_ancestors(e, idx, stamp_ms)
 
-    def realistic(self, *, days: int | None = None, fraction: float | None = None,
-                  touch_parents: bool = False) -> dict[str, Any]:
-        """Days of site activity concentrated on active studies (simulator.activity)."""
-        from simulator.activity import simulate
-
-        if days is not None and (not isinstance(days, int) or days < 1 or days > 3650):
-            raise MutationError("days must be a whole number of days, 1..3650")
-        if fraction is not None and not 0.0 < float(fraction) <= 0.5:
-            raise MutationError(f"fraction is a share of the live records: 0 < fraction <= 0.5, got {fraction}")
-        self.seq += 1
-        out = simulate(self, seq=self.seq, days=days, fraction=fraction, touch_parents=touch_parents)
-        self.log.append({"op": "realistic", "seq": self.seq, "days": out["days"], "changed": out["changed"]})
-        return out
-
 
 def _fraction_count(frac: float, live: int) -> int:
     if frac <= 0 or live == 0:

@@ -8,7 +8,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from simulator.activity import ACTIVE_STUDY_STATUSES
+from simulator.activity import ACTIVE_STUDY_STATUSES, realistic
 from simulator.data import CLOCK_START_MS, DataModel
 from simulator.model import ENTITIES
 from simulator.spec import definitions
@@ -27,7 +27,7 @@ def _all(m: DataModel, name: str) -> list[dict]:
 
 def test_same_seed_same_days_other_seed_other_days() -> None:
     a, b, c = _state(), _state(), _state(seed=7)
-    ra, rb, rc = (s.realistic(days=3) for s in (a, b, c))
+    ra, rb, rc = (realistic(s, days=3) for s in (a, b, c))
     assert ra == rb and ra["counts"] != rc["counts"]
     assert _all(a.model, "patient_visits") == _all(b.model, "patient_visits")
     assert ra["days"] == 3 and ra["clock"] == "2025-12-04T00:00:00.000Z" and a.clock_ms == CLOCK_START_MS + 3 * 86_400_000
@@ -38,7 +38,7 @@ def test_changes_fall_on_active_studies_and_recent_records_only() -> None:
     m = st.model
     before = {n: m.entity(n).modified.copy() for n in ("studies", "subjects", "patient_visits", "appointments",
                                                        "monitor_queries", "study_milestones")}
-    res = st.realistic(days=5)
+    res = realistic(st, days=5)
     assert res["changed"] > 0
     for kind in ("patient_visits", "subjects", "subject_statuses", "appointments"):
         assert sum(res["counts"].get(kind, {}).values()) > 0, kind
@@ -65,7 +65,7 @@ def test_changes_fall_on_active_studies_and_recent_records_only() -> None:
 
 def test_the_cc_model_still_holds_after_the_activity() -> None:
     st = _state()
-    st.realistic(days=20)
+    realistic(st, days=20)
     m = st.model
     subjects = {s["id"]: s for s in _all(m, "subjects")}
     history: dict[int, list[dict]] = defaultdict(list)
@@ -93,15 +93,15 @@ def test_the_cc_model_still_holds_after_the_activity() -> None:
 def test_touch_parents_moves_the_ancestors_of_what_changed() -> None:
     st = _state()
     studies = st.model.entity("studies").modified.copy()
-    res = st.realistic(days=2, touch_parents=True)
+    res = realistic(st, days=2, touch_parents=True)
     moved = np.nonzero(st.model.entity("studies").modified[:len(studies)] != studies)[0]
     assert len(moved) and set((st.model.entity("studies").d.id_base + moved).tolist()) <= set(res["studies"])
 
 
 def test_fraction_runs_days_until_that_share_changed_and_arguments_are_checked() -> None:
     st = _state()
-    res = st.realistic(fraction=0.005)
+    res = realistic(st, fraction=0.005)
     assert res["share"] >= 0.005 and res["days"] >= 1
     for bad in ({"days": 0}, {"fraction": 0.9}, {"days": 1.5}):
         with pytest.raises(MutationError):
-            st.realistic(**bad)  # type: ignore[arg-type]
+            realistic(st, **bad)  # type: ignore[arg-type]

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from common import kafka as ck
 from common.config import Settings, get_settings
-from common.db import connect
+from common.db import DatabaseError, connect
 from common.logging import get_logger
 from common.metrics import BACKOFF, start_metrics_server
 from consumers.transform_runner import BatchResult, ProcedureRunner
@@ -236,7 +236,7 @@ class Transformer:
             return
         try:
             got = self.runs_loaded(self._conn(), sorted({r.run_id for r in waiting}))
-        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+        except (psycopg.OperationalError, psycopg.InterfaceError, DatabaseError) as e:
             BACKOFF.labels("transformer", "postgres").inc()
             log.warning("load_check_failed", error=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
             self._db = None
@@ -355,7 +355,8 @@ class Transformer:
             while not self.stop_event.is_set():
                 try:
                     self.step()
-                except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+                except (psycopg.OperationalError, psycopg.InterfaceError, DatabaseError) as e:
+                    # DatabaseError: a (re)connect found the server down -- restarting, failing over
                     BACKOFF.labels("transformer", "postgres").inc()
                     log.warning("database_unavailable", error=str(e).strip().splitlines()[0])
                     self.stop_event.wait(5)

@@ -53,7 +53,12 @@ class PrivateStack:
         return stack.read_state(Settings(trialsync_state_dir=self.dir))
 
     def dsn(self, db: str = "trialsync") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.state().pg_port}/{db}"
+        """The superuser's DSN (its password lives in this stack's state directory)."""
+        from common import stack
+        from common.config import Settings
+
+        return stack.database_dsn(Settings(trialsync_state_dir=self.dir, database_url=None, database_host=None),
+                                  dbname=db, login="admin")
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

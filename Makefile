@@ -42,6 +42,7 @@ test-all: test test-heavy
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 stack-up: install
 	$(BIN)/trialsync stack up

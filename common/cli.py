@@ -315,12 +315,12 @@ def usage_error_line(e: BaseException) -> tuple[str, int] | None:
         names: list[str] = []
         cmd = getattr(ctx, "command", None)
         with_commands = getattr(cmd, "list_commands", None)
-        if with_commands is not None:
+        if cmd is not None and with_commands is not None:
             names = [n for n in with_commands(ctx) if not getattr(cmd.get_command(ctx, n), "hidden", False)]
         what = f": one of {', '.join(names)}" if names else ""
         return f"{path}: missing command{what} (`{path} --help` explains each)", 2
     try:
-        message = e.format_message()  # type: ignore[attr-defined]
+        message = e.format_message()  # type: ignore[attr-defined]  # a ClickException (typer's vendored or click's): isinstance on a runtime tuple does not narrow
     except Exception:  # noqa: BLE001 - fall back to the plain text
         message = str(e)
     message = " ".join(message.split())  # one line, whatever click put in it

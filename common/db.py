@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import Params, QueryNoTemplate
 from psycopg_pool import ConnectionPool
 
 from common.config import READER_LOGIN, WRITER_LOGIN, Settings, get_settings
@@ -50,6 +52,15 @@ def staging_table(name: str) -> sql.Composed:
 
 def qualified(schema: str, name: str) -> sql.Composed:
     return sql.SQL("{}.{}").format(ident(schema, "schema name"), ident(name, "table name"))
+
+
+def scalar(conn: psycopg.Connection[Any], query: QueryNoTemplate, params: Params | None = None) -> Any:
+    """The first column of the one row ``query`` answers: ``count(*)``, ``now()``,
+    ``to_regclass(...)``, a function call. Such a query always answers a row, so a missing one is a
+    bug and fails here, by name, rather than as ``'NoneType' object is not subscriptable``."""
+    row = conn.execute(query, params).fetchone()
+    assert row is not None, "a single-row query answered no row"
+    return row[0]
 
 
 def dsn(settings: Settings | None = None, login: str = "writer") -> str:
@@ -180,7 +191,7 @@ def migrate(settings: Settings | None = None, directory: Path = MIGRATIONS_DIR) 
                         continue
                     step = f"migration {m.path.name} failed"
                     with conn.transaction():
-                        conn.execute(m.path.read_text(encoding="utf-8"))  # type: ignore[arg-type]  # trusted repo file
+                        conn.execute(m.path.read_text(encoding="utf-8"))  # trusted: a file of this repository
                         conn.execute(
                             "INSERT INTO etl.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
                             (m.version, m.name, m.checksum),
@@ -203,7 +214,7 @@ def migrate(settings: Settings | None = None, directory: Path = MIGRATIONS_DIR) 
 def migration_status(settings: Settings | None = None) -> list[tuple[Migration, bool]]:
     migrations = discover_migrations()
     with connect(settings, autocommit=True) as conn:
-        exists = conn.execute("SELECT to_regclass('etl.schema_migrations')").fetchone()[0]  # type: ignore[index]
+        exists = scalar(conn, "SELECT to_regclass('etl.schema_migrations')")
         done = set()
         if exists:
             done = {v for (v,) in conn.execute("SELECT version FROM etl.schema_migrations")}

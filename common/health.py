@@ -32,18 +32,19 @@ def _short(e: BaseException) -> str:
 def cached(check: ReadinessCheck, ttl: float = 2.0) -> ReadinessCheck:
     """Remember a check's answer for ``ttl`` seconds (thread-safe; one probe at a time)."""
     lock = threading.Lock()
-    state: dict[str, object] = {"at": 0.0, "value": (False, "not checked yet")}
+    at, last = 0.0, (False, "not checked yet")
 
     def run() -> tuple[bool, str]:
+        nonlocal at, last
         with lock:
             now = time.monotonic()
-            if now - float(state["at"]) < ttl:  # type: ignore[arg-type]
-                return state["value"]  # type: ignore[return-value]
+            if now - at < ttl:
+                return last
             try:
                 value = check()
             except Exception as e:  # noqa: BLE001 - a failing probe is a not-ready answer
                 value = (False, f"{type(e).__name__}: {_short(e)}")
-            state["at"], state["value"] = time.monotonic(), value
+            at, last = time.monotonic(), value
             return value
 
     return run

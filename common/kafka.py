@@ -217,8 +217,9 @@ def describe_broker_error(e: Exception, settings: Settings | None = None) -> str
         where = "(not configured)"
     detail = str(e)
     err = e.args[0] if e.args else None
-    if hasattr(err, "str") and callable(err.str):
-        detail = err.str()
+    text_of = getattr(err, "str", None)  # a KafkaError's own text
+    if callable(text_of):
+        detail = text_of()
     try:
         wait = f" within {(settings or get_settings()).kafka_connect_timeout_seconds:g} s"
     except Exception:  # noqa: BLE001
@@ -238,9 +239,10 @@ class RdkafkaLog(logging.Logger):
         super().__init__(name)
         self.every = every
         self._seen: dict[str, tuple[float, int]] = {}
-        self._log = get_logger("librdkafka")
+        # not ``self._log``: that is logging.Logger's own method, which debug()/info()/... call
+        self._events = get_logger("librdkafka")
 
-    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
         text = (str(msg) % args) if args else str(msg)
         sig = re.sub(r"\d+", "#", text)
         now = time.monotonic()
@@ -252,5 +254,5 @@ class RdkafkaLog(logging.Logger):
         if len(self._seen) > 500:
             self._seen.clear()
         event = "librdkafka_error" if level >= logging.ERROR else "librdkafka_log"
-        (self._log.warning if level >= logging.WARNING else self._log.info)(
+        (self._events.warning if level >= logging.WARNING else self._events.info)(
             event, message=text[:500], **({"suppressed_since_last": suppressed} if suppressed else {}))

@@ -107,7 +107,9 @@ def database_dsn(settings: Settings | None = None, dbname: str = PG_DATABASE, lo
     external database falls back to the writer's login."""
     s = settings or get_settings()
     if not s.uses_embedded_database:
-        return s.explicit_login_dsn(login) or s.explicit_login_dsn("writer")  # type: ignore[return-value]
+        explicit = s.explicit_login_dsn(login) or s.explicit_login_dsn("writer")
+        assert explicit is not None  # not embedded: DATABASE_URL or DATABASE_HOST is set
+        return explicit
     st = read_state(s)
     if not st.pg_port:
         raise StackError(
@@ -352,8 +354,8 @@ def start_postgres(settings: Settings | None = None, st: StackState | None = Non
     if state == "ready":
         # a server started by an older version still lets anyone in (trust): require passwords now
         datadir, _ = _pg_paths(sd, st)
-        _require_passwords(int(st.pg_port), embedded_passwords(s)[PG_SUPERUSER], datadir,  # type: ignore[arg-type]
-                           _logins_file(sd))
+        assert st.pg_port is not None  # "ready": it answered on that port
+        _require_passwords(int(st.pg_port), embedded_passwords(s)[PG_SUPERUSER], datadir, _logins_file(sd))
         return st
     if state == "starting" and _wait_ready(st.pg_port, 60):
         return st
@@ -547,11 +549,15 @@ def _s3_dir(sd: Path) -> Path:
 
 
 def kafka_running(st: StackState) -> bool:
-    return bool(st.kafka_port) and pid_alive(st.kafka_pid) and port_in_use(int(st.kafka_port))
+    if not st.kafka_port:
+        return False
+    return pid_alive(st.kafka_pid) and port_in_use(int(st.kafka_port))
 
 
 def s3_running(st: StackState) -> bool:
-    return bool(st.s3_port) and pid_alive(st.s3_pid) and port_in_use(int(st.s3_port))
+    if not st.s3_port:
+        return False
+    return pid_alive(st.s3_pid) and port_in_use(int(st.s3_port))
 
 
 def _pick_port(configured: int | None, remembered: int | None, what: str) -> int:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from common.db import scalar
 from common.logging import get_logger
 from common.metrics import QUALITY_FAILED_ROWS, QUALITY_STATUS
 
@@ -106,13 +107,13 @@ def load_checks(conn: psycopg.Connection, tables: Iterable[str] | None = None,
 def _measure(check: QualityCheck) -> sql.Composed:
     # the check's SELECT must yield exactly one column (q(k) fails otherwise: a clear error)
     return sql.SQL("SELECT count(*), (array_agg(k::text ORDER BY k::text))[1:{}] FROM ({}) AS q(k)").format(
-        sql.Literal(SAMPLE_SIZE), sql.SQL(check.check_sql))  # type: ignore[arg-type]  # trusted: etl.dw_quality_checks
+        sql.Literal(SAMPLE_SIZE), sql.SQL(check.check_sql))  # trusted: etl.dw_quality_checks
 
 
-def _scope(check: QualityCheck) -> sql.Composable:
+def _scope(check: QualityCheck) -> sql.Composed:
     """How many rows the check examines: its scope_sql, else its target table's row count."""
     if check.scope_sql:
-        return sql.SQL("SELECT coalesce(({}), 0)").format(sql.SQL(check.scope_sql))  # type: ignore[arg-type]
+        return sql.SQL("SELECT coalesce(({}), 0)").format(sql.SQL(check.scope_sql))  # trusted, as check_sql
     schema, table = check.target_table.split(".", 1)
     return sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
 
@@ -159,19 +160,21 @@ def run_check(conn: psycopg.Connection, check: QualityCheck, timeout_s: int = 30
     try:
         with conn.transaction(force_rollback=True):
             _read_only(conn, timeout_s, switch_role)
-            cur = conn.execute(sql.SQL("SELECT * FROM ({}) AS q LIMIT 0").format(sql.SQL(check.check_sql)))  # type: ignore[arg-type]
+            cur = conn.execute(sql.SQL("SELECT * FROM ({}) AS q LIMIT 0").format(sql.SQL(check.check_sql)))
             ncols = len(cur.description or ())
             if ncols != 1:
                 raise CheckDefinitionError(f"the check's SELECT must return one column (the key), it returns {ncols}")
             if not check.scope_sql and table_rows is not None and check.target_table in table_rows:
                 scope = table_rows[check.target_table]  # counted for another check of the same batch
             else:
-                scope = conn.execute(_scope(check)).fetchone()[0]  # type: ignore[index]
+                scope = scalar(conn, _scope(check))
                 if not check.scope_sql and table_rows is not None:
                     table_rows[check.target_table] = scope
             if not scope:
                 return QualityResult(check, "empty", 0, [], (time.perf_counter() - t0) * 1000, checked_rows=0)
-            n, sample = conn.execute(_measure(check)).fetchone()  # type: ignore[misc]
+            measured = conn.execute(_measure(check)).fetchone()
+            assert measured is not None  # an aggregate answers one row
+            n, sample = measured
         status = "pass" if n == 0 else "fail"
         return QualityResult(check, status, int(n), list(sample or []), (time.perf_counter() - t0) * 1000,
                              checked_rows=int(scope))

@@ -140,21 +140,19 @@ def _fmt(v: object) -> str:
 
 def _status(as_json: bool) -> int:
 
+    from psycopg.rows import dict_row
+
     from common.db import connect
 
     with connect(autocommit=True, application_name="trialsync-transform-status") as conn:
-        cur = conn.execute(
+        procs = conn.cursor(row_factory=dict_row).execute(
             "SELECT procedure_name, layer, last_status, last_finished_at, last_duration_seconds, rows_inserted, "
             "rows_updated, rows_closed, rows_deleted, attempt, next_retry_at, is_failing, error_class, error_message, "
-            "last_success_at FROM etl.v_transform_status ORDER BY run_order")
-        cols = [d.name for d in cur.description]  # type: ignore[union-attr]
-        procs = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
-        cur = conn.execute(
+            "last_success_at FROM etl.v_transform_status ORDER BY run_order").fetchall()
+        checks = conn.cursor(row_factory=dict_row).execute(
             "SELECT check_name, target_table, severity, status, failed_rows, sample_keys, checked_at, error_message "
             "FROM etl.v_quality_latest WHERE status NOT IN ('pass', 'empty') "
-            "ORDER BY severity, check_name")
-        qcols = [d.name for d in cur.description]  # type: ignore[union-attr]
-        checks = [dict(zip(qcols, r, strict=True)) for r in cur.fetchall()]
+            "ORDER BY severity, check_name").fetchall()
         empty = [r[0] for r in conn.execute("SELECT check_name FROM etl.v_quality_latest WHERE status = 'empty' "
                                             "ORDER BY check_name").fetchall()]
     failing = [p for p in procs if p["is_failing"]]

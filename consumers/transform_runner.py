@@ -25,7 +25,7 @@ from datetime import datetime
 import psycopg
 
 from common.config import Settings, get_settings
-from common.db import DatabaseError, connect
+from common.db import DatabaseError, connect, scalar
 from common.logging import get_logger, scrub
 from common.metrics import TRANSFORM_DURATION, TRANSFORM_ROWS, TRANSFORM_RUNS
 from consumers.quality import QualityResult, open_check_connection, run_quality_checks
@@ -151,7 +151,8 @@ class ProcedureRunner:
             "RETURNING id",
             (batch_id, p.name, p.target_table, trigger, list(run_ids), list(tables), attempt, status, self.host,
              os.getpid(), db_pid)).fetchone()
-        return int(row[0])  # type: ignore[index]
+        assert row is not None  # INSERT ... RETURNING answers the row
+        return int(row[0])
 
     def _finish_row(self, r: ProcedureResult, next_retry_s: float | None) -> None:
         self._conn(meta=True).execute(
@@ -337,6 +338,5 @@ class ProcedureRunner:
         """Forget incremental state (all, or of ``procedures``): the next run re-reads all of Bronze."""
         conn = self._conn(meta=True)
         if procedures is None:
-            return int(conn.execute("SELECT etl.reset_transform_watermarks()").fetchone()[0])  # type: ignore[index]
-        return sum(int(conn.execute("SELECT etl.reset_transform_watermarks(%s)", (p.name,)).fetchone()[0])  # type: ignore[index]
-                   for p in procedures)
+            return int(scalar(conn, "SELECT etl.reset_transform_watermarks()"))
+        return sum(int(scalar(conn, "SELECT etl.reset_transform_watermarks(%s)", (p.name,))) for p in procedures)

@@ -7,6 +7,8 @@ configuration. A bad value stops the command with one line, like every other set
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -48,9 +50,9 @@ class TransformSettings(BaseSettings):
         return min(self.retry_max_seconds, self.retry_base_seconds * (2 ** max(0, attempt - 1)))
 
 
-def load_transform_settings(**overrides: object) -> TransformSettings:
+def load_transform_settings(**overrides: Any) -> TransformSettings:
     try:
-        return TransformSettings(**overrides)  # type: ignore[arg-type]
+        return TransformSettings(**overrides)
     except ValidationError as e:
         err = e.errors()[0]
         name = "TRANSFORM_" + str(err["loc"][0]).upper() if err["loc"] else "TRANSFORM_*"

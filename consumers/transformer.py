@@ -29,18 +29,22 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import psycopg
 from pydantic import ValidationError
 
 from common import kafka as ck
 from common.config import Settings, get_settings
-from common.db import DatabaseError, connect
+from common.db import DatabaseError, connect, scalar
 from common.logging import get_logger
 from common.metrics import BACKOFF, start_metrics_server
 from consumers.transform_runner import BatchResult, ProcedureRunner
 from consumers.transform_settings import TransformSettings, load_transform_settings
 from schemas.messages import RunFinished, RunStarted, parse_control
+
+if TYPE_CHECKING:
+    from confluent_kafka import Consumer
 
 log = get_logger("transformer")
 
@@ -134,7 +138,7 @@ class Transformer:
 
     def __init__(self, settings: Settings | None = None, tsettings: TransformSettings | None = None,
                  runner: ProcedureRunner | None = None, runs_loaded: RunsLoaded | None = None,
-                 consumer_factory: Callable[[dict], object] | None = None):
+                 consumer_factory: Callable[[dict], Consumer] | None = None):
         self.settings = settings or get_settings()
         self.ts = tsettings or load_transform_settings()
         self.runner = runner or ProcedureRunner(self.settings, self.ts)
@@ -144,7 +148,7 @@ class Transformer:
         self.tracker = OffsetTracker()
         self.pending = Pending()
         self.stop_event = threading.Event()
-        self.consumer = None
+        self.consumer: Consumer | None = None
         self._db: psycopg.Connection | None = None
         self._last_retry_check = 0.0
         self._last_prune = 0.0
@@ -170,7 +174,7 @@ class Transformer:
         ck.ensure_system_topics(self.settings)
         factory = self._consumer_factory or Consumer
         self.consumer = factory(self._consumer_config())
-        self.consumer.subscribe([self.topic], on_revoke=self._on_revoke, on_lost=self._on_revoke)  # type: ignore[attr-defined]
+        self.consumer.subscribe([self.topic], on_revoke=self._on_revoke, on_lost=self._on_revoke)
         abandoned = self.runner.mark_abandoned()
         if abandoned:
             log.warning("abandoned_runs_marked_failed", runs=abandoned)
@@ -190,7 +194,7 @@ class Transformer:
             try:
                 self._commit()
             finally:
-                self.consumer.close()  # type: ignore[attr-defined]
+                self.consumer.close()
                 self.consumer = None
         if self._db is not None:
             self._db.close()
@@ -254,7 +258,8 @@ class Transformer:
         ready = self.pending.ready()
         if not ready:
             return False
-        return time.monotonic() - min(r.loaded_at for r in ready) >= self.ts.coalesce_seconds  # type: ignore[type-var]
+        oldest = min(r.loaded_at for r in ready if r.loaded_at is not None)  # all of them: they are ready
+        return time.monotonic() - oldest >= self.ts.coalesce_seconds
 
     def run_ready(self) -> BatchResult | None:
         """One batch for every loaded run; then mark their messages handled."""
@@ -299,8 +304,8 @@ class Transformer:
             return 0
         self._last_prune = now
         try:
-            n = int(self._conn().execute("SELECT etl.prune_transform_history(make_interval(days => %s))",
-                                         (self.ts.history_retention_days,)).fetchone()[0])  # type: ignore[index]
+            n = int(scalar(self._conn(), "SELECT etl.prune_transform_history(make_interval(days => %s))",
+                           (self.ts.history_retention_days,)))
         except psycopg.Error as e:
             log.warning("history_prune_failed", error=str(e).strip().splitlines()[0])
             return 0
@@ -321,7 +326,7 @@ class Transformer:
         if not todo:
             return
         try:
-            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in todo.items()],  # type: ignore[attr-defined]
+            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in todo.items()],
                                  asynchronous=False)
         except KafkaException as e:
             log.warning("offset_commit_failed", error=str(e))
@@ -335,13 +340,17 @@ class Transformer:
         """One iteration: poll, classify, check loads, maybe run a batch or due retries, commit."""
         from confluent_kafka import KafkaError
 
-        msgs = self.consumer.consume(num_messages=500, timeout=self.ts.poll_interval_seconds)  # type: ignore[attr-defined]
+        assert self.consumer is not None, "step() before open()"
+        msgs = self.consumer.consume(num_messages=500, timeout=self.ts.poll_interval_seconds)
         for m in msgs:
-            if m.error():
-                if m.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer_error", error=str(m.error()))
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer_error", error=str(err))
                 continue
-            self.handle_message(m.partition(), m.offset(), m.value())
+            partition, offset = m.partition(), m.offset()
+            assert partition is not None and offset is not None  # a consumed record has both
+            self.handle_message(partition, offset, m.value())
         self.refresh_loaded()
         batch = self.run_ready() if self.batch_due() else None
         retry = self.run_due_retries()

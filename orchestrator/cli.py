@@ -187,14 +187,14 @@ def _print_plan(plan: Any, as_json: bool, settings: Any, mode: str) -> None:
     total_full = total_now = 0
     for i, level in enumerate(plan.levels):
         for j in level:
-            e = estimates.get(j)
-            now = "-" if e is None else (e.full if mode == "full" else e.incremental)
-            why = "" if e is None else (", ".join(f"{n:,} {k}" for k, n in e.by_reason.items() if n) or e.note)
-            if e is not None:
-                total_full += e.full
-                total_now += e.full if mode == "full" else e.incremental
+            est = estimates.get(j)
+            now = "-" if est is None else (est.full if mode == "full" else est.incremental)
+            why = "" if est is None else (", ".join(f"{n:,} {k}" for k, n in est.by_reason.items() if n) or est.note)
+            if est is not None:
+                total_full += est.full
+                total_now += est.full if mode == "full" else est.incremental
             t.add_row(str(i), str(j), plan.job(j).name, ", ".join(map(str, plan.parents.get(j, ()))) or "-",
-                      "-" if e is None else f"{e.full:,}", now if isinstance(now, str) else f"{now:,}", why)
+                      "-" if est is None else f"{est.full:,}", now if isinstance(now, str) else f"{now:,}", why)
     c = _console()
     c.print(t)
     if note:

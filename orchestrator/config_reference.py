@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import AliasChoices, SecretStr
 from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
 
 from common.config import SECRET_FIELDS, Settings
 
@@ -185,12 +186,12 @@ def env_names(name: str, field: FieldInfo, prefix: str = "") -> list[str]:
     return [(prefix + name).upper()]
 
 
-def models() -> list[tuple[type, str | None]]:
+def models() -> list[tuple[type[BaseSettings], str | None]]:
     """(settings model, group title or None = group by prefix): the shared Settings and those of
     installed packages."""
     import importlib
 
-    out: list[tuple[type, str | None]] = [(Settings, None)]
+    out: list[tuple[type[BaseSettings], str | None]] = [(Settings, None)]
     for mod, cls, title in EXTRA_MODELS:
         try:
             out.append((getattr(importlib.import_module(mod), cls), title))
@@ -211,8 +212,10 @@ def _type(field: FieldInfo) -> str:
     base = args[0] if args and typing.get_origin(ann) is not typing.Literal else ann
     if typing.get_origin(base) is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(base))
-    names = {SecretStr: "text", Path: "path", int: "integer", float: "number", bool: "boolean", str: "text"}
-    return names.get(base, getattr(base, "__name__", str(base)))  # type: ignore[arg-type]
+    names: dict[object, str] = {SecretStr: "text", Path: "path", int: "integer", float: "number", bool: "boolean",
+                                str: "text"}
+    known = names.get(base)
+    return known if known is not None else str(getattr(base, "__name__", base))
 
 
 def _constraints(field: FieldInfo) -> str:

@@ -139,11 +139,12 @@ def _remember_dataset(sd: Any, scale: float, seed: int) -> dict[str, Any] | None
         prev = json.loads(f.read_text()) if f.exists() else None
     except ValueError:
         prev = None
-    same = bool(prev) and prev.get("scale") == scale and prev.get("seed") == seed  # type: ignore[union-attr]
+    known: dict[str, Any] = prev if isinstance(prev, dict) else {}
+    same = bool(known) and known.get("scale") == scale and known.get("seed") == seed
     # the simulated nights belong to one data set: kept while it stays, forgotten when it changes
-    f.write_text(json.dumps({"scale": scale, "seed": seed, "nights": prev.get("nights", []) if same else []}))  # type: ignore[union-attr]
-    if prev and not same:
-        return {"scale": prev.get("scale"), "seed": prev.get("seed")}
+    f.write_text(json.dumps({"scale": scale, "seed": seed, "nights": known.get("nights", []) if same else []}))
+    if known and not same:
+        return {"scale": known.get("scale"), "seed": known.get("seed")}
     return None
 
 

@@ -106,7 +106,9 @@ def _exists(conn: psycopg.Connection, rel: str) -> bool:
 
 def snapshot(conn: psycopg.Connection) -> Snapshot:
     """The database clock, the Gold numbers and the SCD2 version counts before the run."""
-    at = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+    from common.db import scalar
+
+    at = scalar(conn, "SELECT clock_timestamp()")
     return Snapshot(at, gold_numbers(conn), {t: _count(conn, t) for t in SCD2_TABLES if _exists(conn, t)})
 
 
@@ -120,7 +122,7 @@ def gold_numbers(conn: psycopg.Connection) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for label, q in GOLD_METRICS:
         try:
-            row = conn.execute(q).fetchone()  # type: ignore[arg-type]  # fixed queries above
+            row = conn.execute(q).fetchone()  # fixed queries above
             out[label] = row[0] if row else None
         except psycopg.Error:
             out[label] = None

@@ -9,6 +9,7 @@ last jobs that finished. 72 rows would not fit a terminal; the summary after the
 from __future__ import annotations
 
 import time
+from types import TracebackType
 from typing import Any
 
 from rich.console import Console, Group
@@ -52,8 +53,9 @@ class LiveDisplay:
         self.live.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.live.__exit__(*exc)  # type: ignore[arg-type]
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.live.__exit__(exc_type, exc, tb)
 
     def tick(self, runner: Runner) -> None:
         now = time.monotonic()

@@ -15,10 +15,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from common.config import ConfigError, Settings, load_settings
 from common.logging import scrub
+
+if TYPE_CHECKING:
+    from schemas.jobs import JobCatalog
 
 Status = Literal["ok", "warn", "fail", "skip"]
 _DSN_RE = re.compile(r"postgres(ql)?://\S+")
@@ -47,7 +50,7 @@ class Doctor:
         self.settings = settings
         self.api_timeout = api_timeout
         self.findings: list[Finding] = []
-        self.catalog = None
+        self.catalog: JobCatalog | None = None
 
     def add(self, area: str, check: str, status: Status, detail: str, fix: str = "") -> Finding:
         f = Finding(area, check, status, _clean(detail), _clean(fix))
@@ -96,7 +99,7 @@ class Doctor:
 
     # -- database ----------------------------------------------------------------------------
     def check_database(self) -> bool:
-        from common.db import DatabaseError, connect, migration_status
+        from common.db import DatabaseError, connect, migration_status, scalar
         from common.stack import StackError
 
         s = self.settings
@@ -112,7 +115,7 @@ class Doctor:
                 self.add("database", check, "skip", "database unreachable")
             return False
         with conn:
-            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            version = scalar(conn, "SHOW server_version")
             self.add("database", "connect", "ok", f"PostgreSQL {version}")
             try:
                 status = migration_status(s)
@@ -134,7 +137,9 @@ class Doctor:
         if self.catalog is None:
             self.add("database", "catalog synced", "skip", "the job catalog did not load")
             return
-        if conn.execute("SELECT to_regclass('etl.dw_etl_jobs')").fetchone()[0] is None:  # type: ignore[index]
+        from common.db import scalar
+
+        if scalar(conn, "SELECT to_regclass('etl.dw_etl_jobs')") is None:
             self.add("database", "catalog synced", "fail", "etl.dw_etl_jobs does not exist",
                      "run `trialsync db migrate` then `trialsync jobs sync`")
             return

@@ -25,15 +25,16 @@ from __future__ import annotations
 import hmac
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.abc import Params, QueryNoTemplate
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -56,6 +57,9 @@ TRANSFORM_STATUSES = ("running", "success", "failed", "skipped")
 QUALITY_STATUSES = ("pass", "fail", "error")
 PG_INT_MAX = 2_147_483_647
 PG_BIGINT_MAX = 9_223_372_036_854_775_807
+
+#: the connection every handler gets: rows as dicts (``endpoint`` sets ``dict_row`` on it)
+DictConnection = psycopg.Connection[DictRow]
 
 
 _OFFSET_SPACE = re.compile(r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}(?::?\d{2})?)$")
@@ -203,6 +207,13 @@ REJECT_COLUMNS = ("id", "table_name", "topic", "kafka_partition", "kafka_offset"
 PAYLOAD_PREVIEW = 2000
 
 
+def _count(conn: DictConnection, query: QueryNoTemplate, params: Params | None = None) -> int:
+    """``SELECT count(*) AS n ...``: an aggregate always answers one row."""
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
 def _cols(names: Iterable[str], alias: str = "") -> sql.Composable:
     if alias:
         return sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(n)) for n in names)
@@ -223,7 +234,7 @@ class TableShape:
         self.arrays: set[str] = set()
         self._lock = threading.Lock()
 
-    def columns(self, conn: psycopg.Connection) -> dict[str, str] | None:
+    def columns(self, conn: psycopg.Connection[Any]) -> dict[str, str] | None:
         """role -> column name, or None when the table does not exist (yet)."""
         with self._lock:
             if self._cols is not None:
@@ -341,7 +352,7 @@ class HistoryApi:
     async def _not_allowed(self, request: Request, exc: Exception) -> Response:
         return error_response(405, "method not allowed: this API is read-only (GET)", {"Allow": "GET"})
 
-    def endpoint(self, fn: Callable[[Request, psycopg.Connection], Any], path: str) -> Callable[[Request], Response]:
+    def endpoint(self, fn: Callable[[Request, DictConnection], Any], path: str) -> Callable[[Request], Response]:
         """Wrap a handler: unknown query parameters -> 400 (a typo like ``stauts=failed`` must not
         silently return everything), a pooled connection, ApiError -> 4xx, database down -> 503."""
         allowed = self._query_params[path]
@@ -352,8 +363,10 @@ class HistoryApi:
                 return error_response(400, f"unknown query parameter {unknown[0]!r}: allowed are "
                                            + (", ".join(sorted(allowed)) or "none"))
             try:
-                with self.pool.connection(timeout=10) as conn:
-                    conn.row_factory = dict_row  # type: ignore[assignment]
+                with self.pool.connection(timeout=10) as pooled:
+                    # psycopg types a connection's rows when it is made; the next line changes them
+                    conn = cast(DictConnection, pooled)
+                    conn.row_factory = dict_row
                     conn.read_only = True
                     body = fn(request, conn)
                 return json_response(body)
@@ -405,9 +418,10 @@ class HistoryApi:
         return Response(generate_latest(registry_for_scrape()), media_type=CONTENT_TYPE_LATEST)
 
     # -- jobs --------------------------------------------------------------------------------
-    def list_jobs(self, req: Request, conn: psycopg.Connection) -> dict[str, Any]:
+    def list_jobs(self, req: Request, conn: DictConnection) -> dict[str, Any]:
         limit, offset = _page(req)
-        where, params = [], []
+        where: list[sql.Composable] = []
+        params: list[Any] = []
         category = _text(req, "category", 64)
         if category is not None:
             where.append(sql.SQL("category = %s"))
@@ -417,13 +431,13 @@ class HistoryApi:
             where.append(sql.SQL("(is_active AND is_valid) = %s"))
             params.append(active)
         cond = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL("")
-        total = conn.execute(sql.SQL("SELECT count(*) AS n FROM etl.dw_etl_jobs") + cond, params).fetchone()["n"]
+        total = _count(conn, sql.SQL("SELECT count(*) AS n FROM etl.dw_etl_jobs") + cond, params)
         rows = conn.execute(
             sql.SQL("SELECT {} FROM etl.dw_etl_jobs").format(_cols(JOB_COLUMNS)) + cond
             + sql.SQL(" ORDER BY id LIMIT %s OFFSET %s"), [*params, limit, offset]).fetchall()
         return _page_body(rows, total, limit, offset)
 
-    def get_job(self, req: Request, conn: psycopg.Connection) -> dict[str, Any]:
+    def get_job(self, req: Request, conn: DictConnection) -> dict[str, Any]:
         job_id = _path_id(req, "job_id", PG_INT_MAX)
         row = conn.execute(sql.SQL("SELECT {} FROM etl.dw_etl_jobs WHERE id = %s").format(_cols(JOB_COLUMNS)),
                            (job_id,)).fetchone()
@@ -435,7 +449,7 @@ class HistoryApi:
         return row
 
     # -- runs --------------------------------------------------------------------------------
-    def list_runs(self, req: Request, conn: psycopg.Connection) -> dict[str, Any]:
+    def list_runs(self, req: Request, conn: DictConnection) -> dict[str, Any]:
         limit, offset = _page(req)
         where: list[sql.Composable] = []
         params: list[Any] = []
@@ -455,7 +469,7 @@ class HistoryApi:
             where.append(sql.SQL("r.started_at < %s"))
             params.append(until)
         cond = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL("")
-        total = conn.execute(sql.SQL("SELECT count(*) AS n FROM etl.dw_etl_runs r") + cond, params).fetchone()["n"]
+        total = _count(conn, sql.SQL("SELECT count(*) AS n FROM etl.dw_etl_runs r") + cond, params)
         rows = conn.execute(
             sql.SQL("SELECT {}, j.name AS job_name, j.target_table FROM etl.dw_etl_runs r "
                     "JOIN etl.dw_etl_jobs j ON j.id = r.job_id").format(_cols(RUN_COLUMNS, "r"))
@@ -463,7 +477,7 @@ class HistoryApi:
             [*params, limit, offset]).fetchall()
         return _page_body(rows, total, limit, offset)
 
-    def get_run(self, req: Request, conn: psycopg.Connection) -> dict[str, Any]:
+    def get_run(self, req: Request, conn: DictConnection) -> dict[str, Any]:
         run_id = _path_id(req, "run_id", PG_BIGINT_MAX)
         row = conn.execute(
             sql.SQL("SELECT {}, j.name AS job_name, j.target_table FROM etl.dw_etl_runs r "
@@ -476,8 +490,7 @@ class HistoryApi:
         row["retries"] = conn.execute(
             sql.SQL("SELECT {} FROM etl.dw_etl_runs WHERE parent_run_id = %s ORDER BY id").format(_cols(RUN_COLUMNS)),
             (run_id,)).fetchall()
-        rejects_total = conn.execute("SELECT count(*) AS n FROM etl.dw_etl_rejects WHERE run_id = %s",
-                                     (run_id,)).fetchone()["n"]
+        rejects_total = _count(conn, "SELECT count(*) AS n FROM etl.dw_etl_rejects WHERE run_id = %s", (run_id,))
         by_class = conn.execute(
             "SELECT stage, error_class, count(*) AS count FROM etl.dw_etl_rejects WHERE run_id = %s "
             "GROUP BY stage, error_class ORDER BY count DESC, stage, error_class", (run_id,)).fetchall()
@@ -486,24 +499,23 @@ class HistoryApi:
                           "more": f"{API_PREFIX}/runs/{run_id}/rejects" if rejects_total > len(first) else None}
         return row
 
-    def _rejects(self, conn: psycopg.Connection, run_id: int, limit: int, offset: int) -> list[dict[str, Any]]:
+    def _rejects(self, conn: DictConnection, run_id: int, limit: int, offset: int) -> list[dict[str, Any]]:
         cols = [c for c in REJECT_COLUMNS if c != "payload"]
         return conn.execute(
             sql.SQL("SELECT {}, left(payload, %s) AS payload, length(payload) > %s AS payload_truncated "
                     "FROM etl.dw_etl_rejects WHERE run_id = %s ORDER BY id LIMIT %s OFFSET %s").format(_cols(cols)),
             (PAYLOAD_PREVIEW, PAYLOAD_PREVIEW, run_id, limit, offset)).fetchall()
 
-    def list_rejects(self, req: Request, conn: psycopg.Connection) -> dict[str, Any]:
+    def list_rejects(self, req: Request, conn: DictConnection) -> dict[str, Any]:
         run_id = _path_id(req, "run_id", PG_BIGINT_MAX)
         limit, offset = _page(req)
         if conn.execute("SELECT 1 FROM etl.dw_etl_runs WHERE id = %s", (run_id,)).fetchone() is None:
             raise ApiError(404, f"no run with id {run_id}: list runs at {API_PREFIX}/runs")
-        total = conn.execute("SELECT count(*) AS n FROM etl.dw_etl_rejects WHERE run_id = %s",
-                             (run_id,)).fetchone()["n"]
+        total = _count(conn, "SELECT count(*) AS n FROM etl.dw_etl_rejects WHERE run_id = %s", (run_id,))
         return _page_body(self._rejects(conn, run_id, limit, offset), total, limit, offset)
 
     # -- transform runs and quality results ---------------------------------------------------
-    def _list_owned(self, req: Request, conn: psycopg.Connection, shape: TableShape,
+    def _list_owned(self, req: Request, conn: DictConnection, shape: TableShape,
                     filters: list[tuple[str, Any]]) -> dict[str, Any]:
         limit, offset = _page(req)
         cols = shape.columns(conn)
@@ -532,20 +544,19 @@ class HistoryApi:
         cond = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL("")
         order = [sql.Identifier(c) + sql.SQL(" DESC") for c in (cols.get("time"), cols.get("id")) if c]
         order_by = sql.SQL(" ORDER BY ") + sql.SQL(", ").join(order) if order else sql.SQL("")
-        total = conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(shape.ident) + cond, params
-                             ).fetchone()["n"]
+        total = _count(conn, sql.SQL("SELECT count(*) AS n FROM {}").format(shape.ident) + cond, params)
         rows = conn.execute(sql.SQL("SELECT to_jsonb(t) AS row FROM {} t").format(shape.ident) + cond + order_by
                             + sql.SQL(" LIMIT %s OFFSET %s"), [*params, limit, offset]).fetchall()
         return _page_body([r["row"] for r in rows], total, limit, offset)
 
-    def list_transform_runs(self, req: Request, conn: psycopg.Connection) -> dict[str, Any]:
+    def list_transform_runs(self, req: Request, conn: DictConnection) -> dict[str, Any]:
         return self._list_owned(req, conn, TRANSFORM_RUNS, [
             ("procedure", _text(req, "procedure", 128)),
             ("status", _choice(req, "status", TRANSFORM_STATUSES)),
             ("trigger_run", _int(req, "run_id", None, 1, PG_BIGINT_MAX)),
             ("since", _time(req, "since")), ("until", _time(req, "until"))])
 
-    def list_quality_results(self, req: Request, conn: psycopg.Connection) -> dict[str, Any]:
+    def list_quality_results(self, req: Request, conn: DictConnection) -> dict[str, Any]:
         return self._list_owned(req, conn, QUALITY_RESULTS, [
             ("check", _text(req, "check", 128)),
             ("severity", _choice(req, "severity", ("error", "warning", "info"))),
@@ -663,7 +674,7 @@ def _responses(ok_schema: dict[str, Any], auth: bool, not_found: bool = False,
 def openapi_document(auth: bool = False) -> dict[str, Any]:
     """The OpenAPI 3.0 contract of this API (``auth`` = whether a bearer token is required)."""
     ref = "#/components/schemas/"
-    sec = [{"bearerAuth": []}] if auth else []
+    sec: list[dict[str, list[str]]] = [{"bearerAuth": []}] if auth else []
 
     def op(summary: str, params: list[dict[str, Any]], ok: dict[str, Any], op_id: str, not_found: bool = False
            ) -> dict[str, Any]:
@@ -765,7 +776,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None =
         # uvicorn re-raises the signal after its graceful shutdown (exit status -15); a service
         # stopped on purpose should exit 0, so only ask it to stop.
         @contextlib.contextmanager
-        def capture_signals(self):  # type: ignore[override]
+        def capture_signals(self) -> Iterator[None]:
             def stop(signum: int, frame: object) -> None:
                 self.should_exit = True
 

@@ -38,10 +38,14 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from schemas.jobs import Job
 from schemas.runs import ChildMessage, LaunchFailure, RunProgress
+
+if TYPE_CHECKING:
+    from producers.extractor import Mode
 
 PROGRESS_INTERVAL = 0.25
 _PRELOAD = ["common.config", "common.db", "common.kafka", "common.logging", "orchestrator.launcher"]
@@ -52,7 +56,7 @@ class LaunchRequest:
     """Everything one attempt of one job needs (picklable)."""
 
     job: Job
-    mode: str = "incremental"
+    mode: Mode = "incremental"
     only_parents: list[dict[str, Any]] | None = None
     trigger: str = "orchestrator"
     parent_run_id: int | None = None
@@ -191,7 +195,7 @@ def _run_one(request: LaunchRequest, conn: multiprocessing.connection.Connection
     try:
         from producers.extractor import run_job
 
-        result = run_job(request.job, mode=request.mode, only_parents=request.only_parents,  # type: ignore[arg-type]
+        result = run_job(request.job, mode=request.mode, only_parents=request.only_parents,
                          trigger=request.trigger, progress=_PipeProgress(conn), parent_run_id=request.parent_run_id,
                          orchestration_id=request.orchestration_id, attempt=request.attempt,
                          workers=request.workers, processes=request.processes, resume_from=request.resume_from)
@@ -325,11 +329,13 @@ class ProcessHandle:
 class ProcessLauncher:
     """Starts attempts in forkserver children (see the module docstring)."""
 
-    def __init__(self, log_path: str | None = None, start_method: str = "forkserver"):
+    def __init__(self, log_path: str | None = None,
+                 start_method: Literal["forkserver", "spawn", "fork"] = "forkserver"):
         self.log_path = log_path
         if start_method == "forkserver":
             multiprocessing.set_forkserver_preload(_PRELOAD + _optional_preload())
-        self.ctx = multiprocessing.get_context(start_method)
+        # get_context(<one of three literals>) resolves to its str overload, BaseContext, which has no Process
+        self.ctx = cast(ForkServerContext | SpawnContext | ForkContext, multiprocessing.get_context(start_method))
 
     def start(self, request: LaunchRequest) -> ProcessHandle:
         parent, child = self.ctx.Pipe(duplex=False)
@@ -465,8 +471,7 @@ class PoolLauncher:
             w.conn.send(("exit",))
         w.proc.join(10)
         if w.proc.is_alive():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(w.proc.pid, signal.SIGKILL)
+            _kill_group(w.proc.pid)
             w.proc.join(5)
         self._discard(w)
 
@@ -484,12 +489,19 @@ class PoolLauncher:
     def close(self) -> None:
         for w in list(self.all):
             if w.busy and w.proc.is_alive():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(w.proc.pid, signal.SIGKILL)
+                _kill_group(w.proc.pid)
                 w.proc.join(5)
                 self._discard(w)
             else:
                 self._retire(w)
+
+
+def _kill_group(pid: int | None) -> None:
+    """SIGKILL a started worker's whole process group (its extraction processes too)."""
+    if pid is None:  # never started: nothing to kill
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _mark_metrics_dead(pid: int | None) -> None:

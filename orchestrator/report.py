@@ -17,7 +17,7 @@ import html
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsInt
 
 import psycopg
 
@@ -117,7 +117,7 @@ def _levels(job_ids: list[int]) -> dict[int, int]:
 
         cat = load_catalog()
         plan = build_plan(cat, [j for j in job_ids if j in cat.jobs])
-        return {j: plan.level_of(j) for j in plan.job_ids}
+        return {j: i for i, level in enumerate(plan.levels) for j in level}
     except Exception:  # noqa: BLE001 - a report without levels beats no report
         return {}
 
@@ -128,7 +128,7 @@ def esc(v: object) -> str:
     return html.escape("" if v is None else str(v), quote=True)
 
 
-def fmt_int(n: object) -> str:
+def fmt_int(n: SupportsInt | None) -> str:
     return f"{int(n or 0):,}"
 
 

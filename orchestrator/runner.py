@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.config import Settings, get_settings
 from common.logging import get_logger, scrub
@@ -45,7 +45,10 @@ from orchestrator.launcher import JobHandle, Launcher, LaunchRequest
 from orchestrator.retry import RetryPolicy, RetryRequest, next_attempt
 from orchestrator.settings import OrchestratorSettings, get_orchestrator_settings
 from orchestrator.store import RunRow, RunStore
-from schemas.runs import LaunchFailure, RunProgress, RunResult
+from schemas.runs import ChildMessage, LaunchFailure, RunProgress, RunResult
+
+if TYPE_CHECKING:
+    from producers.extractor import Mode
 
 log = get_logger("orchestrator")
 
@@ -119,6 +122,15 @@ def _iso(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, UTC).isoformat() if t is not None else None
 
 
+def _keep_outcome(s: JobState, msg: ChildMessage) -> None:
+    """Keep an attempt's result or error; progress that arrives once it is ending no longer matters."""
+    match msg:
+        case ("result", result):
+            s.result = result
+        case ("error", failure):
+            s.child_error = failure
+
+
 @dataclass
 class OrchestrationResult:
     orchestration_id: str
@@ -157,7 +169,7 @@ class OrchestrationResult:
 @dataclass
 class RunnerOptions:
     parallel: int = 5
-    mode: str = "incremental"
+    mode: Mode = "incremental"
     trigger: str = "cli"
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     timeout_seconds: int = 300
@@ -332,23 +344,21 @@ class Runner:
         for s in self.states.values():
             if s.phase != RUNNING or s.handle is None:
                 continue
-            for kind, payload in s.handle.poll():
-                if kind == "progress":
-                    s.live = s.live.model_copy(update=payload.model_dump(exclude_none=True))
-                    self._apply_live(s)
-                elif kind == "result":
-                    s.result = payload
-                elif kind == "error":
-                    s.child_error = payload
+            for msg in s.handle.poll():
+                match msg:
+                    case ("progress", progress):
+                        s.live = s.live.model_copy(update=progress.model_dump(exclude_none=True))
+                        self._apply_live(s)
+                    case ("result", result):
+                        s.result = result
+                    case ("error", failure):
+                        s.child_error = failure
             if s.result is not None or s.child_error is not None:
                 s.handle.join(timeout=5)
                 self._attempt_ended(s, now)
             elif not s.handle.is_alive():
-                for kind, payload in s.handle.poll():  # a result sent just before exiting
-                    if kind == "result":
-                        s.result = payload
-                    elif kind == "error":
-                        s.child_error = payload
+                for msg in s.handle.poll():  # a result sent just before exiting
+                    _keep_outcome(s, msg)
                 if s.result is None and s.child_error is None:
                     code = s.handle.exitcode()
                     s.child_error = LaunchFailure(
@@ -723,17 +733,15 @@ class Runner:
         reason = self._cancel_reason or "cancelled"
         running = [s for s in self.states.values() if s.phase == RUNNING and s.handle is not None]
         for s in running:
-            s.handle.terminate()  # type: ignore[union-attr]
+            assert s.handle is not None
+            s.handle.terminate()
         deadline = self.clock() + self.opt.cancel_grace
         pending = list(running)
         while pending and self.clock() < deadline:
             for s in list(pending):
                 assert s.handle is not None
-                for kind, payload in s.handle.poll():
-                    if kind == "result":
-                        s.result = payload
-                    elif kind == "error":
-                        s.child_error = payload
+                for msg in s.handle.poll():
+                    _keep_outcome(s, msg)
                 if s.result is not None or s.child_error is not None or not s.handle.is_alive():
                     pending.remove(s)
             if pending:

@@ -9,6 +9,7 @@ behaviour as the shared settings: environment / ``.env``, one-line error for a b
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,9 +59,9 @@ class OrchestratorSettings(BaseSettings):
         return v
 
 
-def load_orchestrator_settings(**overrides: object) -> OrchestratorSettings:
+def load_orchestrator_settings(**overrides: Any) -> OrchestratorSettings:
     try:
-        return OrchestratorSettings(**overrides)  # type: ignore[arg-type]
+        return OrchestratorSettings(**overrides)
     except ValidationError as e:
         err = e.errors()[0]
         name = str(err["loc"][0]).upper() if err["loc"] else "settings"

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import orjson
 import psycopg
 from psycopg import sql
+from psycopg.abc import Params, QueryNoTemplate
 
 from common.config import Settings, get_settings
 from common.db import connect
@@ -130,15 +131,15 @@ class DbRunStore:
             self._conn = connect(self.settings, autocommit=True, application_name="trialsync-orchestrator")
         return self._conn
 
-    def _exec(self, query: str, params: Any = None) -> psycopg.Cursor[Any]:
+    def _exec(self, query: QueryNoTemplate, params: Params | None = None) -> psycopg.Cursor[Any]:
         """Execute with one reconnect: a database restart mid-run should cost a retry, not the run."""
         try:
-            return self.conn.execute(query, params)  # type: ignore[arg-type]
+            return self.conn.execute(query, params)
         except psycopg.OperationalError:
             if self._conn is not None:
                 self._conn.close()
             self._conn = None
-            return self.conn.execute(query, params)  # type: ignore[arg-type]
+            return self.conn.execute(query, params)
 
     def close(self) -> None:
         for c in (self._conn, self._lock_conn):

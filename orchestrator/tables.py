@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from rich.console import JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -25,7 +26,7 @@ FLEX_MIN = 8
 @dataclass(frozen=True)
 class Column:
     header: str
-    justify: str = "left"
+    justify: JustifyMethod = "left"
     flexible: bool = False  # may wrap or shorten (names, notes); the others are never cut
     max_width: int | None = None
     footer: str = ""
@@ -72,13 +73,13 @@ def _build(columns: list[Column], by_col: list[list[str]], rows: list[list[str]]
     for col, cells in zip(columns, by_col, strict=True):
         if col.flexible:
             natural = _min_width(col, cells)
-            t.add_column(col.header, justify=col.justify, footer=col.footer,  # type: ignore[arg-type]
+            t.add_column(col.header, justify=col.justify, footer=col.footer,
                          no_wrap=False, overflow="ellipsis", min_width=min(FLEX_MIN, natural),
                          max_width=col.max_width, ratio=None)
         else:
             # a fixed width rich never shrinks: a cell (no wider than it) is never cut
             w = _min_width(col, cells, wrap_header)
-            t.add_column(col.header, justify=col.justify, footer=col.footer,  # type: ignore[arg-type]
+            t.add_column(col.header, justify=col.justify, footer=col.footer,
                          no_wrap=False, overflow="fold", width=w, min_width=w)
     for r in rows:
         t.add_row(*r)

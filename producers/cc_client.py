@@ -106,7 +106,8 @@ class CCClient:
         self.headers = CaseInsensitiveDict(headers)
         env = self.session.merge_environment_settings(self.base_url, {}, False, None, None)
         self._proxies = env.get("proxies") or {}
-        self.verify: bool | str = env.get("verify", True)
+        verify = env.get("verify")  # True, False or a CA bundle path (the session default fills None in)
+        self.verify: bool | str = True if verify is None else verify
         self._metric_children: dict[tuple[str, str], Any] = {}
 
     @classmethod
@@ -148,7 +149,7 @@ class CCClient:
         req.body = None
         req.hooks = {"response": []}
         req._cookies = None  # type: ignore[attr-defined]  # requests' private fields a PreparedRequest needs
-        req._body_position = None  # type: ignore[attr-defined]  # (prepare() would set them)
+        req._body_position = None  # type: ignore[attr-defined]  # private too; prepare() would set it
         t0 = time.perf_counter()
         status: int | None = None
         shown = scrub(url)  # URLs never carry the key (it is a header); one choke point all the same

@@ -12,7 +12,19 @@ raised at once.
 
 from __future__ import annotations
 
+from typing import TypedDict, Unpack
+
 from common.logging import scrub
+
+
+class ErrorContext(TypedDict, total=False):
+    """Where an :class:`ApiError` happened: the keyword arguments every error class accepts."""
+
+    url: str | None
+    status: int | None
+    endpoint: str | None
+    attempts: int
+    detail: str | None
 
 
 class ApiError(Exception):
@@ -59,8 +71,8 @@ class RateLimitedError(TransientApiError):
 
     reason = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object):
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Unpack[ErrorContext]):
+        super().__init__(message, **kw)
         self.retry_after = retry_after
 
 
@@ -131,21 +143,21 @@ class UnsafeLinkError(PermanentApiError):
 def error_for_status(status: int, *, url: str, endpoint: str | None, detail: str | None,
                      retry_after: float | None = None, key_header: str = "X-ApiKey") -> ApiError:
     """The exception for a non-2xx answer, with a message that says what to do about it."""
-    kw = {"url": url, "status": status, "endpoint": endpoint, "detail": detail}
+    kw: ErrorContext = {"url": url, "status": status, "endpoint": endpoint, "detail": detail}
     if status in (401, 403):
         return AuthError(f"the API key was refused: check CC_API_KEY / CC_API_KEY_HEADER (header sent: {key_header})",
-                         **kw)  # type: ignore[arg-type]
+                         **kw)
     if status == 404:
-        return NotFoundError("the API has no such resource", **kw)  # type: ignore[arg-type]
+        return NotFoundError("the API has no such resource", **kw)
     if status == 501:
         return NotImplementedApiError("the API does not implement this endpoint (disable the job)",
-                                      **kw)  # type: ignore[arg-type]
+                                      **kw)
     if status == 429:
-        return RateLimitedError("the API is rate limiting us", retry_after=retry_after, **kw)  # type: ignore[arg-type]
+        return RateLimitedError("the API is rate limiting us", retry_after=retry_after, **kw)
     if status == 400:
         return BadRequestError(
             "the API rejected the request: if it is the $filter, set `incremental: false` for the job "
-            "in config/jobs.yaml", **kw)  # type: ignore[arg-type]
+            "in config/jobs.yaml", **kw)
     if status == 408 or status >= 500:
-        return ServerError("the API failed to answer", **kw)  # type: ignore[arg-type]
-    return ClientError("the API refused the request", **kw)  # type: ignore[arg-type]
+        return ServerError("the API failed to answer", **kw)
+    return ClientError("the API refused the request", **kw)

@@ -25,11 +25,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.config import Settings
 from producers.paging import Stream
 from schemas.jobs import Job
+
+if TYPE_CHECKING:
+    from producers.pages import Page
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +120,11 @@ def worker_main(worker: int, settings: Settings, job: Job, run_id: int, streams:
             stop.set()
         results.put(progress())
 
+    def on_page(i: int, url: str, page: Page) -> None:
+        pages.publish(streams[i], page)
+
     fetch = Fetch(streams, paginator_for(job, client.urls), policy=client.policy, limiter=client.limiter, stop=stop,
-                  on_page=lambda i, url, page: pages.publish(streams[i], page),
+                  on_page=on_page,
                   on_done=lambda i: results.put(StreamDone(i, pages.stream_records.get(i, 0),
                                                            pages.stream_max.get(i))),
                   on_fail=lambda i, e: results.put(StreamFailed(i, _picklable(e))), claim=claim)

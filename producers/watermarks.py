@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 
@@ -132,17 +132,18 @@ def load_from_topic(settings: Settings, job_id: int, timeout: float = 20.0) -> d
                 err = m.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
-                        eof.add(m.partition())
+                        eof.add(cast(int, m.partition()))  # a consumed message always has its partition
                     continue
                 key = m.key()
                 if not key or not key.startswith(prefix):
                     continue
                 pk = key[len(prefix):].decode()
-                if m.value() is None:
+                value = m.value()
+                if value is None:
                     out.pop(pk, None)
                     continue
                 try:
-                    wm = Watermark.model_validate_json(m.value())
+                    wm = Watermark.model_validate_json(value)
                 except ValueError:
                     continue
                 out[pk] = wm.value.astimezone(UTC)

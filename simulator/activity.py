@@ -137,7 +137,7 @@ class _Site:
 
     def _children(self, e: Entity, parent: int) -> list[int]:
         lo = hi = 0
-        if e.counts is not None and parent < len(e.counts):
+        if e.counts is not None and e.offsets is not None and parent < len(e.counts):
             lo, hi = int(e.offsets[parent]), int(e.offsets[parent + 1])
         out = list(range(lo, hi)) + list(e.ins_by_parent.get(parent, ()))
         return [i for i in out if e.is_alive(i)]

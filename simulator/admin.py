@@ -236,6 +236,7 @@ def reachable(sim: Simulator, route: Route) -> tuple[np.ndarray, dict[str, np.nd
     """Indices of every record the route serves over all valid parents, with the parameter values
     (ids) per record -- exactly what the API answers, mutations included."""
     m = sim.model
+    assert route.entity is not None  # route_for answers served routes only
     e = m.entity(route.entity)
     idx = sim.engine.scope(e, None)
     if not route.placeholders:
@@ -251,6 +252,7 @@ def reachable(sim: Simulator, route: Route) -> tuple[np.ndarray, dict[str, np.nd
         anc = m.entity(PLACEHOLDER_ENTITY[ph])
         while cur_e is not anc:
             cur = m.parent_of(cur_e, cur)
+            assert cur_e.parent is not None  # the placeholder names an ancestor of the route's entity
             cur_e = cur_e.parent
         mask &= anc.live_mask(cur)
         params[ph] = anc.d.id_base + cur
@@ -268,6 +270,7 @@ def reachable(sim: Simulator, route: Route) -> tuple[np.ndarray, dict[str, np.nd
 def _expected(sim: Simulator, params: dict[str, str], body: dict[str, Any]) -> Iterator[bytes]:
     route = route_for(sim, params)
     idx, pvals = reachable(sim, route)
+    assert route.entity is not None  # route_for answers served routes only
     e = sim.model.entity(route.entity)
     names = list(pvals)
 
@@ -305,6 +308,7 @@ def _parent_sets(sim: Simulator, route: Route) -> tuple[list[str], list[np.ndarr
         anc = m.entity(PLACEHOLDER_ENTITY[ph])
         while cur_e is not anc:
             cur = m.parent_of(cur_e, cur)
+            assert cur_e.parent is not None  # the placeholder names an ancestor of the route's entity
             cur_e = cur_e.parent
         mask &= anc.live_mask(cur)
         cols[ph] = anc.d.id_base + cur

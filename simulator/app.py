@@ -165,6 +165,7 @@ class Simulator:
                 status = int(dec.kind)
                 SIM_FAULTS.labels(dec.kind).inc()
                 self.count(label, status)
+                assert dec.rule is not None  # a decision with a kind names its rule
                 extra = [(b"retry-after", str(max(1, round(dec.rule.retry_after))).encode())] if status in (429, 503) else []
                 await send_error(send, status, "injected_fault", f"simulated HTTP {status}", extra)
                 return
@@ -197,6 +198,7 @@ class Simulator:
 
     def handle(self, route: Route, values: tuple[int, ...], params: dict[str, str], scope: dict[str, Any],
                path: str) -> Page:
+        assert route.entity is not None  # only invalid routes have none, and they are answered before
         e = self.model.entity(route.entity)
         parent = self.resolve_parent(route, values)
         if route.kind == "object":
@@ -275,6 +277,7 @@ class Simulator:
             page.records = [r for chunk in page.stream for r in chunk]
         records = page.records
         if kind in ("no_id", "duplicate"):
+            assert dec is not None  # kind is dec's
             if records and (kind == "no_id" or page.wrap is not first_record):
                 records = self._record_fault(kind, records, page.entity, dec.salt)
                 SIM_FAULTS.labels(kind).inc()
@@ -284,6 +287,7 @@ class Simulator:
         body = orjson.dumps(page.wrap(records))
         n = len(records)
         if kind in ("truncate", "malformed", "drip"):
+            assert dec is not None  # kind is dec's
             SIM_FAULTS.labels(kind).inc()
             self.count(label, 200, n)
             await self._body_fault(send, kind, body, dec)

@@ -300,6 +300,7 @@ def _build_visit_plan(m: DataModel, v: Entity) -> VisitPlan:
     s = m.entity("subjects")
     sp = subject_plan(m)
     subj = m.parent_of(v, idx) if n else idx
+    assert v.offsets is not None and v.counts is not None  # patient visits are children of subjects
     pos = idx - v.offsets[subj] if n else idx
     study = m.parent_of(s, subj) if n else subj
     interval, window = study_schedule(m, study)
@@ -416,6 +417,7 @@ def _build_appointment_plan(m: DataModel, a: Entity) -> AppointmentPlan:
     n = a.n_base
     idx = np.arange(n, dtype=np.int64)
     v = m.parent_of(a, idx) if n else idx
+    assert a.offsets is not None  # appointments are children of patient visits
     pos = idx - a.offsets[v] if n else idx
     nc = vp.n_cancel[v]
     final = pos >= nc
@@ -461,6 +463,7 @@ def appointment_previews(m: DataModel, vidx: np.ndarray, base: np.ndarray) -> li
     a = m.entity("appointments")
     ap = appointment_plan(m)
     bv = np.where(base, vidx, 0)
+    assert a.offsets is not None  # appointments are children of patient visits
     lo = np.where(base, a.offsets[bv], 0)
     n = np.where(base, a.offsets[bv + 1] - lo, 0)
     if n.sum() == 0:

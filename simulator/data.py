@@ -149,6 +149,7 @@ class Entity:
         self.model = model
         self.key = key_of(model.seed, "entity", d.name)
         self.parent: Entity | None = model.entity(d.parent) if d.parent else None
+        self.n_base: int  # base records (before mutations), set below
         self.counts: np.ndarray | None = None
         self.offsets: np.ndarray | None = None
         if self.parent is not None:
@@ -337,7 +338,7 @@ class DataModel:
     def child_at(self, child: str, pidx: np.ndarray, j: np.ndarray) -> np.ndarray:
         """The j-th base child of each parent, or -1 when it has fewer than j+1."""
         c = self.entity(child)
-        assert c.offsets is not None
+        assert c.offsets is not None and c.counts is not None
         n = self.child_count(child, pidx)
         ok = (j >= 0) & (j < n)
         return np.where(ok, c.offsets[np.where(pidx >= 0, np.minimum(pidx, len(c.counts)), 0)] + j, -1)

@@ -65,6 +65,7 @@ def study_scalars(m: DataModel, e: Entity, idx, h, parent):
 def person_scalars(m: DataModel, e: Entity, idx, h, parent):
     first, last = _pick_names(h)
     cols = {"firstName": first, "lastName": last}
+    assert e.d.definition is not None  # people are records of a spec definition
     props = m.definitions[e.d.definition]["properties"]
     if "displayName" in props:
         cols["displayName"] = [f"{a} {b}" for a, b in zip(first, last, strict=True)]
@@ -226,7 +227,7 @@ def patient_visit_element_refs(m: DataModel, e: Entity, idx, h, parent):
     study = _study_of_subject(m, subj)
     el = _element_for(m, study, m.position(e, idx, parent), h)
     prev = m.previews("elements", el, "ElementPreviewModel")
-    return {"elementId": [p["id"] for p in prev], "name": [p["name"] for p in prev]}
+    return {"elementId": [p["id"] if p else None for p in prev], "name": [p["name"] if p else None for p in prev]}
 
 
 def stipend_scalars(m: DataModel, e: Entity, idx, h, parent):
@@ -347,14 +348,20 @@ def patient_child_refs(**fields: tuple[str, str]):
 
 
 # -- derived per-parent counts -----------------------------------------------------------------
+def _subjects_per_study(m: DataModel) -> np.ndarray:
+    counts = m.entity("subjects").counts
+    assert counts is not None  # subjects are children of studies
+    return counts
+
+
 def _studies_with_subjects(m: DataModel) -> np.ndarray:
-    return (m.entity("subjects").counts > 0).astype(np.float64)
+    return (_subjects_per_study(m) > 0).astype(np.float64)
 
 
 def study_visit_counts(m: DataModel, e: Entity) -> np.ndarray:
     studies = m.entity("studies")
     h = mix_np(m.hash(studies, np.arange(studies.n_base, dtype=np.int64)) ^ np.uint64(e.key))
-    with_subjects = m.entity("subjects").counts > 0
+    with_subjects = _subjects_per_study(m) > 0
     busy = 4 + (h % np.uint64(12)).astype(np.int64)
     idle = np.where(h % np.uint64(10) == 0, (h >> np.uint64(8)) % np.uint64(6), 0).astype(np.int64)
     return np.where(with_subjects, busy, idle)

@@ -182,7 +182,7 @@ class QueryEngine:
         if parent is None:
             idx = np.arange(e.n_total, dtype=np.int64)
         else:
-            assert e.offsets is not None
+            assert e.offsets is not None and e.counts is not None
             if parent < len(e.counts):
                 lo, hi = int(e.offsets[parent]), int(e.offsets[parent + 1])
             else:
@@ -220,6 +220,7 @@ class QueryEngine:
             total = e.n_total
             lo, n_base_scope, ins = 0, total, None
         else:
+            assert e.offsets is not None and e.counts is not None
             if parent < len(e.counts):
                 lo, hi = int(e.offsets[parent]), int(e.offsets[parent + 1])
             else:
@@ -269,7 +270,7 @@ class QueryEngine:
         positions = list(range(len(idx)))
         for f, desc in reversed(orderby):
             vals = [_sort_value(r.get(f) if isinstance(r, dict) else r) for r in records]
-            positions.sort(key=lambda p, v=vals: v[p], reverse=desc)
+            positions.sort(key=vals.__getitem__, reverse=desc)
         return idx[np.asarray(positions, dtype=np.int64)]
 
 

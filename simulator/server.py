@@ -41,25 +41,31 @@ def serve(cfg: SimConfig, ready_file: Path | None = None, log_level: str = "warn
     shown_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host  # noqa: S104 - display only
     info = {"base_url": f"http://{shown_host}:{port}{BASE_PATH}", "admin_url": f"http://{shown_host}:{port}/_sim",
             "port": port, "pid": os.getpid(), "key_header": cfg.key_header, "scale": cfg.scale, "seed": cfg.seed}
-    common = {"http": "httptools", "loop": "uvloop", "log_level": log_level, "access_log": False,
-              "lifespan": "off", "timeout_keep_alive": 30, "server_header": False}
     if cfg.workers > 1:
         raw = asdict(cfg)
         raw.pop("api_key")
         os.environ["SIM_CONFIG_JSON"] = json.dumps(raw)
         os.environ["SIM_API_KEY"] = cfg.api_key
-        config = uvicorn.Config("simulator.server:create_app", factory=True, workers=cfg.workers, **common)
+        config = _uvicorn_config("simulator.server:create_app", log_level, factory=True, workers=cfg.workers)
         _announce(info, ready_file)
         from uvicorn.supervisors import Multiprocess
 
         Multiprocess(config, sockets=[sock]).run()
         return
     app = Simulator(cfg, admin=handle_admin)
-    config = uvicorn.Config(app, **common)
+    config = _uvicorn_config(app, log_level)
     server = uvicorn.Server(config)
     _announce(info, ready_file)
     log.info("simulator_ready", **{k: v for k, v in info.items() if k != "pid"})
     server.run(sockets=[sock])
+
+
+def _uvicorn_config(app: Simulator | str, log_level: str, factory: bool = False,
+                    workers: int | None = None) -> uvicorn.Config:
+    """The uvicorn settings of both modes (one process, or ``--workers N`` building the app per worker)."""
+    return uvicorn.Config(app, http="httptools", loop="uvloop", log_level=log_level, access_log=False,
+                          lifespan="off", timeout_keep_alive=30, server_header=False, factory=factory,
+                          workers=workers)
 
 
 def _announce(info: dict, ready_file: Path | None) -> None:

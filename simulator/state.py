@@ -226,6 +226,7 @@ class SimState:
         new = np.arange(first, first + n, dtype=np.int64)
         if e.parent is not None:
             assert parents is not None and len(parents) == n
+            assert e.counts is not None  # a child entity has its per-parent counts
             for i, pi in zip(new.tolist(), np.asarray(parents, dtype=np.int64).tolist(), strict=True):
                 base = int(e.counts[pi]) if pi < len(e.counts) else 0
                 lst = e.ins_by_parent.setdefault(pi, [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
-from orchestrator.report import JobRow, ReportData, render
+from orchestrator.report import JobRow, ReportData, _levels, render
 
 T0 = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
 
@@ -52,3 +52,11 @@ def test_page_shows_jobs_levels_lag_failures_and_checks() -> None:
     assert "5.0 s" in page  # extract-to-load lag of the successful attempt (20 s -> 25 s)
     assert "dim_studies_current_unique" in page and ">fail<" in page
     assert page.count("<svg") == 3  # timeline, records, API calls
+
+
+def test_levels_come_from_the_catalog() -> None:
+    """The timeline groups jobs by dependency level: Subjects (10, one call per study) sits below
+    Studies (2). A report that cannot load the catalog shows no levels rather than failing, which
+    once hid that the levels were never computed at all."""
+    assert _levels([2, 10, 1]) == {2: 0, 1: 0, 10: 1}
+

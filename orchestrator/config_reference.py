@@ -71,9 +71,10 @@ EXPLAIN: dict[str, str] = {
     "etl_fanout_incremental": "Incremental runs of parameterized (fan-out) jobs: `changed` (default) asks only the "
                               "parents whose staging row changed since the job's last complete run, plus a "
                               "rotating sweep slice that also checks the assumption behind it (Clinical Conductor "
-                              "moves a parent's timestamp when a child changes): a change found under an unmarked "
-                              "parent is counted, alerted on, and makes the job ask every parent until a complete "
-                              "run finds none. `all` asks every parent every night (one call each). Per job: "
+                              "moves a parent's timestamp when a child changes): a job asks every parent until a "
+                              "complete run has seen its changes announced, and a change found under an unmarked "
+                              "parent is counted, alerted on, and sends it back to asking every parent. `all` "
+                              "asks every parent every night (one call each). Per job: "
                               "`fanout_incremental` in config/jobs.yaml; docs/extraction.md.",
     "etl_fanout_sweep_runs": "With `changed`: the parents are split into N hash slices and each run also asks "
                              "one slice, so a child change the parent did not show is picked up within N runs.",

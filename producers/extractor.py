@@ -420,7 +420,7 @@ class Extraction:
                 sweep = (f" + {f['parents_swept']} in sweep slice {f['sweep_slice']}/{f['sweep_runs']}"
                          if "sweep_slice" in f else "")
                 lines.append(f"fan-out ({f['policy']} policy, asking {f['asked']}"
-                             f"{', guard holds' if f.get('guard') else ''}): {f['parents_changed']} changed since "
+                             f", assumption {f.get('assumption')}): {f['parents_changed']} changed since "
                              f"{f['since'] or 'no complete run'}{sweep} + {f['parents_unfinished']} not yet reached "
                              f"by the first pass + {f['parents_rest']} others (of {f['parent_rows']} parent rows)")
                 left = f.get("budget", {}).get("parents_left", {})

@@ -14,9 +14,10 @@ A job that reads its list across parents (``Job.reads_list``) takes each record'
 ``ts-params`` header, stored as the row's ``source_params`` -- from the record itself, so its rows
 are the rows the per-parent read would have written.
 
-The change-propagation guard: a stream of a parent *not* marked changed (``watch``) that returns a
-record newer than that parent's watermark is a change the ``changed`` fan-out policy would have
-missed; they are counted per run (``missed_changes``) for the planner's guard.
+The evidence for the ``changed`` fan-out policy: every record newer than its parent's watermark is
+a change since the parent was last read; under a parent marked changed it was *announced*, under
+one not marked changed it was not (the policy would have missed it but for the sweep). Both are
+counted per run (``announced_changes``, ``missed_changes``) for the planner's assumption state.
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ class PagePublisher:
         #: stream index -> records published / largest record timestamp
         self.stream_records: dict[int, int] = {}
         self.stream_max: dict[int, datetime] = {}
-        #: change-propagation guard: streams from this index on are parents not marked changed, judged
-        #: against their previous watermark (parent key -> timestamp)
+        #: the policy's evidence: streams from ``watch_from`` on are parents not marked changed; every
+        #: stream is judged against its parent's previous watermark (parent key -> timestamp)
         self.watch_from: int | None = None
         self.watch_watermarks: dict[str, datetime] = {}
+        self.announced_changes = 0
         self.missed_changes = 0
         self.missed_parents: list[dict[str, str]] = []
         #: resumable runs (a plain OData stream ordered by its key): how far every page is acknowledged
@@ -112,8 +114,8 @@ class PagePublisher:
             self.records_without_timestamp += n - len(stamps)
         if isinstance(ack, _PageAck):
             ack.published(n, wm_mod.max_timestamp(stamps) if stamps else None)
-        if stamps and self.watch_from is not None and stream.idx >= self.watch_from:
-            self._judge(stream, stamps)
+        if stamps and self.watch_from is not None:
+            self._judge(stream, stamps, announced=stream.idx < self.watch_from)
         read = n + repeats
         self.records += read
         self.records_missing_key += missing
@@ -147,13 +149,16 @@ class PagePublisher:
             stamps.extend(g[2])
         return n, missing, stamps, repeats
 
-    def _judge(self, stream: Stream, stamps: list[Any]) -> None:
-        """Records newer than the parent's watermark under a parent not marked changed."""
+    def _judge(self, stream: Stream, stamps: list[Any], announced: bool) -> None:
+        """Records newer than the parent's watermark: changes since the parent was last read, under a
+        parent marked changed (announced) or not (missed but for this read)."""
         wm = self.watch_watermarks.get(stream.parent_key)
         if wm is None:
             return  # never read before: nothing to compare with
         newer = sum(1 for ts in stamps if (t := wm_mod.parse_timestamp(ts)) is not None and t > wm)
-        if newer:
+        if announced:
+            self.announced_changes += newer
+        elif newer:
             self.missed_changes += newer
             if len(self.missed_parents) < 10 and stream.params:
                 self.missed_parents.append(dict(stream.params))

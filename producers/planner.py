@@ -113,8 +113,11 @@ class FanoutHistory:
     #: the first complete pass over the parents: done, or the last parent reached so far
     first_pass_done: bool = False
     first_pass_after: tuple[str, ...] | None = None
-    #: the change-propagation guard holds (a change was found under a parent not marked changed)
-    guard: bool = False
+    #: what the job's runs have shown of the assumption the `changed` policy relies on (CC moves a
+    #: parent's timestamp when a child changes): ``unverified`` until a complete run saw child changes
+    #: and every one under a parent marked changed; ``holds``; ``broken`` once a change was found
+    #: under a parent not marked changed (the guard) -- until a complete run shows it holds again
+    assumption: str = "unverified"
     #: API calls per parent of the last run that asked parents (a parent with many pages costs more)
     calls_per_parent: float = 1.0
 
@@ -129,16 +132,16 @@ class FanoutHistory:
                    WHERE job_id = %(j)s AND run_context->'fanout' ? 'sweep_slice' ORDER BY id DESC LIMIT 1),
                  (SELECT run_context->'fanout'->'first_pass' FROM etl.dw_etl_runs
                    WHERE job_id = %(j)s AND run_context->'fanout' ? 'first_pass' ORDER BY id DESC LIMIT 1),
-                 (SELECT (run_context->'fanout'->>'guard_after')::boolean FROM etl.dw_etl_runs
-                   WHERE job_id = %(j)s AND run_context->'fanout' ? 'guard_after' ORDER BY id DESC LIMIT 1),
+                 (SELECT run_context->'fanout'->>'assumption_after' FROM etl.dw_etl_runs
+                   WHERE job_id = %(j)s AND run_context->'fanout' ? 'assumption_after' ORDER BY id DESC LIMIT 1),
                  (SELECT api_calls::float / parents_done FROM etl.dw_etl_runs
                    WHERE job_id = %(j)s AND parents_done > 0 AND api_calls > 0 ORDER BY id DESC LIMIT 1),
                  EXISTS (SELECT 1 FROM etl.dw_etl_runs WHERE job_id = %(j)s AND run_status = 'success'
                           AND mode <> 'retry' AND coalesce(run_context->>'limit', '') = '')""",
             {"j": job_id}).fetchone()
         assert row is not None
-        since, sweep, first_pass, guard, cpp, any_success = row
-        h = cls(since=since, guard=bool(guard), calls_per_parent=max(1.0, float(cpp or 1.0)))
+        since, sweep, first_pass, assumption, cpp, any_success = row
+        h = cls(since=since, assumption=assumption or "unverified", calls_per_parent=max(1.0, float(cpp or 1.0)))
         if sweep:
             h.last_slice = int(sweep["sweep_slice"])
             h.slice_done = bool(sweep.get("sweep_done", True))
@@ -287,9 +290,11 @@ def _resume_point(conn: psycopg.Connection, job: Job, run_id: int) -> dict[str, 
 class SelectionRule:
     """Which parents an incremental run of a fan-out job asks, from its history:
 
-    * ``changed`` policy, first pass done, guard clear: changed + one sweep slice;
+    * ``changed`` policy, first pass done, the assumption shown to hold: changed + one sweep slice;
     * first pass not done: changed + the parents the pass has not reached (keyset order);
-    * ``all`` policy, the guard holds, or no complete run to start from: every parent.
+    * ``all`` policy, the assumption not (or no longer) shown to hold, or no complete run to start
+      from: every parent -- each with its own filter, so every change arrives, and the run sees
+      whether each came under a parent marked changed (the evidence for, or against, the policy).
     """
 
     since: datetime | None
@@ -304,9 +309,9 @@ class SelectionRule:
     def of(cls, job: Job, settings: Settings, h: FanoutHistory) -> SelectionRule:
         policy = fanout_policy(job, settings)
         n = settings.etl_fanout_sweep_runs
-        use_sweep = policy == "changed" and h.first_pass_done and not h.guard and h.since is not None
+        use_sweep = policy == "changed" and h.first_pass_done and h.assumption == "holds" and h.since is not None
         slice_ = 0 if h.last_slice is None else ((h.last_slice + 1) % n if h.slice_done else h.last_slice % n)
-        everything = (policy == "all" or h.guard or h.since is None) and h.first_pass_done
+        everything = (policy == "all" or h.assumption != "holds" or h.since is None) and h.first_pass_done
         return cls(h.since, use_sweep, slice_, n, everything, h.first_pass_done, h.first_pass_after)
 
     def select(self, conn: psycopg.Connection, job: Job, count_only: bool = False) -> parents_mod.ParentSelection:
@@ -366,13 +371,19 @@ def _select_parents(conn: psycopg.Connection, job: Job, settings: Settings, plan
     start = len(sel.changed) + len(sel.swept)
     plan.first_pass = (start, start + len(sel.unfinished))
     plan.first_pass_values = sel.unfinished
-    asked = "guard" if h.guard and h.first_pass_done else ("changed" if use_sweep else (
-        "first_pass" if not h.first_pass_done else "all"))
+    if not h.first_pass_done:
+        asked = "first_pass"
+    elif use_sweep:
+        asked = "changed"
+    elif policy == "changed" and h.since is not None:
+        asked = "guard" if h.assumption == "broken" else "verify"
+    else:
+        asked = "all"
     plan.fanout = {
         "policy": policy, "asked": asked, "since": h.since.isoformat() if h.since else None,
         "parents_changed": len(sel.changed), "parents_swept": len(sel.swept),
         "parents_unfinished": len(sel.unfinished), "parents_rest": len(sel.rest), "parent_rows": sel.parent_rows,
-        "guard": h.guard, "changed_complete": left["changed"] == 0,
+        "assumption": h.assumption, "changed_complete": left["changed"] == 0,
         "first_pass": {"done": h.first_pass_done, "after": list(h.first_pass_after) if h.first_pass_after else None},
     }
     if use_sweep:

@@ -202,8 +202,9 @@ class RunRecorder:
 
     def _fanout_outcome(self, plan: RunPlan, driver: FetchDriver, tracker: DeliveryTracker,
                         status: str) -> dict[str, Any]:
-        """The run's fan-out record, completed with what happened: how far the first pass got,
-        changes found under parents not marked changed, and whether the guard holds."""
+        """The run's fan-out record, completed with what happened: how far the first pass got, the
+        changes found under parents marked changed and not, and what that shows of the assumption
+        the `changed` policy relies on (``assumption_after``)."""
         from common.metrics import CALLS_BUDGET_LEFT, FANOUT_GUARD, FANOUT_UNANNOUNCED
 
         fan = dict(plan.fanout)
@@ -220,18 +221,28 @@ class RunRecorder:
             fan["first_pass"] = {"done": reached == len(vals) and left == 0,
                                  "after": list(vals[reached - 1]) if reached else fan["first_pass"]["after"]}
         pages = driver.pages
+        fan["announced_changes"] = pages.announced_changes
         fan["unannounced_changes"] = pages.missed_changes
         if pages.missed_parents:
             fan["unannounced_parents"] = pages.missed_parents
-        if pages.missed_changes and fan.get("policy") == "changed":
+        changed_policy = fan.get("policy") == "changed"
+        if pages.missed_changes and changed_policy:
             FANOUT_UNANNOUNCED.labels(job_id).inc(pages.missed_changes)
             self.log.warning("fanout_unannounced_changes", changes=pages.missed_changes,
                              parents=pages.missed_parents, note="changes under parents whose own timestamp did not "
-                             "move: the job asks every parent until one complete run finds none")
+                             "move: the job asks every parent until a complete run shows CC announces them")
         left = fan.get("budget", {}).get("parents_left", {})
-        complete_all = fan.get("asked") in ("all", "guard") and status == "success" and not any(left.values())
-        fan["guard_after"] = bool(fan.get("policy") == "changed" and (
-            pages.missed_changes > 0 or (fan.get("guard") and not complete_all)))
+        complete_all = fan.get("asked") in ("all", "guard", "verify") and status == "success" \
+            and not any(left.values())
+        before = fan.get("assumption", "unverified")
+        if pages.missed_changes:
+            after = "broken"
+        elif before != "holds" and complete_all and pages.announced_changes:
+            after = "holds"  # every parent asked; changes seen, each under a parent marked changed
+        else:
+            after = before
+        fan["assumption_after"] = after
+        fan["guard_after"] = changed_policy and after == "broken"
         FANOUT_GUARD.labels(job_id).set(1 if fan["guard_after"] else 0)
         for reason, n in left.items():
             CALLS_BUDGET_LEFT.labels(job_id, reason).set(n)

@@ -77,10 +77,11 @@ def test_a_first_load_spreads_over_nights_changed_parents_first(env: Settings, s
     truth = expected_by_key(sim, subjects)
     assert set(published) == set(truth)
     assert all(published[k] == truth[k][-1] for k in truth)
-    # the first pass is done: the next night is a normal changed + sweep night, unbudgeted
+    # the first pass is done: the next night, unbudgeted, asks every parent until the job has seen
+    # CC announce its changes (the assumption the `changed` policy relies on)
     nxt = run_job(subjects, mode="incremental", settings=env)
     f = run_row(env, nxt.run_id)["run_context"]["fanout"]
-    assert f["asked"] == "changed" and "budget" not in f
+    assert f["asked"] == "verify" and "budget" not in f and nxt.parents_total == f["parent_rows"]
 
 
 def test_the_ledger_keeps_room_for_the_changed_parents_of_jobs_still_to_run(env: Settings) -> None:

@@ -45,6 +45,7 @@ not trusted on the embedded broker) and everything is committed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -57,10 +58,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import groupby, repeat
+from operator import is_not, itemgetter
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from common.config import Settings, get_settings
 from common.db import BRONZE, DatabaseError, connect, qualified
@@ -101,9 +104,14 @@ LAG_SAMPLES = 32
 EVALUATE_EVERY = 1.0  # s between run-completion evaluations of the topics just written
 EVALUATE_ALL_EVERY = 5.0  # s between evaluations of every waiting run while idle
 SWITCH_INTERVAL = 0.001  # s, see Loader.run
+CONSUME_MAX = 2000  # messages per consume() call (Loader._consume_once)
+EAGER_FRACTION = 20  # an idle writer takes a batch of >= batch_size / this (Loader._flush_due)
+GC_THRESHOLD = 100_000  # generation-0 allocations between collections while the loop runs (Loader.run)
 DEFAULT_BATCH_SIZE = 20_000  # = LOADER_BATCH_SIZE default; bench/loader_bench.py
 DEFAULT_FLUSH_MS = 250  # = LOADER_FLUSH_MS default
 
+_FIRST = itemgetter(0)
+_SECOND = itemgetter(1)
 TP = tuple[str, int]
 Batch = dict[TP, list[Any]]
 Results = dict[str, tuple[str, WriteResult]]  # topic -> (table, result)
@@ -322,9 +330,19 @@ class BatchSink:
         for topic, (_table, pb) in prepared.items():
             if not pb.msgs:
                 continue
-            parts = [m.partition() for m in pb.msgs]
-            offs = [m.offset() for m in pb.msgs]
-            keys = list(zip(pb.run_ids, parts, strict=True))
+            offs = pb.offsets
+            run = pb.single_run()
+            if run is not None:  # the usual case: per partition only
+                rid = _run_id(run)
+                if rid is None:
+                    continue
+                parts = pb.partitions
+                hi_p = dict(zip(parts, offs, strict=True))
+                lo_p = dict(zip(reversed(parts), reversed(offs), strict=True))
+                for part, n in Counter(parts).items():
+                    groups[(rid, topic, part)] = [n, 0, lo_p[part], hi_p[part]]
+                continue
+            keys = list(zip(pb.run_ids, pb.partitions, strict=True))
             counts = Counter(keys)
             hi = dict(zip(keys, offs, strict=True))
             lo = dict(zip(reversed(keys), reversed(offs), strict=True))
@@ -617,6 +635,14 @@ class Loader:
         # should get the GIL back within ~1 ms, not the default 5 ms (~8 round trips per batch)
         old_switch = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL)
+        # A batch allocates ~10 objects per record (messages, tuples, bytes) that all die together
+        # when it is written; CPython's default generation-0 threshold (700 allocations) then runs
+        # a collection every few dozen records, each traversing the buffered messages -- ~8 % of
+        # the loader's CPU (py-spy, bench/RESULTS.md). Start-up objects are frozen out of the
+        # collector and collections are made rarer while the loop runs.
+        old_gc = gc.get_threshold()
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, *old_gc[1:])
         self.writer = _WriterThread(self.sink)
         self.consumer = Consumer(self._consumer_config())
         self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -641,6 +667,8 @@ class Loader:
         finally:
             self._shutdown()
             sys.setswitchinterval(old_switch)
+            gc.set_threshold(*old_gc)
+            gc.unfreeze()
         self.log.info("loader_stopped", **self.stats.as_dict())
         return self.stats
 
@@ -673,7 +701,9 @@ class Loader:
     # -- consuming -------------------------------------------------------------------------------
     def _consume_once(self) -> None:
         assert self.consumer is not None
-        room = max(1, self.opts.batch_size - self.pending_n)
+        # at most CONSUME_MAX per call: creating the Message objects holds the GIL, which the writer
+        # thread needs between the database's replies (see staging_writer.prepare)
+        room = max(1, min(CONSUME_MAX, self.opts.batch_size - self.pending_n))
         if self.pending_n:
             timeout = max(0.0, self.opts.flush_ms / 1000 - (time.monotonic() - self.pending_since))
         else:
@@ -685,7 +715,35 @@ class Loader:
 
     def _add(self, msgs: list[Any], since: float | None = None) -> None:
         """Buffer ``msgs``; ``since`` = when the consume call that got them started (they may have
-        arrived right then), so a record waits at most ``flush_ms`` before its batch is flushed."""
+        arrived right then), so a record waits at most ``flush_ms`` before its batch is flushed.
+
+        A batch without events (the usual case) is grouped by partition with C-level maps and
+        ``groupby`` (the broker hands out runs of one partition); one with events (end of
+        partition, errors) is walked in order, since an event and a message of the same partition
+        must be seen in the order they came."""
+        if not msgs:
+            return
+        n = len(msgs)
+        # (not ``errs.count(None)``: KafkaError's == against None leaves a TypeError set in C)
+        if any(map(is_not, map(Message.error, msgs), repeat(None))):
+            n = self._add_in_order(msgs)
+        else:
+            pending = self.pending
+            eof = self.eof if self.opts.once else None
+            tps = zip(map(Message.topic, msgs), map(Message.partition, msgs), strict=True)
+            for tp, run in groupby(zip(tps, msgs, strict=True), _FIRST):
+                lst = pending.get(tp)
+                if lst is None:
+                    lst = pending[tp] = []
+                lst.extend(map(_SECOND, run))
+                if eof is not None:
+                    eof.discard(tp)
+        if n:
+            if not self.pending_n:
+                self.pending_since = since if since is not None else time.monotonic()
+            self.pending_n += n
+
+    def _add_in_order(self, msgs: list[Any]) -> int:
         pending = self.pending
         once = self.opts.once
         n = 0
@@ -708,10 +766,7 @@ class Loader:
                     self.eof.discard(tp)
             lst.append(m)
             n += 1
-        if n:
-            if not self.pending_n:
-                self.pending_since = since if since is not None else time.monotonic()
-            self.pending_n += n
+        return n
 
     def _on_message_error(self, m: Any, err: KafkaError) -> None:
         code = err.code()
@@ -744,6 +799,13 @@ class Loader:
         if not self.pending_n:
             return False
         if self.pending_n >= self.opts.batch_size:
+            return True
+        # The database is idle: a smaller batch now beats a full one later. While it writes, the
+        # next batch grows by what arrives meanwhile, so under load batches reach batch_size by
+        # themselves; without this the first batch of a backlog (and every batch after an idle
+        # spell) kept the database waiting while batch_size records were collected.
+        assert self.writer is not None
+        if not self.writer.busy and self.pending_n >= max(1, self.opts.batch_size // EAGER_FRACTION):
             return True
         if (time.monotonic() - self.pending_since) * 1000 >= self.opts.flush_ms:
             return True

@@ -208,8 +208,9 @@ class BatchSink:
 
     def __init__(self, settings: Settings, group: str, account: bool = True,
                  dlq: DeadLetters | None = None, target: Callable[[str], tuple[str, str]] | None = None,
-                 application_name: str = "trialsync-loader"):
+                 application_name: str = "trialsync-loader", verify_data: bool = False):
         self.settings = settings
+        self.verify_data = verify_data  # StagingWriter.verify_data (replays)
         self.group = group
         self.account = account
         self.dlq = dlq or DeadLetters(settings)
@@ -230,7 +231,7 @@ class BatchSink:
                 self.conn = connect(self.settings, autocommit=True, application_name=self.application_name)
             except DatabaseError as e:
                 raise DatabaseUnavailable(str(e)) from None
-            self.writer = StagingWriter(self.conn)
+            self.writer = StagingWriter(self.conn, verify_data=self.verify_data)
         return self.conn
 
     def close(self) -> None:

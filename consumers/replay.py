@@ -37,7 +37,7 @@ from psycopg import sql
 
 from common.config import Settings, get_settings
 from common.db import BRONZE, ETL, connect, ident, staging_table
-from common.kafka import H_RUN_ID, bronze_topic, consumer_config, topic_prefix
+from common.kafka import H_RUN_ID, bronze_topic, consumer_config, header_value, topic_prefix
 from common.logging import get_logger
 from consumers.loader import BatchSink, DatabaseUnavailable, RdkafkaLog
 from consumers.staging_writer import WriteResult
@@ -50,7 +50,7 @@ Mode = Literal["beginning", "since", "run"]
 # created_at of surviving rows are kept
 _CONTENT = ("data", "source_instance_id", "etl_job_id", "etl_run_id", "source_modified_at", "is_deleted",
             "deleted_at", "kafka_partition", "kafka_offset", "extracted_at", "source_params", "loaded_at",
-            "updated_at")
+            "updated_at", "kafka_timestamp_ms", "content_hash")
 
 
 class ReplayError(RuntimeError):
@@ -170,7 +170,8 @@ def replay(opts: ReplayOptions, settings: Settings | None = None, progress: Prog
         else:
             def target(t: str) -> tuple[str, str]:
                 return (BRONZE, t)
-        sink = BatchSink(s, group, account=False, target=target, application_name="trialsync-replay")
+        sink = BatchSink(s, group, account=False, target=target, application_name="trialsync-replay",
+                         verify_data=True)
         consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
         _read(consumer, sink, opts, res, todo, end_offsets, progress, KafkaError, TopicPartition)
         if res.records_read == 0:
@@ -312,10 +313,8 @@ def _estimate_total(consumer: Any, topic: str, res: ReplayResult, todo: set[int]
 
 
 def _header(m: Any, name: str) -> bytes | None:
-    for k, v in m.headers() or ():
-        if k == name:
-            return v
-    return None
+    """A named header's value, also inside ts-load-v1 (records of this version carry only that)."""
+    return header_value(m.headers(), name)
 
 
 def _add_result(res: ReplayResult, r: WriteResult) -> None:

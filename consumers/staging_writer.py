@@ -488,18 +488,20 @@ WHERE run_id !~ '^[0-9]{{0,18}}$' OR job_id !~ '^[0-9]{{0,9}}$'
 #   * an existing key with the same hash is left alone: no JSON parse, no row lock, no WAL -- what
 #     makes a re-load of unchanged records cheap (bench/RESULTS.md);
 #   * a stored row without a hash (loaded before migration 0610) is compared by its data once and
-#     gets its hash (``fill``: no other column changes, not counted as an update);
+#     gets its hash (``fill``: no other column changes, not counted as an update); so is every row
+#     when the writer verifies data ({verify}: replays, which must also undo hand edits that left
+#     the hash as it was);
 #   * a tombstone soft-deletes a live row (fence as above).
 # The UPDATEs find their rows by primary key through ``= ANY(ARRAY(...))`` (an index scan) for the
 # same reason.
 _MATCH = sql.SQL("""src AS ({src}),
 cur AS (
-    SELECT src.*, s.sid, s.old_hash, s.old_deleted, s.old_ext, s.old_off, s.legacy_changed
+    SELECT src.*, s.sid, s.old_hash, s.old_deleted, s.old_ext, s.old_off, s.data_changed
     FROM src LEFT JOIN LATERAL (
         SELECT s.id AS sid, s.content_hash AS old_hash, s.is_deleted AS old_deleted, s.extracted_at AS old_ext,
                s.kafka_offset AS old_off,
-               CASE WHEN s.content_hash IS NULL AND NOT src.tomb
-                    THEN s.data IS DISTINCT FROM src.data::jsonb END AS legacy_changed
+               CASE WHEN (s.content_hash IS NULL OR {verify}) AND NOT src.tomb
+                    THEN s.data IS DISTINCT FROM src.data::jsonb END AS data_changed
         FROM {target} s WHERE s.source_id = src.source_id LIMIT 1) s ON true),
 todo AS (
     -- the rows that may change something; only these get their header values parsed
@@ -507,11 +509,12 @@ todo AS (
     FROM cur c
     WHERE (c.sid IS NULL AND NOT c.tomb)
        OR (c.sid IS NOT NULL AND (CASE WHEN c.tomb THEN NOT c.old_deleted
-                                       ELSE c.old_deleted OR c.old_hash IS DISTINCT FROM c.hash END)))""")
-_CHANGED = sql.SQL("""NOT c.tomb AND (c.sid IS NULL OR (c.fresh AND (c.old_deleted
-    OR CASE WHEN c.old_hash IS NULL THEN c.legacy_changed ELSE true END)))""")
-_FILL = sql.SQL("""c.sid IS NOT NULL AND NOT c.tomb AND c.old_hash IS NULL AND NOT c.legacy_changed
-    AND NOT (c.old_deleted AND c.fresh)""")
+                                       ELSE c.old_deleted OR c.old_hash IS DISTINCT FROM c.hash
+                                            OR coalesce(c.data_changed, false) END)))""")
+# data_changed is NULL where only the hashes were compared (todo holds such a row only if they differ)
+_CHANGED = sql.SQL("""NOT c.tomb AND (c.sid IS NULL OR (c.fresh AND (c.old_deleted OR coalesce(c.data_changed, true))))""")
+_FILL = sql.SQL("""c.sid IS NOT NULL AND NOT c.tomb AND c.data_changed IS FALSE
+    AND c.old_hash IS DISTINCT FROM c.hash AND NOT (c.old_deleted AND c.fresh)""")
 _DELETES = sql.SQL("c.sid IS NOT NULL AND c.tomb AND NOT c.old_deleted AND c.fresh")
 _UPSERT = sql.SQL("""
 ups AS (
@@ -529,7 +532,8 @@ ups AS (
         kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset,
         kafka_timestamp_ms = EXCLUDED.kafka_timestamp_ms, is_deleted = false, deleted_at = NULL,
         loaded_at = now(), updated_at = now()
-    WHERE (s.content_hash IS DISTINCT FROM EXCLUDED.content_hash OR s.is_deleted)
+    WHERE (s.content_hash IS DISTINCT FROM EXCLUDED.content_hash OR s.is_deleted
+           OR ({verify} AND s.data IS DISTINCT FROM EXCLUDED.data))
       AND (s.extracted_at IS NULL
            OR (EXCLUDED.extracted_at, EXCLUDED.kafka_offset) >= (s.extracted_at, coalesce(s.kafka_offset, -1)))
     RETURNING (s.xmax = 0) AS ins),
@@ -557,9 +561,11 @@ _STATEMENTS = {
 }
 
 
-def _statement(kind: str, src: sql.Composable, target: sql.Composable) -> sql.Composed:
+def _statement(kind: str, src: sql.Composable, target: sql.Composable, verify: bool = False) -> sql.Composed:
+    v = sql.SQL("true" if verify else "false")
     return _STATEMENTS[kind].format(
-        m=_MATCH.format(src=src, target=target), u=_UPSERT.format(target=target, changed=_CHANGED, fill=_FILL),
+        m=_MATCH.format(src=src, target=target, verify=v),
+        u=_UPSERT.format(target=target, changed=_CHANGED, fill=_FILL, verify=v),
         d=_SOFT_DELETE.format(target=target, deletes=_DELETES), c=_COUNT_UPSERT)
 
 _PARSED = sql.SQL("SELECT {cols} FROM {tmp} t").format(cols=_SRC_COLUMNS, tmp=_TMP)
@@ -660,8 +666,11 @@ class StagingWriter:
     and carry the loader columns, and the direct path's key sets.
     """
 
-    def __init__(self, conn: psycopg.Connection):
+    def __init__(self, conn: psycopg.Connection, verify_data: bool = False):
         self.conn = conn
+        #: compare stored data with the record's, not only the content hashes (replays: a row
+        #: edited by hand keeps its hash, and a replay must restore it)
+        self.verify_data = verify_data
         self._tmp_ready = False
         self._tmp_dirty = False
         self._tables: dict[str, bool] = {}
@@ -822,10 +831,9 @@ class StagingWriter:
         res.direct = True
         return True
 
-    @staticmethod
-    def _apply(cur: psycopg.Cursor, kind: str, src: sql.Composable, target: sql.Composable,
+    def _apply(self, cur: psycopg.Cursor, kind: str, src: sql.Composable, target: sql.Composable,
                res: WriteResult, params: dict[str, Any] | None = None) -> None:
-        q = _statement(kind, src, target)
+        q = _statement(kind, src, target, self.verify_data)
         ins, upd, dele = cur.execute(q, params).fetchone()  # type: ignore[misc]
         res.inserted += ins
         res.updated += upd

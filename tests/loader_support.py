@@ -109,7 +109,8 @@ def drop_table(conn: psycopg.Connection, name: str) -> None:
 def publish(settings: Any, table: str, recs: Iterable[Rec], partitions: int = 3,
             topic: str | None = None, fmt: str = "named") -> dict[int, int]:
     """Publish in order (idempotent producer); returns {partition: last offset} from delivery reports.
-    ``fmt``: the header format (``Rec.raw_headers``)."""
+    ``fmt``: the header format (``Rec.raw_headers``), or ``mixed`` (alternating, as a topic holding
+    records of an earlier version and of this one)."""
     from confluent_kafka import Producer
 
     from common.kafka import bronze_topic, ensure_topics, producer_config
@@ -130,7 +131,7 @@ def publish(settings: Any, table: str, recs: Iterable[Rec], partitions: int = 3,
         while True:
             try:
                 p.produce(topic, key=r.key.encode() if r.key is not None else None, value=r.raw_value(),
-                          headers=r.raw_headers(fmt), on_delivery=cb)
+                          headers=r.raw_headers(("named", "v1")[i % 2] if fmt == "mixed" else fmt), on_delivery=cb)
                 break
             except BufferError:
                 p.poll(0.05)

@@ -104,6 +104,8 @@ LAG_SAMPLES = 32
 EVALUATE_EVERY = 1.0  # s between run-completion evaluations of the topics just written
 EVALUATE_ALL_EVERY = 5.0  # s between evaluations of every waiting run while idle
 SWITCH_INTERVAL = 0.001  # s, see Loader.run
+ONCE_POLL_S = 0.05  # consume() timeout of a one-shot load (Loader._consume_once)
+IDLE_POLL_S = 1.0  # consume() timeout of a service with nothing buffered
 CONSUME_MAX = 2000  # messages per consume() call (Loader._consume_once)
 EAGER_FRACTION = 20  # an idle writer takes a batch of >= batch_size / this (Loader._flush_due)
 GC_THRESHOLD = 100_000  # generation-0 allocations between collections while the loop runs (Loader.run)
@@ -546,6 +548,9 @@ class LoaderOptions:
     #: extra consumer settings (tests, tuning)
     consumer_overrides: dict[str, Any] = field(default_factory=dict)
     install_signal_handlers: bool = True
+    #: ``once``: take every partition without joining the group when no member is active
+    #: (Loader._group_idle); off for several one-shot processes sharing the work
+    assign_when_alone: bool = True
 
 
 @dataclass
@@ -646,10 +651,15 @@ class Loader:
         gc.set_threshold(GC_THRESHOLD, *old_gc[1:])
         self.writer = _WriterThread(self.sink)
         self.consumer = Consumer(self._consumer_config())
-        self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        assigned = self.opts.once and self.opts.assign_when_alone and self._group_idle()
+        if assigned:
+            self._assign_all(topics)
+        else:
+            self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                    on_lost=self._on_lost)
         self.log.info("loader_started", topics=topics, batch_size=self.opts.batch_size,
-                      flush_ms=self.opts.flush_ms, once=self.opts.once)
+                      flush_ms=self.opts.flush_ms, once=self.opts.once,
+                      membership="assigned" if assigned else "group")
         started = time.monotonic()
         try:
             while not self.stopping:
@@ -672,6 +682,40 @@ class Loader:
             gc.unfreeze()
         self.log.info("loader_stopped", **self.stats.as_dict())
         return self.stats
+
+    # -- one-shot loads without a group join -------------------------------------------------------
+    def _group_idle(self) -> bool:
+        """True when no member of our group is active (so a one-shot load may take every partition).
+
+        Why: joining a group costs seconds (the broker waits for other members; ~3 s on the
+        embedded broker), more than a small ``load --once`` takes otherwise. Alone, the one-shot
+        loader assigns itself every partition and commits offsets as a simple consumer would --
+        the broker accepts that only while the group has no members. If a ``trialsync load``
+        service is running in the group, the one-shot load joins it like any member instead. Any
+        doubt (a broker that cannot describe groups) means joining."""
+        from confluent_kafka import ConsumerGroupState
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            admin = AdminClient({"bootstrap.servers": self._consumer_config()["bootstrap.servers"],
+                                 "logger": RdkafkaLog()})
+            desc = admin.describe_consumer_groups([self.opts.group], request_timeout=5)[self.opts.group].result(5)
+        except (KafkaException, RuntimeError, KeyError, ValueError) as e:
+            self.log.info("group_not_described", error=str(e)[:300], note="joining the group")
+            return False
+        return desc.state in (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD) and not desc.members
+
+    def _assign_all(self, topics: list[str]) -> None:
+        """Assign every partition of the subscription's topics; offsets: the group's committed ones
+        (``auto.offset.reset`` where there are none), as a group member would start."""
+        assert self.consumer is not None
+        md = self.consumer.list_topics(timeout=10)
+        pattern = re.compile(topics[0]) if len(topics) == 1 and topics[0].startswith("^") else None
+        names = sorted(t for t, meta in md.topics.items() if meta.error is None
+                       and (pattern.match(t) if pattern is not None else t in topics))
+        parts = [TopicPartition(t, p) for t in names for p in sorted(md.topics[t].partitions)]
+        self.consumer.assign(parts)
+        self._on_assign(self.consumer, parts)
 
     def _shutdown(self) -> None:
         try:
@@ -705,10 +749,15 @@ class Loader:
         # at most CONSUME_MAX per call: creating the Message objects holds the GIL, which the writer
         # thread needs between the database's replies (see staging_writer.prepare)
         room = max(1, min(CONSUME_MAX, self.opts.batch_size - self.pending_n))
-        if self.pending_n:
+        # consume() waits its whole timeout unless it gets num_messages
+        if self.opts.once:
+            # short waits: a one-shot load sees its partitions' ends (and exits) as soon as reported
+            timeout = ONCE_POLL_S
+        elif self.pending_n:
             timeout = max(0.0, self.opts.flush_ms / 1000 - (time.monotonic() - self.pending_since))
         else:
-            timeout = 0.5 if self.opts.once else min(1.0, self.opts.flush_ms / 1000)
+            # idle: one wake-up a second at most, and back at the first message that arrives
+            timeout, room = IDLE_POLL_S, 1
         called = time.monotonic()
         msgs = self.consumer.consume(num_messages=room, timeout=timeout)
         if msgs:

@@ -1098,7 +1098,9 @@ class Loader:
                 if ts > 0:
                     LOAD_LAG.labels(table).observe(max(0.0, (now_ms - ts) / 1000))
         self.log.debug("batch_committed", records=done.n, duration_ms=round(dt * 1000, 1),
-                       tables=sorted(t for t, _ in done.results.values()))
+                       tables=sorted(t for t, _ in done.results.values()),
+                       direct=sorted(t for t, r in done.results.values() if r.direct),
+                       unchanged=sum(r.unchanged for _, r in done.results.values()))
         if self.on_batch is not None:
             self.on_batch({"records": done.n, "seconds": dt, "written_at": done.written_at,
                            "batch": done.batch, "results": done.results})

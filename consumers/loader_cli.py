@@ -50,7 +50,7 @@ def load(
     setup_logging("loader")
     opts = LoaderOptions(group=group or default_group(s), tables=tables,
                          batch_size=batch_size or s.loader_batch_size, flush_ms=flush_ms or s.loader_flush_ms,
-                         once=once, assign_when_alone=workers == 1)
+                         once=once, assign_when_alone=workers == 1, idle_probe_s=s.loader_idle_probe_ms / 1000)
     subscription(tables, s)  # validate names before starting anything
     log = get_logger("loader")
     _preflight(log)

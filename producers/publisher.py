@@ -222,7 +222,7 @@ class Publisher:
                         stamps.append(ts)
                         mod = ts.encode() if type(ts) is str else str(ts).encode()
                 value = dumps(rec)
-                if shape is not None and (not mod or not _UNSAFE.search(mod)):
+                if shape is not None and (not mod or (b"\t" not in mod and b"\n" not in mod and b"\r" not in mod)):
                     pre, post, extra = shape
                     headers = [(h_load, pre + mod + post + hexlify(sha256(value).digest()[:16])), *extra]
                 elif mod:

@@ -88,10 +88,10 @@ _TS = methodcaller("timestamp")
 _FIRST = itemgetter(0)
 _SECOND = itemgetter(1)
 _RUN_OF_META = methodcaller("partition", b"\t")
-#: bytes a key (or, but for tabs, a ts-load-v1 value) must not hold for the CSV payload: our
-#: separators, CSV's quote byte (\x01), and what PostgreSQL text refuses (NUL)
-_KEY_UNSAFE = (b"\t", b"\r", b"\x00", b"\x01")
-_META_UNSAFE = (b"\r", b"\x00", b"\x01")
+#: bytes a key (or, but for tabs, a ts-load-v1 value) must not hold on the unchecked path: our
+#: separators, the end-of-line COPY text also accepts (CR), and what PostgreSQL text refuses (NUL)
+_KEY_UNSAFE = (b"\t", b"\r", b"\x00")
+_META_UNSAFE = (b"\r", b"\x00")
 
 
 def _unsafe(buf: bytes, needles: tuple[bytes, ...]) -> bool:
@@ -152,8 +152,9 @@ class PreparedBatch:
     has_tombstones: bool = True
     #: every row carries an extraction time (the direct-COPY path needs no SQL fallback for it)
     all_extracted: bool = False
-    #: the payload is COPY CSV with an impossible quote byte (nothing escaped), else COPY text
-    csv: bool = False
+    #: the values went in unchecked (prepare's fast path): if the database refuses the payload,
+    #: the batch is prepared again by prepare_text, which checks every byte
+    unchecked: bool = False
     _run_ids: list[bytes] | None = None
 
     def __len__(self) -> int:
@@ -238,13 +239,15 @@ def prepare(msgs: Sequence[Any]) -> PreparedBatch:
 
     The common case -- every record carries the ts-load-v1 header (published by this version) --
     is vectorized: the message accessors are mapped over the batch in C, each row is one ``bytes
-    %`` format with the header value put in as it is, and the payload is COPYed in CSV mode with a
-    quote byte that never occurs (``_COPY_CSV``), so nothing needs escaping: backslashes in JSON
-    are literal there. What that path trusts without looking -- that values hold no raw tab,
-    newline, CR or \x01 and are UTF-8, as ``orjson`` guarantees -- the database checks; a batch it
-    refuses is prepared again by :func:`prepare_text` (``StagingWriter.write``). Keys and header
-    values, which come from elsewhere, are checked here. Records without the header (older
-    publishers), empty values and keyless records take the text path.
+    %`` format with the header value put in as it is, and the only escaping COPY text needs --
+    doubling backslashes (JSON escapes) -- is one ``replace`` per slice. What that path trusts
+    without looking -- that values hold no raw tab, newline, CR or NUL and are UTF-8, as
+    ``orjson`` guarantees -- the database checks; a batch it refuses is prepared again by
+    :func:`prepare_text` (``StagingWriter.write``), which checks every byte. Keys and header values,
+    which come from elsewhere, are checked here. Records without the header (older publishers),
+    empty values and keyless records take the checked path. (COPY CSV with a quote byte that
+    never occurs would skip even the backslash pass, but costs PostgreSQL ~1 us more per row,
+    and PostgreSQL is what a first load waits for: bench/RESULTS.md.)
 
     The work goes in slices of ``PREPARE_SLICE`` records: each step is one C call that holds the
     GIL, and the writer thread needs the GIL between the database's replies (COPY chunks, the
@@ -270,12 +273,12 @@ def prepare(msgs: Sequence[Any]) -> PreparedBatch:
         metas += got[4]
         tombs = tombs or got[5]
     return PreparedBatch(list(msgs), chunks, [], len(set(keys)) != len(keys), keys, parts, offs, metas,
-                         tombs, True, csv=True)
+                         tombs, True, unchecked=True)
 
 
 def _fast_slice(msgs: Sequence[Any], acc: tuple[Any, ...]) -> tuple[bytes, list[bytes], list[int], list[int],
                                                                    list[bytes], bool] | None:
-    """One slice of the CSV payload, or None when the slice needs the text path."""
+    """One slice of the unchecked payload, or None when the slice needs the checked path."""
     key_of, value_of, headers_of, part_of, off_of, ts_of = acc
     keys = list(map(key_of, msgs))
     if None in keys or b"" in keys:
@@ -294,12 +297,15 @@ def _fast_slice(msgs: Sequence[Any], acc: tuple[Any, ...]) -> tuple[bytes, list[
     offs = list(map(off_of, msgs))
     tss = list(map(_SECOND, map(ts_of, msgs)))
     tombs = None in vals
-    return _rows(keys, vals, metas, parts, offs, tss, tombs), keys, parts, offs, metas, tombs  # type: ignore[arg-type]
+    chunk = _rows(keys, vals, metas, parts, offs, tss, tombs)  # type: ignore[arg-type]
+    if b"\\" in chunk:
+        chunk = chunk.replace(b"\\", b"\\\\")
+    return chunk, keys, parts, offs, metas, tombs
 
 
 def prepare_text(msgs: Sequence[Any]) -> PreparedBatch:
     """The COPY text-format payload (checked and escaped here): records published without the
-    ts-load-v1 header, empty values, and batches the CSV payload could not carry."""
+    ts-load-v1 header, empty values, and batches the database refused unchecked."""
     if not msgs:
         return PreparedBatch([], [], [], False)
     key_of, value_of, headers_of, part_of, off_of, ts_of = _accessors(msgs)
@@ -439,12 +445,6 @@ _COPY = sql.SQL("COPY {} (source_id, tomb, data, run_id, job_id, instance_id, ex
 _COPY_DIRECT = ("COPY {} (source_id, is_deleted, data, etl_run_id, etl_job_id, source_instance_id, extracted_at, "
                 "source_modified_at, source_params, content_hash, kafka_partition, kafka_offset, kafka_timestamp_ms) "
                 "FROM STDIN (NULL '')")
-# CSV with a tab delimiter and a quote byte that never occurs (\x01; orjson escapes every control
-# character): fields are taken literally, so the payload needs no escaping pass; an unquoted empty
-# field is NULL (as NULL '' in text format)
-_CSV_OPTIONS = " (FORMAT csv, DELIMITER E'\\t', QUOTE E'\\x01')"
-_COPY_CSV = sql.SQL(_COPY.as_string(None).replace("FROM STDIN", "FROM STDIN" + _CSV_OPTIONS))
-_COPY_DIRECT_CSV = _COPY_DIRECT.replace("FROM STDIN (NULL '')", "FROM STDIN" + _CSV_OPTIONS)
 UNIQUE_VIOLATION = "23505"
 
 # Header values are cast directly (the hot path); a malformed header makes the statement fail,
@@ -613,7 +613,7 @@ def is_row_level(e: psycopg.Error) -> bool:
 
 
 class _Reprepare(Exception):
-    """The database refused a CSV payload as a whole: prepare the batch as checked text instead."""
+    """The database refused an unchecked payload as a whole: prepare the batch checked instead."""
 
 
 class TableMissing(Exception):
@@ -750,7 +750,7 @@ class StagingWriter:
         try:
             return self._write(target, batch)
         except _Reprepare:
-            # the database refused the CSV payload (a value it cannot take as it is): the checked,
+            # the database refused the unchecked payload (a value it cannot take as it is): the checked,
             # escaped text payload -- whose pre-database rejects are this batch's rejects too
             text = prepare_text(batch.msgs)
             res = self._write(target, text)
@@ -782,7 +782,7 @@ class StagingWriter:
         try:
             self._copy_tmp(cur, batch)
         except psycopg.Error as e:
-            if not (batch.csv and is_row_level(e)):
+            if not (batch.unchecked and is_row_level(e)):
                 raise
             cur.execute("ROLLBACK TO SAVEPOINT ts_upsert")
             raise _Reprepare from None
@@ -804,7 +804,7 @@ class StagingWriter:
 
     @staticmethod
     def _copy_tmp(cur: psycopg.Cursor, batch: PreparedBatch) -> None:
-        with cur.copy(_COPY_CSV if batch.csv else _COPY) as cp:
+        with cur.copy(_COPY) as cp:
             for chunk in batch.payload:
                 cp.write(chunk)
 
@@ -825,7 +825,7 @@ class StagingWriter:
         """
         cur.execute("SAVEPOINT ts_direct")
         try:
-            with cur.copy(sql.SQL(_COPY_DIRECT_CSV if batch.csv else _COPY_DIRECT).format(target)) as cp:
+            with cur.copy(sql.SQL(_COPY_DIRECT).format(target)) as cp:
                 for chunk in batch.payload:
                     cp.write(chunk)
         except psycopg.Error as e:

@@ -133,8 +133,8 @@ def test_reload_and_replay_leave_no_errors_in_the_server_log(ctx: Ctx, stack: di
     assert " ERROR: " not in text, [line for line in text.splitlines() if "ERROR" in line][:5]
 
 
-def test_values_the_database_refuses_as_csv_are_loaded_as_checked_text(ctx: Ctx) -> None:
-    """The CSV fast path trusts values as orjson writes them; a producer that sends ts-load-v1 with
+def test_values_the_database_refuses_unchecked_are_loaded_checked(ctx: Ctx) -> None:
+    """The fast path trusts values as orjson writes them; a producer that sends ts-load-v1 with
     other bytes still gets them loaded (or dead-lettered with the reason)."""
     recs = [Rec(f"cc1:{i}", {"i": i}, 5, extracted_at=ts(i)) for i in range(30)]
     recs[4] = Rec("cc1:pretty", b'{\n\t"a": "x\\\\y"\n}', 5, extracted_at=ts(4))

@@ -203,8 +203,8 @@ def test_two_jobs_feeding_one_table_keep_separate_counts(ctx: Ctx) -> None:
 @pytest.mark.parametrize("fmt", ["v1", "named"])
 def test_values_that_need_copy_escaping(ctx: Ctx, fmt: str) -> None:
     """Raw tabs/newlines (pretty-printed JSON), backslashes, non-ASCII, odd keys: stored exactly --
-    with ts-load-v1 headers the database refuses the unescaped CSV payload and the batch is loaded
-    as checked text."""
+    with ts-load-v1 headers the database refuses the unchecked payload and the batch is loaded
+    checked."""
     pretty = b'{\n\t"name": "Jos\xc3\xa9 \\"Pepe\\" O\'Neil",\r\n  "path": "C:\\\\temp\\\\x",\n  "n": 1\n}'
     recs = [
         Rec("cc1:pretty", pretty, extracted_at=ts(1)),

@@ -107,14 +107,15 @@ def rows(pb: sw.PreparedBatch) -> list[list[bytes]]:
     return [line.split(b"\t") for line in b"".join(pb.payload).split(b"\n")[:-1]]
 
 
-def test_v1_batch_is_a_csv_payload_with_values_as_published() -> None:
+def test_v1_batch_is_an_unchecked_payload_of_the_values_as_published() -> None:
     vals = [orjson.dumps({"i": i, "path": "C:\\temp", "q": 'say "hi"'}) for i in range(2500)]
     pb = sw.prepare([v1(i, v) for i, v in enumerate(vals)])
-    assert pb.csv and pb.all_extracted and not pb.has_tombstones and not pb.has_duplicates
+    assert pb.unchecked and pb.all_extracted and not pb.has_tombstones and not pb.has_duplicates
     assert len(pb.payload) == 3  # slices of PREPARE_SLICE records
     got = rows(pb)
     assert len(got) == 2500 and all(len(r) == 13 for r in got)
-    assert got[7][0] == b"cc1:7" and got[7][1] == b"f" and got[7][2] == vals[7]  # no escaping in CSV mode
+    # the value as published, backslashes doubled (COPY text); nothing else touched
+    assert got[7][0] == b"cc1:7" and got[7][1] == b"f" and got[7][2] == vals[7].replace(b"\\", b"\\\\")
     assert got[7][3:5] == [b"4242", b"9"] and got[7][9] == sw.content_hash(vals[7])
     assert got[7][10:] == [b"1", b"7", b"1700000000007"]
     assert pb.single_run() == b"4242" and pb.run_ids[:2] == [b"4242", b"4242"]
@@ -123,13 +124,13 @@ def test_v1_batch_is_a_csv_payload_with_values_as_published() -> None:
 def test_tombstones_and_mixed_runs() -> None:
     msgs = [v1(0, b'{"a":1}'), v1(1, None), v1(2, b'{"a":2}', run=b"5")]
     pb = sw.prepare(msgs)
-    assert pb.csv and pb.has_tombstones
+    assert pb.unchecked and pb.has_tombstones
     assert [r[1] for r in rows(pb)] == [b"f", b"t", b"f"] and rows(pb)[1][2] == b""
     assert pb.single_run() is None and pb.run_ids == [b"4242", b"4242", b"5"]
 
 
 @pytest.mark.parametrize("odd", ["named headers", "tab in key", "empty value", "malformed header"])
-def test_anything_the_csv_path_cannot_carry_takes_the_checked_text_path(odd: str) -> None:
+def test_anything_the_unchecked_path_cannot_carry_takes_the_checked_path(odd: str) -> None:
     msgs = [v1(i, orjson.dumps({"i": i})) for i in range(10)]
     if odd == "named headers":  # published by an earlier version
         msgs[3] = Msg(b"cc1:3", b'{"i": 3}', [(K.H_RUN_ID, b"4242"), (K.H_EXTRACTED_AT, b"2025-12-01T00:00:00Z")], 3)
@@ -140,7 +141,7 @@ def test_anything_the_csv_path_cannot_carry_takes_the_checked_text_path(odd: str
     else:
         msgs[3] = Msg(b"cc1:3", b'{"i": 3}', [(K.H_LOAD, b"4242\t9")], 3)
     pb = sw.prepare(msgs)
-    assert not pb.csv and len(pb.msgs) == 10
+    assert not pb.unchecked and len(pb.msgs) == 10
     text = b"".join(pb.payload)
     assert text.count(b"\n") == 10
     if odd == "named headers":  # the loader computes the hash a newer publisher would have sent

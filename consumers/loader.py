@@ -45,6 +45,7 @@ not trusted on the embedded broker) and everything is committed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -105,6 +106,10 @@ EVALUATE_EVERY = 1.0  # s between run-completion evaluations of the topics just 
 EVALUATE_ALL_EVERY = 5.0  # s between evaluations of every waiting run while idle
 SWITCH_INTERVAL = 0.001  # s, see Loader.run
 IDLE_PROBE_WINDOW_S = 0.25  # how long an idle loader fetches when it looks for records (Loader._idle_tick)
+WAKEUP_POLL_S = 0.2  # how often an idle loader looks at its control-topic watcher (Loader._idle_tick)
+#: the watcher's fetch wait: the embedded broker answers a waiting fetch only when the wait expires,
+#: so this bounds how late a run start is seen -- and each fetch costs it CPU (100 ms: +1.5 % of a core)
+WAKEUP_FETCH_WAIT_MS = 500
 ONCE_POLL_S = 0.05  # consume() timeout of a one-shot load (Loader._consume_once)
 IDLE_POLL_S = 1.0  # consume() timeout of a service with nothing buffered
 CONSUME_MAX = 2000  # messages per consume() call (Loader._consume_once)
@@ -552,10 +557,11 @@ class LoaderOptions:
     #: ``once``: take every partition without joining the group when no member is active
     #: (Loader._group_idle); off for several one-shot processes sharing the work
     assign_when_alone: bool = True
-    #: stop fetching after this long without records, then look every ``idle_probe_s``
-    #: (Loader._idle_tick; 0 = always fetch)
+    #: stop fetching after this long without records; then a run announced on the control topic
+    #: wakes the loader, and it looks for other records every ``idle_probe_s`` (Loader._idle_tick;
+    #: 0 = always fetch)
     idle_after_s: float = 5.0
-    idle_probe_s: float = 2.0
+    idle_probe_s: float = 5.0
 
 
 @dataclass
@@ -617,6 +623,7 @@ class Loader:
         self._idle_state = "awake"
         self._idle_next = 0.0
         self._last_activity = time.monotonic()
+        self._wakeup: Consumer | None = None  # control-topic watcher (_open_wakeup)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -660,6 +667,8 @@ class Loader:
         gc.set_threshold(GC_THRESHOLD, *old_gc[1:])
         self.writer = _WriterThread(self.sink)
         self.consumer = Consumer(self._consumer_config())
+        if not self.opts.once and self.opts.idle_probe_s > 0:
+            self._open_wakeup()
         assigned = self.opts.once and self.opts.assign_when_alone and self._group_idle()
         if assigned:
             self._assign_all(topics)
@@ -695,15 +704,17 @@ class Loader:
 
     # -- idle: fetch now and then, not ten times a second ------------------------------------------
     def _idle_tick(self) -> None:
-        """Pause every partition after ``idle_after_s`` without records; then look for new ones for
+        """Pause every partition after ``idle_after_s`` without records; wake when a run is
+        announced on the control topic (``_open_wakeup``), and look for other records for
         ``IDLE_PROBE_WINDOW_S`` every ``idle_probe_s``.
 
         Why: a fetch request names every assigned partition (~210 on a full catalog), and the
         embedded broker spends ~16 ms of CPU on each, ten per second at ``fetch.wait.max.ms`` 100:
         17 % of a core with nothing to do. A longer fetch wait is no cure there -- tansu answers a
         waiting fetch only when the wait expires, even when records arrive -- so the loader stops
-        fetching instead. The price: a record published to an idle loader waits up to
-        ``idle_probe_s`` (the first only; the loader is awake from then on). Not in ``--once``
+        fetching instead. The price: records a run publishes wait until its ``run_started`` is seen
+        (~0.5 s); records published without one (a replay tool, another producer) up to
+        ``idle_probe_s``. Only the first ones: the loader is awake from then on. Not in ``--once``
         mode, and never while a batch is buffered, being written or backing off."""
         if self.opts.once or self.consumer is None or self.opts.idle_probe_s <= 0:
             return
@@ -716,7 +727,10 @@ class Loader:
                 self._set_fetching(False)
                 self._idle_state, self._idle_next = "asleep", now + self.opts.idle_probe_s
         elif self._idle_state == "asleep":
-            if now >= self._idle_next:
+            if self._run_announced():
+                self._wake()
+                self.log.debug("loader_woken", by="control topic")
+            elif now >= self._idle_next:
                 self._set_fetching(True)
                 self._idle_state, self._idle_next = "probing", now + IDLE_PROBE_WINDOW_S
         elif now >= self._idle_next:  # probing, and no record came (_add would have woken us)
@@ -725,6 +739,38 @@ class Loader:
                 return
             self._set_fetching(False)
             self._idle_state, self._idle_next = "asleep", now + self.opts.idle_probe_s
+
+    def _open_wakeup(self) -> None:
+        """A group-less consumer at the end of the control topic: a run starting (or finishing)
+        wakes an idle loader at once instead of at its next probe (``_idle_tick``). It fetches one
+        small topic, which costs the broker little; without it (no control topic) the probes do."""
+        from confluent_kafka import OFFSET_END
+
+        from common.kafka import control_topic, ensure_system_topics
+
+        try:
+            ensure_system_topics(self.settings)
+            topic = control_topic(self.settings)
+            cfg = consumer_config(f"{self.opts.group}-wakeup", self.settings, **{
+                "client.id": f"trialsync-loader-wakeup-{os.getpid()}", "fetch.wait.max.ms": WAKEUP_FETCH_WAIT_MS,
+                "enable.partition.eof": False, "logger": RdkafkaLog()})
+            watcher = Consumer(cfg)
+            meta = watcher.list_topics(topic, timeout=5).topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                watcher.close()
+                return
+            watcher.assign([TopicPartition(topic, p, OFFSET_END) for p in sorted(meta.partitions)])
+            self._wakeup = watcher
+        except (KafkaException, RuntimeError) as e:
+            self.log.info("wakeup_watcher_unavailable", error=str(e)[:300], note="idle probes only")
+
+    def _run_announced(self) -> bool:
+        if self._wakeup is None:
+            return False
+        try:
+            return any(m.error() is None for m in self._wakeup.consume(num_messages=100, timeout=0))
+        except (KafkaException, RuntimeError):
+            return False
 
     def _records_waiting(self) -> bool:
         """A partition whose last fetch response saw records past our position (cached, no request)."""
@@ -806,6 +852,10 @@ class Loader:
                 except (KafkaException, RuntimeError) as e:
                     self.log.warning("consumer_close_failed", error=str(e))
                 self.consumer = None
+            if self._wakeup is not None:
+                with contextlib.suppress(KafkaException, RuntimeError):
+                    self._wakeup.close()
+                self._wakeup = None
             if self.writer is not None:
                 self.writer.stop()
             self.sink.close()
@@ -830,6 +880,8 @@ class Loader:
             timeout, room = IDLE_POLL_S, 1
             if self._idle_state != "awake":
                 timeout = min(timeout, max(0.01, self._idle_next - time.monotonic()))
+                if self._wakeup is not None:
+                    timeout = min(timeout, WAKEUP_POLL_S)  # (a paused consumer: a local queue check)
         called = time.monotonic()
         msgs = self.consumer.consume(num_messages=room, timeout=timeout)
         if msgs:

@@ -48,3 +48,32 @@ def test_idle_loader_sleeps_and_wakes_for_new_records(ctx: Ctx) -> None:
         loader.stop()
         t.join(60)
     assert not t.is_alive()
+
+
+def test_a_run_announced_on_the_control_topic_wakes_an_idle_loader(ctx: Ctx) -> None:
+    """Probes so rare they never come: only the control-topic watcher can wake the loader."""
+    from confluent_kafka import Producer
+
+    from common.kafka import control_topic, producer_config
+    from schemas.messages import RunStarted
+
+    opts = LoaderOptions(group=ctx.group, tables=[ctx.table], batch_size=500, flush_ms=100,
+                         install_signal_handlers=False, idle_after_s=0.5, idle_probe_s=600.0)
+    loader = Loader(opts, ctx.settings)
+    publish(ctx.settings, ctx.table, [], fmt="v1")  # the topic exists: the loader gets its partitions
+    t = threading.Thread(target=loader.run, name="loader-under-test")
+    t.start()
+    try:
+        wait_until(lambda: loader.assigned and loader._idle_state == "asleep", 60, what="the loader to fall asleep")
+        assert loader._wakeup is not None
+        recs = [Rec(f"cc1:{i}", {"i": i}, 5, extracted_at=ts(i)) for i in range(30)]
+        p = Producer(producer_config(ctx.settings))
+        p.produce(control_topic(ctx.settings), RunStarted(run_id=5, job_id=9, target_table=ctx.table, topic=ctx.topic,
+                                                           instance_id="cc1").to_bytes(), b"5")
+        assert p.flush(10) == 0
+        publish(ctx.settings, ctx.table, recs, fmt="v1")
+        wait_until(lambda: ctx.state() == expected_state(recs), 20, what="the run's records (woken by run_started)")
+    finally:
+        loader.stop()
+        t.join(60)
+    assert not t.is_alive()

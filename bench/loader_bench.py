@@ -302,8 +302,9 @@ def child_main(ns: argparse.Namespace) -> None:
             for lst in info["batch"].values():
                 lags.extend((now_ms - m.timestamp()[1]) / 1000 for m in lst)
 
+    # several children sharing one group must join it (alone, a one-shot loader takes every partition)
     opts = LoaderOptions(group=ns.group, tables=[ns.table], batch_size=ns.batch_size, flush_ms=ns.flush_ms,
-                         once=ns.child == "once")
+                         once=ns.child == "once", assign_when_alone=not ns.join_group)
     loader = TimedLoader(opts, s, on_batch=on_batch)
     prof = None
     if ns.profile:
@@ -480,6 +481,7 @@ def main() -> None:
     ap.add_argument("--legacy-headers", action="store_true",
                     help="publish with the named headers of earlier versions instead of ts-load-v1")
     ap.add_argument("--profile", action="store_true", help="run the loader child under cProfile (top entries)")
+    ap.add_argument("--join-group", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--running-stack", action="store_true", help="use the configured stack instead of a temporary one")
     ap.add_argument("--out", type=Path)
     ns = ap.parse_args()

@@ -209,8 +209,9 @@ def loader_drain(h: Harness, table: str, processes: int, group: str) -> dict[str
     from consumers.loader import DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_MS
 
     env = dict(os.environ)
+    share = ["--join-group"] if processes > 1 else []  # share the partitions, as `load --workers N` does
     procs = [run_child(["once", "--table", table, "--group", group, "--batch-size", str(DEFAULT_BATCH_SIZE),
-                        "--flush-ms", str(DEFAULT_FLUSH_MS)], env) for _ in range(processes)]
+                        "--flush-ms", str(DEFAULT_FLUSH_MS), *share], env) for _ in range(processes)]
     rs = [child_result(p, timeout=1800) for p in procs]
     done = [r for r in rs if r.get("first")]
     records = sum(r["records"] for r in rs)

@@ -108,6 +108,13 @@ class Harness:
         self.database = name
         return dsn
 
+    def empty_database(self, name: str) -> str:
+        """Create database ``name`` (dropping an old one) for a peer tool; nothing else changes."""
+        with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return self.admin_dsn(name)
+
     def use_prefix(self, prefix: str) -> None:
         from common import config
 
@@ -168,7 +175,8 @@ class Harness:
         logf = self.state / "logs" / "loader.log"
         offset = logf.stat().st_size if logf.exists() else 0
         saved = os.environ.get("LOG_LEVEL")
-        os.environ["LOG_LEVEL"] = "INFO"  # the loader logs partitions_assigned at INFO
+        # the loader logs partitions_assigned at INFO (BENCH_LOADER_LOG_LEVEL=DEBUG: every batch)
+        os.environ["LOG_LEVEL"] = os.environ.get("BENCH_LOADER_LOG_LEVEL", "INFO")
         try:
             info = self.services.start_loader(workers=workers)
         finally:

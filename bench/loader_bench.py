@@ -91,13 +91,22 @@ def prefill(conn, table: str, existing: int) -> float:
     return time.monotonic() - t0
 
 
-def produce(topic: str, n: int, tag: str, run_id: int = 4242, partitions: int = 3) -> float:
-    """Publish ``n`` new keys to ``topic`` as fast as possible; returns records/s."""
-    from confluent_kafka import Producer
+def produce(topic: str, n: int, tag: str, run_id: int = 4242, partitions: int = 3, legacy: bool = False,
+            changed: tuple[int, str] | None = None) -> float:
+    """Publish ``n`` keys (``cc1:<tag>:<i>``) to ``topic`` as fast as possible; returns records/s.
 
-    from common.kafka import ensure_topics, producer_config
+    As the extractor does (``Publisher.publish_page``: one ``ts-load-v1`` header with the content
+    hash), or with ``legacy`` the named headers of earlier versions. ``changed = (every, tag2)``:
+    every ``every``-th record gets other content (a re-extraction where some records changed)."""
+    from common.kafka import ensure_topics
 
     ensure_topics([topic], partitions=partitions)
+    if not legacy:
+        return _produce_publisher(topic, n, tag, run_id, changed)
+    from confluent_kafka import Producer
+
+    from common.kafka import producer_config
+
     p = Producer(producer_config())
     hdr = [*HEADERS_BASE, ("ts-run-id", str(run_id).encode()),
            ("ts-extracted-at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode())]
@@ -112,6 +121,30 @@ def produce(topic: str, n: int, tag: str, run_id: int = 4242, partitions: int = 
         if i % 5000 == 0:
             p.poll(0)
     p.flush(120)
+    return n / (time.monotonic() - t0)
+
+
+def _produce_publisher(topic: str, n: int, tag: str, run_id: int, changed: tuple[int, str] | None) -> float:
+    from datetime import UTC, datetime
+
+    from common.config import get_settings
+    from producers.publisher import DeliveryTracker, Publisher, record_headers
+
+    pub = Publisher(get_settings())
+    tracker = DeliveryTracker(topic)
+    hdr = record_headers(9, run_id, "cc1", datetime.now(UTC), {"studyId": 12})
+
+    def key(rec: dict[str, Any], _params: Any) -> str:
+        return f"cc1:{tag}:{rec['id']}"
+
+    t0 = time.monotonic()
+    for start in range(0, n, 1000):
+        page = [orjson.loads(record(i, changed[1] if changed and i % changed[0] == 0 else tag))
+                for i in range(start, min(n, start + 1000))]
+        pub.publish_page(topic, page, key, {"studyId": 12}, hdr, tracker, "modifiedDate")
+    pub.wait(tracker, 120)
+    if tracker.failed:
+        raise RuntimeError(f"publishing {topic}: {tracker.first_error}")
     return n / (time.monotonic() - t0)
 
 
@@ -142,6 +175,73 @@ def measure_copy(conn, table: str, n: int) -> dict[str, Any]:
     return out
 
 
+def measure_copy_empty(conn, table: str, n: int, tag: str) -> dict[str, Any]:
+    """Plain COPY (source_id, data) of the loader's own records into a new empty staging table."""
+    from psycopg import sql
+
+    from common.db import staging_table
+
+    prefill(conn, table, 0)
+    rows = [b"cc1:%s:%d\t" % (tag.encode(), i) + record(i, tag).replace(b"\\", b"\\\\") for i in range(n)]
+    payload = b"\n".join(rows) + b"\n"
+    backend = conn.info.backend_pid
+    cpu0 = proc_cpu(backend)
+    t0 = time.monotonic()
+    with conn.transaction(), conn.cursor() as cur:
+        with cur.copy(sql.SQL("COPY {} (source_id, data) FROM STDIN").format(staging_table(table))) as cp:
+            for i in range(0, len(payload), 1 << 20):
+                cp.write(payload[i:i + (1 << 20)])
+    secs = time.monotonic() - t0
+    cpu1 = proc_cpu(backend)
+    conn.execute(sql.SQL("DROP TABLE {}").format(staging_table(table)))
+    out = {"rows": n, "seconds": round(secs, 3), "rows_per_second": round(n / secs)}
+    if cpu0 is not None and cpu1 is not None:
+        out["postgres_cpu_us_per_row"] = round((cpu1 - cpu0) * 1e6 / n, 1)
+    return out
+
+
+def measure_paths(ns, prefix: str) -> dict[str, Any]:
+    """The issue-17 targets, A B A B: per round, plain COPY of N records into an empty table, then
+    one loader draining the same N records into an empty table (first load: the direct path),
+    then the same N keys again with 1 % of contents changed into that now populated table (the
+    upsert path). Ratios use each round's own COPY; medians over the rounds."""
+    from common.db import connect
+    from common.kafka import bronze_topic
+
+    rounds: list[dict[str, Any]] = []
+    env = use_prefix(prefix + "p")
+    for r in range(ns.rounds):
+        tag = f"p{r}"
+        table = f"zz_bench_p{r}_staging"
+        with connect(autocommit=True) as conn:
+            copy = measure_copy_empty(conn, f"zz_bench_c{r}_staging", ns.records, tag)
+            prefill(conn, table, 0)
+        topic = bronze_topic(table)
+        produce(topic, ns.records, tag, legacy=ns.legacy_headers)
+        args = ["once", "--table", table, "--group", f"bench-paths-{prefix}-{r}",
+                "--batch-size", str(ns.batch_size), "--flush-ms", str(ns.flush_ms)]
+        first = child_result(run_child(args, env, ns.profile))
+        produce(topic, ns.records, tag, run_id=4243, legacy=ns.legacy_headers, changed=(100, f"{tag}x"))
+        reload = child_result(run_child(args, env, ns.profile))
+        for x in (first, reload):
+            x["ratio_to_copy"] = round(x["records_per_second"] / copy["rows_per_second"], 3)
+        rounds.append({"copy": copy, "first_load": first, "reload_1pct_changed": reload,
+                       "loadavg": os.getloadavg()})
+        with connect(autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS bronze.{table}")
+
+    def med(path: str, key: str) -> float | None:
+        vals = [x[path].get(key) for x in rounds if x[path].get(key) is not None]
+        return round(statistics.median(vals), 3) if vals else None
+
+    summary = {p: {k: med(p, k) for k in ("records_per_second", "rows_per_second", "ratio_to_copy",
+                                          "loader_process_cpu_us_per_record", "postgres_backend_cpu_us_per_record",
+                                          "postgres_cpu_us_per_row") if med(p, k) is not None}
+               for p in ("copy", "first_load", "reload_1pct_changed")}
+    return {"records": ns.records, "rounds": rounds, "median": summary,
+            "headers": "legacy named headers" if ns.legacy_headers else "ts-load-v1"}
+
+
 def use_prefix(prefix: str) -> dict[str, str]:
     """Topics of each measurement live under their own prefix (fresh topics, fresh groups)."""
     from common import config
@@ -151,8 +251,9 @@ def use_prefix(prefix: str) -> dict[str, str]:
     return dict(os.environ)
 
 
-def run_child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bench.loader_bench", "--child", *args], env=env,
+def run_child(args: list[str], env: dict[str, str], profile: bool = False) -> subprocess.Popen:
+    extra = ["--profile"] if profile else []
+    return subprocess.Popen([sys.executable, "-m", "bench.loader_bench", "--child", *args, *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=str(Path(__file__).resolve().parent.parent))
 
@@ -201,9 +302,16 @@ def child_main(ns: argparse.Namespace) -> None:
             for lst in info["batch"].values():
                 lags.extend((now_ms - m.timestamp()[1]) / 1000 for m in lst)
 
+    # several children sharing one group must join it (alone, a one-shot loader takes every partition)
     opts = LoaderOptions(group=ns.group, tables=[ns.table], batch_size=ns.batch_size, flush_ms=ns.flush_ms,
-                         once=ns.child == "once")
+                         once=ns.child == "once", assign_when_alone=not ns.join_group)
     loader = TimedLoader(opts, s, on_batch=on_batch)
+    prof = None
+    if ns.profile:
+        import cProfile
+
+        prof = cProfile.Profile()  # the consumer thread only (where the per-record work is)
+        prof.enable()
     loader.run()
     out: dict[str, Any] = {"records": records[0], "first": first[0] if first else None, "last": last[0]}
     if first and last[0]:
@@ -214,6 +322,17 @@ def child_main(ns: argparse.Namespace) -> None:
         for name, a, b in (("loader_process", "me0", "me1"), ("postgres_backend", "pg0", "pg1")):
             if cpu.get(a) is not None and cpu.get(b) is not None:
                 out[f"{name}_cpu_us_per_record"] = round((cpu[b] - cpu[a]) * 1e6 / n_cpu, 1)
+    if prof is not None:
+        import pstats
+
+        prof.disable()
+        st = pstats.Stats(prof)
+        total = sum(v[2] for v in st.stats.values()) or 1e-9  # type: ignore[attr-defined]
+        top = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:15]  # type: ignore[attr-defined]
+        out["profile_top_tottime"] = [
+            {"function": f"{Path(f).name}:{line}:{fn}", "calls": v[1], "tottime_s": round(v[2], 3),
+             "share": round(v[2] / total, 3), "us_per_record": round(v[2] * 1e6 / max(1, records[0]), 3)}
+            for (f, line, fn), v in top]
     if lags:
         lags.sort()
         out["lag"] = {"count": len(lags), "p50": lags[len(lags) // 2], "p95": lags[int(len(lags) * 0.95)],
@@ -226,7 +345,7 @@ def measure_single(ns, prefix: str) -> dict[str, Any]:
 
     env = use_prefix(prefix + "s")
     topic = bronze_topic(TABLE_A)
-    rate = produce(topic, ns.records, f"s{prefix}")
+    rate = produce(topic, ns.records, f"s{prefix}", legacy=ns.legacy_headers)
     proc = run_child(["once", "--table", TABLE_A, "--group", f"bench-single-{prefix}",
                       "--batch-size", str(ns.batch_size), "--flush-ms", str(ns.flush_ms)], env)
     r = child_result(proc)
@@ -239,7 +358,7 @@ def measure_two(ns, prefix: str) -> dict[str, Any]:
 
     env = use_prefix(prefix + "t")
     for t in (TABLE_A, TABLE_B):
-        produce(bronze_topic(t), ns.records, f"t{prefix}{t[-9]}")
+        produce(bronze_topic(t), ns.records, f"t{prefix}{t[-9]}", legacy=ns.legacy_headers)
     procs = [run_child(["once", "--table", t, "--group", f"bench-two-{prefix}-{t}",
                         "--batch-size", str(ns.batch_size), "--flush-ms", str(ns.flush_ms)], env)
              for t in (TABLE_A, TABLE_B)]
@@ -309,7 +428,8 @@ def measure_micro(n: int = 50_000) -> dict[str, Any]:
     def text_path(cur: Any) -> None:
         pb = sw.prepare(msgs)
         with cur.copy(sw._COPY) as cp:
-            cp.write(pb.payload)
+            for chunk in pb.payload:
+                cp.write(chunk)
 
     def binary_path(cur: Any) -> None:
         with cur.copy(binary_copy) as cp:
@@ -355,7 +475,13 @@ def main() -> None:
     ap.add_argument("--flush-ms", type=int, default=None)
     ap.add_argument("--lag-rate", type=int, default=10_000)
     ap.add_argument("--lag-seconds", type=float, default=20.0)
-    ap.add_argument("--only", default="copy,single,two,lag,micro")
+    ap.add_argument("--only", default="copy,single,two,lag,micro",
+                    help="copy,single,two,lag,micro,paths (paths: the issue-17 first-load/reload targets)")
+    ap.add_argument("--rounds", type=int, default=2, help="paths: A B rounds (medians reported)")
+    ap.add_argument("--legacy-headers", action="store_true",
+                    help="publish with the named headers of earlier versions instead of ts-load-v1")
+    ap.add_argument("--profile", action="store_true", help="run the loader child under cProfile (top entries)")
+    ap.add_argument("--join-group", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--running-stack", action="store_true", help="use the configured stack instead of a temporary one")
     ap.add_argument("--out", type=Path)
     ns = ap.parse_args()
@@ -404,6 +530,8 @@ def main() -> None:
         if "copy" in result and "single" in result:
             result["single"]["ratio_to_copy"] = round(
                 result["single"]["records_per_second"] / result["copy"]["rows_per_second"], 3)
+        if "paths" in only:
+            result["paths"] = measure_paths(ns, prefix)
         if "lag" in only:
             result["lag"] = measure_lag(ns, prefix)
         if "micro" in only:

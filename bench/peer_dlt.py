@@ -5,7 +5,10 @@ CC endpoints TrialSync's non-parameterized jobs call. Run by ``bench/run.py`` in
 
 The spec (JSON on stdin): ``base_url``, ``key_header``, ``dsn``, ``dataset``, ``workers``,
 ``page_size``, ``file_format``, ``pipelines_dir`` and ``jobs`` (``id``, ``name``, ``endpoint``,
-``odata``). The API key comes from the environment only.
+``odata``, ``primary_key``); optional ``write_disposition`` (``append`` by default; ``merge`` keys
+each resource by its job's primary key, as TrialSync upserts), ``extract_workers``,
+``normalize_workers``, ``load_workers`` (default ``workers``, 1, ``workers``). The API key comes
+from the environment only.
 
 How the configuration is made fair (documented in bench/README.md):
 
@@ -47,16 +50,19 @@ def rest_api_config(spec: dict[str, Any], api_key: str) -> dict[str, Any]:
                                          "total_path": None, "stop_after_empty_page": True}
         else:
             paginator = {"type": "single_page"}
-        resources.append({
+        resource: dict[str, Any] = {
             "name": f"job_{job['id']}",
             "table_name": f"job_{job['id']}",
             "endpoint": {"path": job["endpoint"].lstrip("/"), "paginator": paginator},
-        })
+        }
+        if spec.get("write_disposition", "append") == "merge":
+            resource["primary_key"] = list(job.get("primary_key") or ["id"])
+        resources.append(resource)
     return {
         "client": {"base_url": spec["base_url"].rstrip("/") + "/",
                    "auth": {"type": "api_key", "name": spec["key_header"], "api_key": api_key,
                             "location": "header"}},
-        "resource_defaults": {"write_disposition": "append"},
+        "resource_defaults": {"write_disposition": spec.get("write_disposition", "append")},
         "resources": resources,
     }
 
@@ -65,7 +71,9 @@ def dlt_environment(spec: dict[str, Any]) -> dict[str, str]:
     """dlt settings (it reads them from the environment): parallelism, quiet logs, no telemetry."""
     workers = str(int(spec.get("workers", 5)))
     return {"RUNTIME__DLTHUB_TELEMETRY": "false", "RUNTIME__LOG_LEVEL": "WARNING",
-            "EXTRACT__WORKERS": workers, "LOAD__WORKERS": workers, "NORMALIZE__WORKERS": "1",
+            "EXTRACT__WORKERS": str(int(spec.get("extract_workers", workers))),
+            "LOAD__WORKERS": str(int(spec.get("load_workers", workers))),
+            "NORMALIZE__WORKERS": str(int(spec.get("normalize_workers", 1))),
             "DLT_DATA_DIR": spec["pipelines_dir"], "DLT_PROJECT_DIR": spec["pipelines_dir"]}
 
 
@@ -96,7 +104,8 @@ def run(spec: dict[str, Any], api_key: str) -> dict[str, Any]:
                 rows[name] = 0
     return {"wall_s": round(wall, 3), "phases_s": phases, "rows": rows, "records": sum(rows.values()),
             "dlt_version": dlt.__version__, "file_format": spec.get("file_format", "csv"),
-            "workers": int(spec.get("workers", 5))}
+            "workers": int(spec.get("workers", 5)), "write_disposition": spec.get("write_disposition", "append"),
+            "environment": {k: v for k, v in dlt_environment(spec).items() if k.endswith("WORKERS")}}
 
 
 def main() -> None:

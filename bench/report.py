@@ -164,6 +164,48 @@ def to_markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {scale} | dlt | {_cpu(p['dlt']['procs'])} |")
         lines.append("")
 
+    if res.get("paged"):
+        lines += ["## Paged tables: TrialSync vs dlt (jobs 2, 3, 9, 25), empty and populated, A B A B", "",
+                  "`trialsync run -j 2 -j 3 -j 9 -j 25 --full --wait-load` with a loader service running vs dlt "
+                  "`rest_api` -> `postgres` (merge on the primary key, 4 extract threads, 2 normalize workers); "
+                  "seconds from command start to exit (CLI start-up included); populated = the same command again "
+                  "into the tables it filled. Ratio = dlt seconds / TrialSync seconds.", "",
+                  "| scale | round | tables | records (TrialSync / dlt) | TrialSync s | dlt s | ratio (goal >= 3.5) "
+                  "| load avg before |", "|---|---|---|---|---|---|---|---|"]
+        for scale, x in res["paged"].items():
+            for i, rd in enumerate(x["rounds"], 1):
+                for state in ("empty", "populated"):
+                    t, d = rd[f"trialsync_{state}"], rd[f"dlt_{state}"]
+                    lines.append(f"| {scale} | {i} | {state} | {_n(t['records_loaded'])} / {_n(d['records'])} | "
+                                 f"{_n(t['cli_wall_s'], 1)} | {_n(d['process_wall_s'], 1)} | "
+                                 f"**{_n(rd[f'ratio_{state}'], 2)}** | {rd['loadavg_before'][0]} |")
+        lines += ["", "| scale | round | side | CPU seconds per process type |", "|---|---|---|---|"]
+        for scale, x in res["paged"].items():
+            for i, rd in enumerate(x["rounds"], 1):
+                for state in ("empty", "populated"):
+                    lines.append(f"| {scale} | {i} | TrialSync {state} | {_cpu(rd[f'trialsync_{state}']['procs'])} |")
+                    lines.append(f"| {scale} | {i} | dlt {state} | {_cpu(rd[f'dlt_{state}']['procs'])} |")
+        lines.append("")
+
+    if res.get("loader"):
+        lines += ["## Loader vs plain COPY of the same records (patient visits of the paged run), A B A B", "",
+                  "| scale | round | rows | plain COPY rows/s | first load records/s (ratio, goal >= 0.7) | "
+                  "re-load, 1 % changed, records/s (ratio, goal >= 0.6) | loader CPU µs/record first / re-load | "
+                  "PostgreSQL CPU µs/row: COPY / first / re-load |", "|---|---|---|---|---|---|---|---|"]
+        for scale, x in res["loader"].items():
+            for i, rd in enumerate(x["rounds"], 1):
+                f, r = rd["first_load"], rd["reload_1pct_changed"]
+                fp, rp = (f.get("per_process") or [{}])[0], (r.get("per_process") or [{}])[0]
+                lines.append(
+                    f"| {scale} | {i} | {_n(rd['copy']['rows'])} | {_n(rd['copy']['rows_per_s'])} | "
+                    f"{_n(f['records_per_s'])} (**{_n(f.get('ratio_to_copy'), 2)}**) | "
+                    f"{_n(r['records_per_s'])} (**{_n(r.get('ratio_to_copy'), 2)}**) | "
+                    f"{_n(fp.get('loader_process_cpu_us_per_record'), 1)} / {_n(rp.get('loader_process_cpu_us_per_record'), 1)} | "
+                    f"{_n(rd['copy'].get('postgres_cpu_us_per_row'), 1)} / "
+                    f"{_n(fp.get('postgres_backend_cpu_us_per_record'), 1)} / "
+                    f"{_n(rp.get('postgres_backend_cpu_us_per_record'), 1)} |")
+        lines.append("")
+
     if res.get("incremental"):
         lines += ["## Incremental run after changing 1% of the records", "",
                   "Fan-out policy `all` asks every parent again; `changed` asks parents changed since the last "

@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:
 from bench.harness import SIM_KEY, Harness, orchestration_stats, staging_rows  # noqa: E402
 from bench.procwatch import ProcWatch  # noqa: E402
 
-SECTIONS = ("e2e", "incremental", "limit", "peer", "fanout", "scaling")
+SECTIONS = ("e2e", "incremental", "limit", "peer", "fanout", "scaling", "paged", "loader")
 #: the largest parameterized job: /patient-visits/{patientVisitId}/elements/odata, one call per visit
 FANOUT_JOB = 24
 
@@ -209,8 +209,9 @@ def loader_drain(h: Harness, table: str, processes: int, group: str) -> dict[str
     from consumers.loader import DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_MS
 
     env = dict(os.environ)
+    share = ["--join-group"] if processes > 1 else []  # share the partitions, as `load --workers N` does
     procs = [run_child(["once", "--table", table, "--group", group, "--batch-size", str(DEFAULT_BATCH_SIZE),
-                        "--flush-ms", str(DEFAULT_FLUSH_MS)], env) for _ in range(processes)]
+                        "--flush-ms", str(DEFAULT_FLUSH_MS), *share], env) for _ in range(processes)]
     rs = [child_result(p, timeout=1800) for p in procs]
     done = [r for r in rs if r.get("first")]
     records = sum(r["records"] for r in rs)
@@ -222,7 +223,7 @@ def loader_drain(h: Harness, table: str, processes: int, group: str) -> dict[str
                                                      "postgres_backend_cpu_us_per_record")} for r in rs]}
 
 
-def plain_copy(h: Harness, source_dsn: str, table: str) -> dict[str, Any]:
+def plain_copy(h: Harness, source_dsn: str, table: str, target: str = "zz_bench_plain_copy") -> dict[str, Any]:
     """Read the table's (source_id, data) from the full run's database, COPY it into an empty
     staging-shaped table in the current database; time only the COPY (and its commit)."""
     import psycopg
@@ -237,7 +238,6 @@ def plain_copy(h: Harness, source_dsn: str, table: str) -> dict[str, Any]:
             for chunk in cp:
                 buf += chunk
         rows = cur.execute(sql.SQL("SELECT count(*) FROM {}").format(staging_table(table))).fetchone()[0]
-    target = "zz_bench_plain_copy"
     with h.connect() as conn:
         conn.execute("SELECT etl.create_staging_table(%s)", (target,))
         conn.execute("SELECT etl.add_loader_columns(%s)", (target,))
@@ -257,41 +257,63 @@ def plain_copy(h: Harness, source_dsn: str, table: str) -> dict[str, Any]:
             and rows else None}
 
 
-def publish_rows(source_dsn: str, table: str) -> int:
-    """Publish every row of the full run's ``table`` once, as the extractor would (key = source_id,
-    value = the record, the run/job/instance/extracted-at/modified-at headers), to the current
-    prefix's topic: the loader then gets exactly the records the plain COPY gets. (The full run's
-    own topic can hold a record more than once: two jobs feed the patient-visit table.)"""
+def publish_rows(source_dsn: str, table: str, change_every: int = 0) -> int:
+    """Publish every row of the full run's ``table`` once, as the extractor does (key = source_id,
+    value = the record, ``Publisher.publish_page``'s ts-load-v1 header with run/job/instance/
+    extracted-at/modified-at and the content hash), to the current prefix's topic: the loader then
+    gets exactly the records the plain COPY gets. (The full run's own topic can hold a record more
+    than once: two jobs feed the patient-visit table.) ``change_every``: every n-th record gets a
+    changed field (a re-extraction where 1/n of the records changed)."""
+    from datetime import UTC, datetime
+
+    import orjson
     import psycopg
-    from confluent_kafka import Producer
     from psycopg import sql
 
     from common import kafka as K
+    from common.config import get_settings
     from common.db import staging_table
+    from producers.publisher import DeliveryTracker, Publisher, record_headers
 
     topic = K.bronze_topic(table)
     K.ensure_topics([topic])
-    p = Producer(K.producer_config())
+    pub = Publisher(get_settings())
+    tracker = DeliveryTracker(topic)
     n = 0
-    q = sql.SQL("SELECT source_id, data::text, etl_run_id, etl_job_id, source_instance_id, extracted_at, "
-                "source_modified_at FROM {} WHERE NOT is_deleted").format(staging_table(table))
+    q = sql.SQL("SELECT source_id, data::text, etl_run_id, etl_job_id, source_instance_id, extracted_at "
+                "FROM {} WHERE NOT is_deleted ORDER BY etl_run_id").format(staging_table(table))
+    page: list[tuple[str, dict[str, Any]]] = []
+    page_hdr: tuple[Any, ...] | None = None
+
+    def flush() -> None:
+        if not page:
+            return
+        run, job, inst, ext = page_hdr  # type: ignore[misc]
+        keys = {id(rec): sid for sid, rec in page}
+        pub.publish_page(topic, [rec for _, rec in page], lambda rec, _p: keys[id(rec)], None,
+                         record_headers(job, run, inst or "", ext or datetime.now(UTC), None), tracker,
+                         "modifiedDate")
+        page.clear()
+
     with psycopg.connect(source_dsn, autocommit=True) as src, src.transaction(), \
             src.cursor(name="bench_rows") as cur:
         cur.itersize = 5000
-        for sid, data, run, job, inst, ext, mod in cur.execute(q):
-            headers = [(K.H_RUN_ID, str(run).encode()), (K.H_JOB_ID, str(job).encode()),
-                       (K.H_INSTANCE, (inst or "").encode()), (K.H_EXTRACTED_AT, ext.isoformat().encode())]
-            if mod is not None:
-                headers.append((K.H_MODIFIED_AT, mod.isoformat().encode()))
-            while True:
-                try:
-                    p.produce(topic, data.encode(), sid.encode(), headers=headers)
-                    break
-                except BufferError:
-                    p.poll(0.05)
+        for sid, data, run, job, inst, ext in cur.execute(q):
+            rec = orjson.loads(data)
+            if change_every and n % change_every == 0:
+                rec["_bench_changed"] = True
+            hdr = (run, job, inst, ext)
+            if hdr != page_hdr or len(page) >= 1000:
+                flush()
+                page_hdr = hdr
+            page.append((sid, rec))
             n += 1
-    if p.flush(120):
-        raise RuntimeError(f"could not publish the limit topic {topic}")
+        flush()
+    pub.wait(tracker, 300)
+    if tracker.failed:
+        raise RuntimeError(f"could not publish the limit topic {topic}: {tracker.first_error}")
+    pub = None  # type: ignore[assignment]  # its producer must not outlive the broker (a reference cycle)
+    gc.collect()
     return n
 
 
@@ -480,6 +502,139 @@ def section_peer(h: Harness, scale: float) -> dict[str, Any]:
                        "dlt_write_disposition": "append", "dlt_max_table_nesting": 0}}
 
 
+# -- paged: the four big paged tables, TrialSync vs dlt, empty and populated, A B A B ------------------
+
+#: studies, patients, patient visits, appointments: the big paged (OData, non-parameterized) endpoints
+PAGED_JOBS = (2, 3, 9, 25)
+
+
+def paged_dlt_spec(h: Harness, dsn: str, pipelines_dir: str) -> dict[str, Any]:
+    """dlt as issue 17 ran it: ``rest_api`` -> ``postgres``, merge on the primary key, 4 extract
+    threads, 2 normalize workers (load workers 4, csv loader files: dlt's fastest for postgres)."""
+    from common.catalog import load_catalog
+    from common.config import get_settings
+
+    cat = load_catalog()
+    jobs = [cat.get(j) for j in PAGED_JOBS]
+    return {"base_url": h.sim.urls["api"], "key_header": get_settings().cc_api_key_header,
+            "dsn": dsn.replace("postgres@", "postgres:unused@"), "dataset": "dlt_paged", "workers": 4,
+            "extract_workers": 4, "normalize_workers": 2, "load_workers": 4, "page_size": 1000,
+            "file_format": "csv", "write_disposition": "merge", "pipelines_dir": pipelines_dir,
+            "jobs": [{"id": j.id, "name": j.name, "endpoint": j.endpoint, "odata": j.is_odata,
+                      "primary_key": list(j.primary_key)} for j in jobs]}
+
+
+def run_dlt(h: Harness, spec: dict[str, Any]) -> dict[str, Any]:
+    """bench/peer_dlt.py in a child process; wall time from process start to exit (imports included)."""
+    h.sim_reset_stats()
+    watch = watch_services(h)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.peer_dlt"], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "BENCH_CC_API_KEY": SIM_KEY})
+    watch.add("dlt", proc.pid)
+    watch.start()
+    out, err = proc.communicate(json.dumps(spec), timeout=3600)
+    wall = time.perf_counter() - t0
+    procs = watch.stop()
+    if proc.returncode != 0 or not out.strip():
+        raise RuntimeError(f"dlt exited {proc.returncode}: {err[-2000:]}")
+    d = json.loads(out.strip().splitlines()[-1])
+    d.update({"process_wall_s": round(wall, 2), "api_calls": h.sim_api_calls(), "procs": procs,
+              "records_per_s": rate(d["records"], wall)})
+    return d
+
+
+def section_paged(h: Harness, scale: float, rounds: int = 2) -> dict[str, Any]:
+    """Issue 17's comparison: ``trialsync run -j 2 -j 3 -j 9 -j 25 --full --wait-load`` (a loader
+    service running) vs dlt on the same four endpoints, each into empty tables and then again into
+    the tables it filled (every key present), alternating TrialSync and dlt (A B A B) in ``rounds``
+    rounds. Times are command start -> exit (CLI start-up included; ``--wait-load`` returns after
+    the loader's last commit; dlt's ``pipeline.run`` returns after its load). TrialSync's topics
+    exist before its first run (a durable broker keeps them between nights)."""
+    from common.catalog import load_catalog
+    from common.kafka import bronze_topic, ensure_topics
+
+    tag = tag_of(scale)
+    cat = load_catalog()
+    tables = sorted({cat.get(j).target_table for j in PAGED_JOBS})
+    args = ["--full"] + [a for j in PAGED_JOBS for a in ("--job", str(j))]
+    out: dict[str, Any] = {"jobs": list(PAGED_JOBS), "tables": tables, "rounds": []}
+    for r in range(rounds):
+        rd: dict[str, Any] = {"loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+        h.stop_consumers()
+        h.use_database(f"bench_{tag}_paged_ts{r}")
+        h.use_prefix(f"bench_{tag}_paged_ts{r}")
+        ensure_topics([bronze_topic(t) for t in tables])
+        h.start_loader(wait_assigned=30.0)
+        dlt_dsn = h.empty_database(f"bench_{tag}_paged_dlt{r}")
+        pipelines = str(h.state / f"dlt-paged-{tag}-{r}")
+        for state in ("empty", "populated"):
+            log(f"paged scale {scale} round {r + 1}: trialsync run {' '.join(args)} ({state} tables)")
+            watch = watch_services(h).start()
+            try:
+                side = run_all(h, args, watch)
+            finally:
+                procs = watch.stop()
+            side["procs"] = procs
+            side.pop("run_ids", None)
+            side["records_per_s_cli"] = rate(side["records_loaded"], side["cli_wall_s"])
+            rd[f"trialsync_{state}"] = side
+            log(f"paged scale {scale} round {r + 1}: dlt ({state} dataset)")
+            rd[f"dlt_{state}"] = run_dlt(h, paged_dlt_spec(h, dlt_dsn, pipelines))
+            t, d = side["cli_wall_s"], rd[f"dlt_{state}"]["process_wall_s"]
+            rd[f"ratio_{state}"] = round(d / t, 2) if t and d else None
+            log(f"paged {state}: TrialSync {t} s, dlt {d} s -> {rd[f'ratio_{state}']}x")
+        rd["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        out["rounds"].append(rd)
+    h.stop_consumers()
+    for state in ("empty", "populated"):
+        vals = [x[f"ratio_{state}"] for x in out["rounds"] if x.get(f"ratio_{state}")]
+        out[f"ratio_{state}"] = round(sorted(vals)[len(vals) // 2], 2) if vals else None  # the median (upper)
+        out[f"ratio_{state}_min"] = min(vals) if vals else None
+    out["trialsync_db"] = f"bench_{tag}_paged_ts0"
+    return out
+
+
+# -- loader: first load and re-load of the largest paged table vs plain COPY, A B A B ------------------
+
+def section_loader(h: Harness, scale: float, paged: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
+    """Issue 17's loader targets on the patient visits the paged run loaded: per round, plain COPY of
+    the rows into an empty staging table, one loader draining the same rows (published as the
+    extractor does) into an empty table (the first-load path), then the same keys again with 1 % of
+    the contents changed (the upsert path). Ratios use that round's COPY."""
+    import statistics
+
+    table = "dim_patient_visits_staging"
+    source_dsn = h.admin_dsn(paged["trialsync_db"])
+    tag = tag_of(scale)
+    h.stop_consumers()
+    out: dict[str, Any] = {"table": table, "rounds": []}
+    for r in range(rounds):
+        h.use_prefix(f"bench_{tag}_loader{r}")
+        h.use_database(f"bench_{tag}_loader{r}")
+        log(f"loader scale {scale} round {r + 1}: plain COPY, first load, re-load with 1 % changed")
+        copy = plain_copy(h, source_dsn, table, target=f"zz_bench_plain_copy_{r}")
+        published = publish_rows(source_dsn, table)
+        first = loader_drain(h, table, 1, f"bench-loader-{tag}-{r}")
+        changed = publish_rows(source_dsn, table, change_every=100)
+        reload = loader_drain(h, table, 1, f"bench-loader-{tag}-{r}")
+        rd = {"copy": copy, "published": published, "republished": changed, "first_load": first,
+              "reload_1pct_changed": reload, "loadavg": [round(x, 2) for x in os.getloadavg()]}
+        for k in ("first_load", "reload_1pct_changed"):
+            x = rd[k]
+            x["ratio_to_copy"] = round(x["records_per_s"] / copy["rows_per_s"], 3) \
+                if x.get("records_per_s") and copy.get("rows_per_s") else None
+        out["rounds"].append(rd)
+    for k in ("first_load", "reload_1pct_changed"):
+        vals = [x[k]["ratio_to_copy"] for x in out["rounds"] if x[k].get("ratio_to_copy")]
+        cpu = [x[k]["per_process"][0].get("loader_process_cpu_us_per_record") for x in out["rounds"]]
+        cpu = [c for c in cpu if c is not None]
+        out[f"{k}_ratio"] = round(statistics.median(vals), 3) if vals else None
+        out[f"{k}_loader_cpu_us_per_record"] = round(statistics.median(cpu), 2) if cpu else None
+    return out
+
+
 # -- targets and output ---------------------------------------------------------------------------------
 
 def targets(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -492,6 +647,17 @@ def targets(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
         add(f"loader / plain COPY @ {scale}", x["ratio"], ">= 0.6", x["ratio"] is not None and x["ratio"] >= 0.6)
     for scale, x in res.get("peer", {}).items():
         add(f"TrialSync / dlt records/s @ {scale}", x["ratio"], ">= 3", x["ratio"] is not None and x["ratio"] >= 3)
+    for scale, x in res.get("paged", {}).items():
+        for state in ("empty", "populated"):
+            v = x.get(f"ratio_{state}")
+            add(f"dlt / TrialSync time, jobs 2 3 9 25, {state} tables @ {scale} (median of rounds)", v, ">= 3.5",
+                v is not None and v >= 3.5)
+    for scale, x in res.get("loader", {}).items():
+        for k, goal in (("first_load", 0.7), ("reload_1pct_changed", 0.6)):
+            v = x.get(f"{k}_ratio")
+            add(f"loader / plain COPY, {k.replace('_', ' ')} @ {scale}", v, f">= {goal}", v is not None and v >= goal)
+            c = x.get(f"{k}_loader_cpu_us_per_record")
+            add(f"loader process CPU µs/record, {k.replace('_', ' ')} @ {scale}", c, "<= 5", c is not None and c <= 5)
     for scale, x in res.get("incremental", {}).items():
         for policy, p in x["policies"].items():
             v = p["time_ratio"]
@@ -519,6 +685,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
     ap.add_argument("--peer-scales", help="scales for the dlt comparison (default: the first scale)")
     ap.add_argument("--incremental-scales", help="scales for the incremental run (default: the first scale)")
+    ap.add_argument("--paged-scales", help="scales for the paged and loader sections (default: the first scale)")
+    ap.add_argument("--rounds", type=int, help="A B rounds of the paged and loader sections (default 2; --quick 1)")
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     ns = ap.parse_args(argv)
     ns.scale_list = [float(x) for x in (ns.scales or ("0.002" if ns.quick else "0.05,0.2")).split(",")]
@@ -529,6 +697,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ns.peer_list = [float(x) for x in ns.peer_scales.split(",")] if ns.peer_scales else ns.scale_list[:1]
     ns.incremental_list = ([float(x) for x in ns.incremental_scales.split(",")] if ns.incremental_scales
                            else ns.scale_list[:1])
+    ns.paged_list = [float(x) for x in ns.paged_scales.split(",")] if ns.paged_scales else ns.scale_list[:1]
+    ns.rounds = ns.rounds or (1 if ns.quick else 2)
     return ns
 
 
@@ -585,6 +755,10 @@ def main(argv: list[str] | None = None) -> int:
                 steps.append(("scaling", lambda e=e2e, sc=scale: section_loader_scaling(h, sc, e)))
             if "peer" in ns.sections and scale in ns.peer_list:
                 steps.append(("peer", lambda sc=scale: section_peer(h, sc)))
+            if ns.sections & {"paged", "loader"} and scale in ns.paged_list:
+                steps.append(("paged", lambda sc=scale: section_paged(h, sc, ns.rounds)))
+            if "loader" in ns.sections and scale in ns.paged_list:
+                steps.append(("loader", lambda sc=scale, k=key: section_loader(h, sc, res["paged"][k], ns.rounds)))
             for name, fn in steps:
                 try:
                     value = fn()

@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     # -- loader --------------------------------------------------------------------------------
     loader_batch_size: int = Field(default=20_000, ge=1, le=1_000_000)  # tuned by bench/loader_bench.py
     loader_flush_ms: int = Field(default=250, ge=1, le=600_000)  # tuned by bench/loader_bench.py (lag)
+    # an idle loader stops fetching and looks for records this often (0 = keep fetching): bench/idle_bench.py
+    loader_idle_probe_ms: int = Field(default=5000, ge=0, le=60_000)
 
     # -- embedded stack ------------------------------------------------------------------------
     trialsync_state_dir: Path = Field(default=Path(".trialsync"), validation_alias=AliasChoices("TRIALSYNC_STATE_DIR", "STATE_DIR"))

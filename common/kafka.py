@@ -39,6 +39,57 @@ H_ERROR_CLASS = "ts-error-class"
 H_SRC_TOPIC = "ts-src-topic"
 H_SRC_PARTITION = "ts-src-partition"
 H_SRC_OFFSET = "ts-src-offset"
+#: first 128 bits of SHA-256 of the value bytes, hex (the loader's "did the content change" test); a field of H_LOAD
+H_CONTENT_HASH = "ts-content-hash"
+
+# -- the loader's header ------------------------------------------------------------------------------
+#: One header carrying everything the loader needs, in COPY column order, tab-separated. Why one:
+#: confluent-kafka turns every header of every consumed message into Python objects (~0.55 us per
+#: header on the development machine), so six named headers cost the loader more CPU than the rest
+#: of its per-record work; one header costs ~0.6 us in all (bench/RESULTS.md). The value is bytes the
+#: loader puts into its COPY stream unparsed. A format change takes a new header name (ts-load-v2);
+#: records without it (published by older versions) carry the named headers, which still load.
+H_LOAD = "ts-load-v1"
+#: the fields of H_LOAD, in order (a missing value is empty)
+LOAD_FIELDS = (H_RUN_ID, H_JOB_ID, H_INSTANCE, H_EXTRACTED_AT, H_MODIFIED_AT, H_PARAMS, H_CONTENT_HASH)
+_LOAD_N = len(LOAD_FIELDS)
+
+
+def load_header_fields(value: bytes | None) -> dict[str, bytes] | None:
+    """The named fields of an ``H_LOAD`` value (only the non-empty ones), or None when malformed."""
+    if value is None:
+        return None
+    parts = value.split(b"\t")
+    if len(parts) != _LOAD_N:
+        return None
+    return {name: v for name, v in zip(LOAD_FIELDS, parts, strict=True) if v}
+
+
+def named_headers(headers: list[tuple[str, bytes | None]] | None) -> list[tuple[str, bytes]]:
+    """A message's headers with ``H_LOAD`` expanded into the named headers (ts-run-id, ...).
+
+    For readers that want names (the DLQ, replay's run filter, tests); the named headers a record
+    carries itself win over the same field in H_LOAD. Null-valued headers are dropped."""
+    if not headers:
+        return []
+    out: list[tuple[str, bytes]] = []
+    fields: dict[str, bytes] = {}
+    for k, v in headers:
+        if k == H_LOAD:
+            fields = load_header_fields(v) or {}
+        elif v is not None:
+            out.append((k, v))
+    have = {k for k, _ in out}
+    out.extend((k, v) for k, v in fields.items() if k not in have)
+    return out
+
+
+def header_value(headers: list[tuple[str, bytes | None]] | None, name: str) -> bytes | None:
+    """One named header's value, looking into ``H_LOAD`` too (None when absent)."""
+    for k, v in named_headers(headers):
+        if k == name:
+            return v
+    return None
 
 
 def topic_prefix(settings: Settings | None = None) -> str:

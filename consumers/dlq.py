@@ -2,7 +2,8 @@
 
 * Topic ``<prefix>.dlq.<table>`` (``common.kafka.dlq_topic``); records whose topic maps to no
   valid table name go to ``<prefix>.dlq.unrouted``. Key and value are the original bytes; the
-  headers are the original ones plus ``ts-error``, ``ts-error-class``, ``ts-src-topic``,
+  headers are the original ones (a ``ts-load-v1`` header expanded into the named ``ts-run-id``,
+  ``ts-job-id``, ... it carries) plus ``ts-error``, ``ts-error-class``, ``ts-src-topic``,
   ``ts-src-partition`` and ``ts-src-offset`` -- enough to find, fix and re-publish the record.
 * Row in ``etl.dw_etl_rejects``: its unique index on (topic, partition, offset) makes the insert
   idempotent when a batch is replayed after a crash (the DLQ topic itself is at-least-once: a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 
@@ -30,6 +32,7 @@ from common.kafka import (
     H_SRC_TOPIC,
     dlq_topic,
     ensure_topics,
+    named_headers,
     producer_config,
     topic_prefix,
 )
@@ -77,7 +80,7 @@ class DeadLetters:
     def __init__(self, settings: Settings | None = None, flush_timeout: float = 30.0):
         self.settings = settings or get_settings()
         self.flush_timeout = flush_timeout
-        self._producer = None
+        self._producer: Any = None  # a confluent_kafka.Producer, created on first use
         self._topics: set[str] = set()
         self._lock = threading.Lock()
 
@@ -113,7 +116,8 @@ class DeadLetters:
                 failures.append(str(err))
 
         for table, r in rejects:
-            headers = [(k, v) for k, v in r.headers if k not in _DLQ_HEADERS]
+            # the named headers (ts-run-id, ...), also from ts-load-v1: a dead letter is read by people
+            headers = [(k, v) for k, v in named_headers(r.headers) if k not in _DLQ_HEADERS]
             headers += [
                 (H_ERROR, r.message[:_MAX_ERROR].encode("utf-8", errors="replace")),
                 (H_ERROR_CLASS, r.error_class.encode()),

@@ -45,9 +45,12 @@ not trusted on the embedded broker) and everything is committed.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import queue
 import random
+import re
 import signal
 import sys
 import threading
@@ -55,10 +58,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import groupby, repeat
+from operator import is_not, itemgetter
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from common.config import Settings, get_settings
 from common.db import BRONZE, DatabaseError, connect, qualified
@@ -100,9 +105,21 @@ LAG_SAMPLES = 32
 EVALUATE_EVERY = 1.0  # s between run-completion evaluations of the topics just written
 EVALUATE_ALL_EVERY = 5.0  # s between evaluations of every waiting run while idle
 SWITCH_INTERVAL = 0.001  # s, see Loader.run
+IDLE_PROBE_WINDOW_S = 0.25  # how long an idle loader fetches when it looks for records (Loader._idle_tick)
+WAKEUP_POLL_S = 0.2  # how often an idle loader looks at its control-topic watcher (Loader._idle_tick)
+#: the watcher's fetch wait: the embedded broker answers a waiting fetch only when the wait expires,
+#: so this bounds how late a run start is seen -- and each fetch costs it CPU (100 ms: +1.5 % of a core)
+WAKEUP_FETCH_WAIT_MS = 500
+ONCE_POLL_S = 0.05  # consume() timeout of a one-shot load (Loader._consume_once)
+IDLE_POLL_S = 1.0  # consume() timeout of a service with nothing buffered
+CONSUME_MAX = 2000  # messages per consume() call (Loader._consume_once)
+EAGER_FRACTION = 20  # an idle writer takes a batch of >= batch_size / this (Loader._flush_due)
+GC_THRESHOLD = 100_000  # generation-0 allocations between collections while the loop runs (Loader.run)
 DEFAULT_BATCH_SIZE = 20_000  # = LOADER_BATCH_SIZE default; bench/loader_bench.py
 DEFAULT_FLUSH_MS = 250  # = LOADER_FLUSH_MS default
 
+_FIRST = itemgetter(0)
+_SECOND = itemgetter(1)
 TP = tuple[str, int]
 Batch = dict[TP, list[Any]]
 Results = dict[str, tuple[str, WriteResult]]  # topic -> (table, result)
@@ -170,8 +187,9 @@ class BatchSink:
 
     def __init__(self, settings: Settings, group: str, account: bool = True,
                  dlq: DeadLetters | None = None, target: Callable[[str], tuple[str, str]] | None = None,
-                 application_name: str = "trialsync-loader"):
+                 application_name: str = "trialsync-loader", verify_data: bool = False):
         self.settings = settings
+        self.verify_data = verify_data  # StagingWriter.verify_data (replays)
         self.group = group
         self.account = account
         self.dlq = dlq or DeadLetters(settings)
@@ -192,7 +210,7 @@ class BatchSink:
                 self.conn = connect(self.settings, autocommit=True, application_name=self.application_name)
             except DatabaseError as e:
                 raise DatabaseUnavailable(str(e)) from None
-            self.writer = StagingWriter(self.conn)
+            self.writer = StagingWriter(self.conn, verify_data=self.verify_data)
         return self.conn
 
     def close(self) -> None:
@@ -292,9 +310,19 @@ class BatchSink:
         for topic, (_table, pb) in prepared.items():
             if not pb.msgs:
                 continue
-            parts = [m.partition() for m in pb.msgs]
-            offs = [m.offset() for m in pb.msgs]
-            keys = list(zip(pb.run_ids, parts, strict=True))
+            offs = pb.offsets
+            run = pb.single_run()
+            if run is not None:  # the usual case: per partition only
+                rid = _run_id(run)
+                if rid is None:
+                    continue
+                parts = pb.partitions
+                hi_p = dict(zip(parts, offs, strict=True))
+                lo_p = dict(zip(reversed(parts), reversed(offs), strict=True))
+                for part, n in Counter(parts).items():
+                    groups[(rid, topic, part)] = [n, 0, lo_p[part], hi_p[part]]
+                continue
+            keys = list(zip(pb.run_ids, pb.partitions, strict=True))
             counts = Counter(keys)
             hi = dict(zip(keys, offs, strict=True))
             lo = dict(zip(reversed(keys), reversed(offs), strict=True))
@@ -497,6 +525,14 @@ class LoaderOptions:
     #: extra consumer settings (tests, tuning)
     consumer_overrides: dict[str, Any] = field(default_factory=dict)
     install_signal_handlers: bool = True
+    #: ``once``: take every partition without joining the group when no member is active
+    #: (Loader._group_idle); off for several one-shot processes sharing the work
+    assign_when_alone: bool = True
+    #: stop fetching after this long without records; then a run announced on the control topic
+    #: wakes the loader, and it looks for other records every ``idle_probe_s`` (Loader._idle_tick;
+    #: 0 = always fetch)
+    idle_after_s: float = 5.0
+    idle_probe_s: float = 5.0
 
 
 @dataclass
@@ -554,6 +590,11 @@ class Loader:
         self._last_lag = 0.0
         self._last_eval_all = 0.0
         self._last_broker_error = 0.0
+        # idle fetching (_idle_tick): awake -> asleep (all paused) -> probing (resumed briefly)
+        self._idle_state = "awake"
+        self._idle_next = 0.0
+        self._last_activity = time.monotonic()
+        self._wakeup: Consumer | None = None  # control-topic watcher (_open_wakeup)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -587,12 +628,27 @@ class Loader:
         # should get the GIL back within ~1 ms, not the default 5 ms (~8 round trips per batch)
         old_switch = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL)
+        # A batch allocates ~10 objects per record (messages, tuples, bytes) that all die together
+        # when it is written; CPython's default generation-0 threshold (700 allocations) then runs
+        # a collection every few dozen records, each traversing the buffered messages -- ~8 % of
+        # the loader's CPU (py-spy, bench/RESULTS.md). Start-up objects are frozen out of the
+        # collector and collections are made rarer while the loop runs.
+        old_gc = gc.get_threshold()
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, *old_gc[1:])
         self.writer = _WriterThread(self.sink)
         self.consumer = Consumer(self._consumer_config())
-        self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        if not self.opts.once and self.opts.idle_probe_s > 0:
+            self._open_wakeup()
+        assigned = self.opts.once and self.opts.assign_when_alone and self._group_idle()
+        if assigned:
+            self._assign_all(topics)
+        else:
+            self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                    on_lost=self._on_lost)
         self.log.info("loader_started", topics=topics, batch_size=self.opts.batch_size,
-                      flush_ms=self.opts.flush_ms, once=self.opts.once)
+                      flush_ms=self.opts.flush_ms, once=self.opts.once,
+                      membership="assigned" if assigned else "group")
         started = time.monotonic()
         try:
             while not self.stopping:
@@ -600,6 +656,7 @@ class Loader:
                 if self.backoff_until:
                     self._backoff_tick()
                     continue
+                self._idle_tick()
                 self._consume_once()
                 self._reap(0)
                 if self._flush_due():
@@ -611,8 +668,140 @@ class Loader:
         finally:
             self._shutdown()
             sys.setswitchinterval(old_switch)
+            gc.set_threshold(*old_gc)
+            gc.unfreeze()
         self.log.info("loader_stopped", **self.stats.as_dict())
         return self.stats
+
+    # -- idle: fetch now and then, not ten times a second ------------------------------------------
+    def _idle_tick(self) -> None:
+        """Pause every partition after ``idle_after_s`` without records; wake when a run is
+        announced on the control topic (``_open_wakeup``), and look for other records for
+        ``IDLE_PROBE_WINDOW_S`` every ``idle_probe_s``.
+
+        Why: a fetch request names every assigned partition (~210 on a full catalog), and the
+        embedded broker spends ~16 ms of CPU on each, ten per second at ``fetch.wait.max.ms`` 100:
+        17 % of a core with nothing to do. A longer fetch wait is no cure there -- tansu answers a
+        waiting fetch only when the wait expires, even when records arrive -- so the loader stops
+        fetching instead. The price: records a run publishes wait until its ``run_started`` is seen
+        (~0.5 s); records published without one (a replay tool, another producer) up to
+        ``idle_probe_s``. Only the first ones: the loader is awake from then on. Not in ``--once``
+        mode, and never while a batch is buffered, being written or backing off."""
+        if self.opts.once or self.consumer is None or self.opts.idle_probe_s <= 0:
+            return
+        now = time.monotonic()
+        if self.pending_n or self.backoff_until or self.paused or (self.writer is not None and self.writer.busy):
+            self._last_activity = now
+            return
+        if self._idle_state == "awake":
+            if now - self._last_activity >= self.opts.idle_after_s and self.assigned:
+                self._set_fetching(False)
+                self._idle_state, self._idle_next = "asleep", now + self.opts.idle_probe_s
+        elif self._idle_state == "asleep":
+            if self._run_announced():
+                self._wake()
+                self.log.debug("loader_woken", by="control topic")
+            elif now >= self._idle_next:
+                self._set_fetching(True)
+                self._idle_state, self._idle_next = "probing", now + IDLE_PROBE_WINDOW_S
+        elif now >= self._idle_next:  # probing, and no record came (_add would have woken us)
+            if self._records_waiting():
+                self._wake()  # fetched but not handed out yet: stay awake
+                return
+            self._set_fetching(False)
+            self._idle_state, self._idle_next = "asleep", now + self.opts.idle_probe_s
+
+    def _open_wakeup(self) -> None:
+        """A group-less consumer at the end of the control topic: a run starting (or finishing)
+        wakes an idle loader at once instead of at its next probe (``_idle_tick``). It fetches one
+        small topic, which costs the broker little; without it (no control topic) the probes do."""
+        from confluent_kafka import OFFSET_END
+
+        from common.kafka import control_topic, ensure_system_topics
+
+        try:
+            ensure_system_topics(self.settings)
+            topic = control_topic(self.settings)
+            cfg = consumer_config(f"{self.opts.group}-wakeup", self.settings, **{
+                "client.id": f"trialsync-loader-wakeup-{os.getpid()}", "fetch.wait.max.ms": WAKEUP_FETCH_WAIT_MS,
+                "enable.partition.eof": False, "logger": RdkafkaLog()})
+            watcher = Consumer(cfg)
+            meta = watcher.list_topics(topic, timeout=5).topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                watcher.close()
+                return
+            watcher.assign([TopicPartition(topic, p, OFFSET_END) for p in sorted(meta.partitions)])
+            self._wakeup = watcher
+        except (KafkaException, RuntimeError) as e:
+            self.log.info("wakeup_watcher_unavailable", error=str(e)[:300], note="idle probes only")
+
+    def _run_announced(self) -> bool:
+        if self._wakeup is None:
+            return False
+        try:
+            return any(m.error() is None for m in self._wakeup.consume(num_messages=100, timeout=0))
+        except (KafkaException, RuntimeError):
+            return False
+
+    def _records_waiting(self) -> bool:
+        """A partition whose last fetch response saw records past our position (cached, no request)."""
+        assert self.consumer is not None
+        try:
+            for tp in self.consumer.position(self.consumer.assignment()):
+                if tp.offset >= 0:
+                    _lo, hi = self.consumer.get_watermark_offsets(tp, cached=True)
+                    if hi is not None and hi > tp.offset:
+                        return True
+        except KafkaException:
+            return True  # in doubt, fetch
+        return False
+
+    def _set_fetching(self, on: bool) -> None:
+        assert self.consumer is not None
+        parts = self.consumer.assignment()
+        if parts:
+            (self.consumer.resume if on else self.consumer.pause)(parts)
+
+    def _wake(self) -> None:
+        """Records (or a new assignment) arrived: fetch normally again."""
+        self._last_activity = time.monotonic()
+        if self._idle_state == "asleep" and self.consumer is not None:
+            self._set_fetching(True)
+        self._idle_state = "awake"
+
+    # -- one-shot loads without a group join -------------------------------------------------------
+    def _group_idle(self) -> bool:
+        """True when no member of our group is active (so a one-shot load may take every partition).
+
+        Why: joining a group costs seconds (the broker waits for other members; ~3 s on the
+        embedded broker), more than a small ``load --once`` takes otherwise. Alone, the one-shot
+        loader assigns itself every partition and commits offsets as a simple consumer would --
+        the broker accepts that only while the group has no members. If a ``trialsync load``
+        service is running in the group, the one-shot load joins it like any member instead. Any
+        doubt (a broker that cannot describe groups) means joining."""
+        from confluent_kafka import ConsumerGroupState
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            admin = AdminClient({"bootstrap.servers": self._consumer_config()["bootstrap.servers"],
+                                 "logger": RdkafkaLog()})  # type: ignore[dict-item]  # the stubs omit the documented `logger` object
+            desc = admin.describe_consumer_groups([self.opts.group], request_timeout=5)[self.opts.group].result(5)
+        except (KafkaException, RuntimeError, KeyError, ValueError) as e:
+            self.log.info("group_not_described", error=str(e)[:300], note="joining the group")
+            return False
+        return desc.state in (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD) and not desc.members
+
+    def _assign_all(self, topics: list[str]) -> None:
+        """Assign every partition of the subscription's topics; offsets: the group's committed ones
+        (``auto.offset.reset`` where there are none), as a group member would start."""
+        assert self.consumer is not None
+        md = self.consumer.list_topics(timeout=10)
+        pattern = re.compile(topics[0]) if len(topics) == 1 and topics[0].startswith("^") else None
+        names = sorted(t for t, meta in md.topics.items() if meta.error is None
+                       and (pattern.match(t) if pattern is not None else t in topics))
+        parts = [TopicPartition(t, p) for t in names for p in sorted(md.topics[t].partitions)]
+        self.consumer.assign(parts)
+        self._on_assign(self.consumer, parts)
 
     def _shutdown(self) -> None:
         try:
@@ -634,6 +823,10 @@ class Loader:
                 except (KafkaException, RuntimeError) as e:
                     self.log.warning("consumer_close_failed", error=str(e))
                 self.consumer = None
+            if self._wakeup is not None:
+                with contextlib.suppress(KafkaException, RuntimeError):
+                    self._wakeup.close()
+                self._wakeup = None
             if self.writer is not None:
                 self.writer.stop()
             self.sink.close()
@@ -643,11 +836,23 @@ class Loader:
     # -- consuming -------------------------------------------------------------------------------
     def _consume_once(self) -> None:
         assert self.consumer is not None
-        room = max(1, self.opts.batch_size - self.pending_n)
-        if self.pending_n:
+        # at most CONSUME_MAX per call: creating the Message objects holds the GIL, which the writer
+        # thread needs between the database's replies (see staging_writer.prepare)
+        room = max(1, min(CONSUME_MAX, self.opts.batch_size - self.pending_n))
+        # consume() waits its whole timeout unless it gets num_messages
+        if self.opts.once:
+            # short waits: a one-shot load sees its partitions' ends (and exits) as soon as reported
+            timeout = ONCE_POLL_S
+        elif self.pending_n:
             timeout = max(0.0, self.opts.flush_ms / 1000 - (time.monotonic() - self.pending_since))
         else:
-            timeout = 0.5 if self.opts.once else min(1.0, self.opts.flush_ms / 1000)
+            # idle: one wake-up a second at most, and back at the first message that arrives; while
+            # probing for records (_idle_tick) no longer than the probe window
+            timeout, room = IDLE_POLL_S, 1
+            if self._idle_state != "awake":
+                timeout = min(timeout, max(0.01, self._idle_next - time.monotonic()))
+                if self._wakeup is not None:
+                    timeout = min(timeout, WAKEUP_POLL_S)  # (a paused consumer: a local queue check)
         called = time.monotonic()
         msgs = self.consumer.consume(num_messages=room, timeout=timeout)
         if msgs:
@@ -655,7 +860,39 @@ class Loader:
 
     def _add(self, msgs: list[Any], since: float | None = None) -> None:
         """Buffer ``msgs``; ``since`` = when the consume call that got them started (they may have
-        arrived right then), so a record waits at most ``flush_ms`` before its batch is flushed."""
+        arrived right then), so a record waits at most ``flush_ms`` before its batch is flushed.
+
+        A batch without events (the usual case) is grouped by partition with C-level maps and
+        ``groupby`` (the broker hands out runs of one partition); one with events (end of
+        partition, errors) is walked in order, since an event and a message of the same partition
+        must be seen in the order they came."""
+        if not msgs:
+            return
+        n = len(msgs)
+        # (not ``errs.count(None)``: KafkaError's == against None leaves a TypeError set in C)
+        if any(map(is_not, map(Message.error, msgs), repeat(None))):
+            n = self._add_in_order(msgs)
+        else:
+            pending = self.pending
+            eof = self.eof if self.opts.once else None
+            tps = zip(map(Message.topic, msgs), map(Message.partition, msgs), strict=True)
+            for tp, run in groupby(zip(tps, msgs, strict=True), _FIRST):
+                lst = pending.get(tp)
+                if lst is None:
+                    lst = pending[tp] = []
+                lst.extend(map(_SECOND, run))
+                if eof is not None:
+                    eof.discard(tp)
+        if n:
+            if not self.pending_n:
+                self.pending_since = since if since is not None else time.monotonic()
+            self.pending_n += n
+            if self._idle_state != "awake":
+                self._wake()
+            else:
+                self._last_activity = time.monotonic()
+
+    def _add_in_order(self, msgs: list[Any]) -> int:
         pending = self.pending
         once = self.opts.once
         n = 0
@@ -678,10 +915,7 @@ class Loader:
                     self.eof.discard(tp)
             lst.append(m)
             n += 1
-        if n:
-            if not self.pending_n:
-                self.pending_since = since if since is not None else time.monotonic()
-            self.pending_n += n
+        return n
 
     def _on_message_error(self, m: Any, err: KafkaError) -> None:
         code = err.code()
@@ -715,6 +949,13 @@ class Loader:
             return False
         if self.pending_n >= self.opts.batch_size:
             return True
+        # The database is idle: a smaller batch now beats a full one later. While it writes, the
+        # next batch grows by what arrives meanwhile, so under load batches reach batch_size by
+        # themselves; without this the first batch of a backlog (and every batch after an idle
+        # spell) kept the database waiting while batch_size records were collected.
+        assert self.writer is not None
+        if not self.writer.busy and self.pending_n >= max(1, self.opts.batch_size // EAGER_FRACTION):
+            return True
         if (time.monotonic() - self.pending_since) * 1000 >= self.opts.flush_ms:
             return True
         # --once: everything assigned is at its end, no point waiting for the timer
@@ -737,6 +978,8 @@ class Loader:
         self.eof -= tps
         if self.paused and parts:
             self._pause_new = True  # paused on the next backoff tick, once librdkafka has assigned them
+        elif parts:
+            self._wake()  # an idle loader's paused partitions fetch again with the new ones
         if parts:
             self.log.info("partitions_assigned", partitions=sorted(f"{t}[{p}]" for t, p in tps))
 
@@ -878,7 +1121,9 @@ class Loader:
                 if ts > 0:
                     LOAD_LAG.labels(table).observe(max(0.0, (now_ms - ts) / 1000))
         self.log.debug("batch_committed", records=done.n, duration_ms=round(dt * 1000, 1),
-                       tables=sorted(t for t, _ in done.results.values()))
+                       tables=sorted(t for t, _ in done.results.values()),
+                       direct=sorted(t for t, r in done.results.values() if r.direct),
+                       unchanged=sum(r.unchanged for _, r in done.results.values()))
         if self.on_batch is not None:
             self.on_batch({"records": done.n, "seconds": dt, "written_at": done.written_at,
                            "batch": done.batch, "results": done.results})
@@ -936,7 +1181,10 @@ class Loader:
             return
         offsets = [TopicPartition(t, p, off) for (t, p), off in items]
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=not sync)
+            if sync:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            else:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
             if sync:
                 for tp, off in items:
                     if self.to_commit.get(tp) == off:
@@ -964,6 +1212,7 @@ class Loader:
         delay = self.backoff_delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
         self.backoff_until = time.monotonic() + delay
         self.backoff_dep = dependency
+        self._idle_state = "awake"  # the backoff pauses and resumes everything itself
         self.stats.backoffs += 1
         BACKOFF.labels(SERVICE, dependency).inc()
         self.log.warning("backing_off", dependency=dependency, error=str(e)[:500], retry_in_s=round(delay, 2),

@@ -50,7 +50,7 @@ def load(
     setup_logging("loader")
     opts = LoaderOptions(group=group or default_group(s), tables=tables,
                          batch_size=batch_size or s.loader_batch_size, flush_ms=flush_ms or s.loader_flush_ms,
-                         once=once)
+                         once=once, assign_when_alone=workers == 1, idle_probe_s=s.loader_idle_probe_ms / 1000)
     subscription(tables, s)  # validate names before starting anything
     log = get_logger("loader")
     _preflight(log)
@@ -74,14 +74,14 @@ def load(
 def _preflight(log: Any) -> None:
     """Fail fast on configuration problems; a database that is merely down is waited for."""
     from common.cli import UserError
-    from common.db import DatabaseError, connect
+    from common.db import DatabaseError, connect, scalar
     from common.stack import bootstrap_servers, database_dsn
 
     database_dsn()  # StackError (one line, exit 1) when nothing is configured
     bootstrap_servers()
     try:
         with connect(connect_timeout=3, application_name="trialsync-loader-preflight") as conn:
-            missing = conn.execute("SELECT to_regclass('etl.loader_run_partitions') IS NULL").fetchone()[0]
+            missing = scalar(conn, "SELECT to_regclass('etl.loader_run_partitions') IS NULL")
     except DatabaseError as e:
         log.warning("database_not_reachable_yet", error=str(e), note="the loader starts anyway and waits for it")
         return
@@ -238,6 +238,7 @@ def replay(
 
     from common.cli import UserError
     from common.logging import setup_logging
+    from consumers.replay import Mode as ReplayMode
     from consumers.replay import ReplayError, ReplayOptions
     from consumers.replay import replay as run_replay
 
@@ -246,7 +247,7 @@ def replay(
                               ("--run-id", run_id is not None)) if on]
     if len(chosen) > 1:
         raise UserError(f"choose one of --from-beginning, --since, --run-id (got {' and '.join(chosen)})", 2)
-    mode = "since" if since is not None else "run" if run_id is not None else "beginning"
+    mode: ReplayMode = "since" if since is not None else "run" if run_id is not None else "beginning"
     s = get_settings()
     opts = ReplayOptions(table=table, mode=mode, since=_parse_since(since) if since else None, run_id=run_id,
                          truncate=truncate, batch_size=batch_size or s.loader_batch_size)

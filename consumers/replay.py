@@ -36,8 +36,8 @@ import psycopg
 from psycopg import sql
 
 from common.config import Settings, get_settings
-from common.db import BRONZE, connect, ident, staging_table
-from common.kafka import H_RUN_ID, RdkafkaLog, bronze_topic, consumer_config, topic_prefix
+from common.db import BRONZE, connect, ident, scalar, staging_table
+from common.kafka import H_RUN_ID, RdkafkaLog, bronze_topic, consumer_config, header_value, topic_prefix
 from common.logging import get_logger
 from consumers.loader import BatchSink, DatabaseUnavailable
 from consumers.staging_writer import WriteResult
@@ -50,7 +50,7 @@ Mode = Literal["beginning", "since", "run"]
 # created_at of surviving rows are kept
 _CONTENT = ("data", "source_instance_id", "etl_job_id", "etl_run_id", "source_modified_at", "is_deleted",
             "deleted_at", "kafka_partition", "kafka_offset", "extracted_at", "source_params", "loaded_at",
-            "updated_at")
+            "updated_at", "kafka_timestamp_ms", "content_hash")
 
 
 class ReplayError(RuntimeError):
@@ -96,7 +96,7 @@ Progress = Callable[[int, int | None], None]  # (records read, total estimate or
 
 
 def _count(conn: psycopg.Connection, table: str) -> int:
-    return int(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(staging_table(table))).fetchone()[0])  # type: ignore[index]
+    return int(scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(staging_table(table))))
 
 
 def ensure_table(conn: psycopg.Connection, table: str) -> bool:
@@ -104,10 +104,10 @@ def ensure_table(conn: psycopg.Connection, table: str) -> bool:
 
     Returns True when it was created. Unknown tables are an error: replay does not invent tables.
     """
-    if conn.execute("SELECT to_regclass(%s)", (f"{BRONZE}.{table}",)).fetchone()[0] is not None:  # type: ignore[index]
+    if scalar(conn, "SELECT to_regclass(%s)", (f"{BRONZE}.{table}",)) is not None:
         conn.execute("SELECT etl.add_loader_columns(%s)", (table,))
         return False
-    known = conn.execute("SELECT count(*) FROM etl.dw_etl_jobs WHERE target_table = %s", (table,)).fetchone()[0]  # type: ignore[index]
+    known = scalar(conn, "SELECT count(*) FROM etl.dw_etl_jobs WHERE target_table = %s", (table,))
     if not known:
         raise ReplayError(f"table bronze.{table} does not exist and no job targets it: check the name "
                           "(`trialsync jobs list`) or add the job and run `trialsync jobs sync`")
@@ -135,7 +135,7 @@ def replay(opts: ReplayOptions, settings: Settings | None = None, progress: Prog
         end_offsets: dict[int, int] = {}
         if opts.mode == "run":
             end_offsets = _run_end_offsets(conn, opts.run_id, topic)
-        started_db = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        started_db = scalar(conn, "SELECT now()")
 
     group = f"{topic_prefix(s)}-replay-{table[:40]}-{uuid.uuid4().hex[:8]}"
     consumer = Consumer(consumer_config(group, s, **{
@@ -165,12 +165,13 @@ def replay(opts: ReplayOptions, settings: Settings | None = None, progress: Prog
             _create_shadow(s, table, shadow)
             target_name = shadow
 
-            def target(_t: str) -> tuple[str, str]:
+            def target(t: str) -> tuple[str, str]:
                 return (SHADOW_SCHEMA, target_name)
         else:
             def target(t: str) -> tuple[str, str]:
                 return (BRONZE, t)
-        sink = BatchSink(s, group, account=False, target=target, application_name="trialsync-replay")
+        sink = BatchSink(s, group, account=False, target=target, application_name="trialsync-replay",
+                         verify_data=True)
         consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
         _read(consumer, sink, opts, res, todo, end_offsets, progress, KafkaError, TopicPartition)
         if res.records_read == 0:
@@ -312,10 +313,8 @@ def _estimate_total(consumer: Any, topic: str, res: ReplayResult, todo: set[int]
 
 
 def _header(m: Any, name: str) -> bytes | None:
-    for k, v in m.headers() or ():
-        if k == name:
-            return v
-    return None
+    """A named header's value, also inside ts-load-v1 (records of this version carry only that)."""
+    return header_value(m.headers(), name)
 
 
 def _add_result(res: ReplayResult, r: WriteResult) -> None:
@@ -361,11 +360,13 @@ def _swap(s: Settings, table: str, shadow: str, started: datetime, res: ReplayRe
         with conn.transaction():
             # writers (a live loader) wait for the swap; readers (ACCESS SHARE) are not blocked
             conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(tgt))
-            missing, sample = conn.execute(sql.SQL("""
+            row = conn.execute(sql.SQL("""
                 SELECT count(*), min(t.source_id) FROM {tgt} t
                 WHERE NOT t.is_deleted AND t.loaded_at < %s
                   AND NOT EXISTS (SELECT 1 FROM {sh} s WHERE s.source_id = t.source_id)""").format(tgt=tgt, sh=sh),
-                (started,)).fetchone()  # type: ignore[misc]
+                (started,)).fetchone()
+            assert row is not None  # an aggregate answers one row
+            missing, sample = row
             if missing:
                 raise ReplayError(
                     f"topic {res.topic} has lost history: {missing} live row(s) of bronze.{table} (e.g. "

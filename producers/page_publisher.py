@@ -106,10 +106,8 @@ class PagePublisher:
         if self._parent_of is not None:
             n, missing, stamps, repeats = self._publish_by_parent(recs, ack)
         else:
-            # a _PageAck does all publish_page asks of a DeliveryTracker (called per delivery, .produced)
             n, missing, stamps, repeats = self.publisher.publish_page(
-                self.topic, recs, self.keyfn, stream.params, self._headers(stream.params), ack,  # type: ignore[arg-type]  # publish_page's tracker is typed DeliveryTracker, not a Protocol
-                self.ts_field)
+                self.topic, recs, self.keyfn, stream.params, self._headers(stream.params), ack, self.ts_field)
         if self.track_timestamps:
             self.records_without_timestamp += n - len(stamps)
         if isinstance(ack, _PageAck):

@@ -8,18 +8,31 @@ Why per-run trackers on a shared producer: librdkafka batches best with one prod
 acknowledgements, how many records landed in each partition and the offset of the last one --
 the ``end_offsets`` of ``run_finished``, which the loader compares with its committed offsets.
 
-The hot path (:meth:`Publisher.publish_records`) does per record only what cannot be batched: key
-lookup, ``orjson.dumps`` of the record (the value is the raw record), timestamp header, produce.
+The hot path (:meth:`Publisher.publish_page`) does per record only what cannot be batched: key
+lookup, ``orjson.dumps`` of the record (the value is the raw record), its content hash, the
+loader's header, produce.
+
+Record headers: one ``ts-load-v1`` header (``common.kafka.H_LOAD``) holds, tab-separated, what the
+loader writes next to the value -- run, job, instance, extraction time, the record's
+``modifiedDate``, the parent parameters and a content hash (first 128 bits of SHA-256 of the value
+bytes, hex) -- so the loader copies it into its COPY stream without parsing anything and skips
+unchanged records by hash. Why one header and not six named ones: the consumer pays per header
+(see common/kafka.py). A page whose run-wide values would break the tab-separated form (a tab or
+newline in the instance id, say) is published with the named headers instead, which the loader
+also reads (as it reads records published by older versions).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
+from binascii import hexlify
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from hashlib import sha256
+from typing import Any, Protocol
 
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -30,6 +43,15 @@ from common.logging import get_logger
 from producers.keys import KeyFn
 
 log = get_logger("publisher")
+
+
+class Tracker(Protocol):
+    """What a produced record reports its delivery to: the run's :class:`DeliveryTracker`, or a
+    wrapper around it (``producers.page_publisher``'s per-page acknowledgement)."""
+
+    produced: int
+
+    def __call__(self, err: KafkaError | None, msg: Any) -> None: ...
 
 
 class PublishError(RuntimeError):
@@ -179,7 +201,7 @@ class Publisher:
 
     # -- records ---------------------------------------------------------------------------------
     def publish_page(self, topic: str, records: list[Any], keyfn: KeyFn, params: Mapping[str, Any] | None,
-                     base_headers: list[tuple[str, bytes]], tracker: DeliveryTracker,
+                     base_headers: list[tuple[str, bytes]], tracker: Tracker,
                      ts_field: str | None = None) -> tuple[int, int, list[Any], int]:
         """Produce one page of records in a single pass; return (produced, without key, timestamps,
         repeats skipped).
@@ -193,10 +215,12 @@ class Publisher:
         becomes the ``ts-modified-at`` header and is returned for the watermark. Blocks (polling)
         while the local queue is full.
         """
-        produce = self.producer.produce
+        produce: Any = self.producer.produce  # (librdkafka types a header list invariantly)
         poll = self.producer.poll
         dumps = orjson.dumps
         h_mod = K.H_MODIFIED_AT
+        h_load = K.H_LOAD
+        shape = load_header_shape(base_headers)
         stamps: list[Any] = []
         seen: set[str] = set()
         missing = repeats = 0
@@ -211,13 +235,20 @@ class Publisher:
                     continue
                 else:
                     seen.add(key)
-                headers = base_headers
+                mod = b""
                 if ts_field is not None and type(rec) is dict:
                     ts = rec.get(ts_field)
                     if ts is not None:
                         stamps.append(ts)
-                        headers = [*base_headers, (h_mod, ts.encode() if type(ts) is str else str(ts).encode())]
+                        mod = ts.encode() if type(ts) is str else str(ts).encode()
                 value = dumps(rec)
+                if shape is not None and (not mod or (b"\t" not in mod and b"\n" not in mod and b"\r" not in mod)):
+                    pre, post, extra = shape
+                    headers = [(h_load, pre + mod + post + hexlify(sha256(value).digest()[:16])), *extra]
+                elif mod:
+                    headers = [*base_headers, (h_mod, mod)]
+                else:
+                    headers = base_headers
                 while True:
                     try:
                         produce(topic, value, key, headers=headers, on_delivery=tracker)
@@ -237,7 +268,8 @@ class Publisher:
         for key, value in items:
             while True:
                 try:
-                    self.producer.produce(topic, value, key, headers=headers, on_delivery=tracker)
+                    self.producer.produce(topic, value, key, headers=headers,  # type: ignore[arg-type]  # a list is invariant: list[tuple[str, bytes]] is a valid header list
+                                          on_delivery=tracker)
                     break
                 except BufferError:
                     self._queue_full()
@@ -333,9 +365,36 @@ def reset_publishers() -> None:
         _PUBLISHERS.clear()
 
 
+#: bytes that would break the tab-separated ts-load-v1 value (the loader's COPY text rows)
+_UNSAFE = re.compile(rb"[\t\n\r]")
+#: the named headers ts-load-v1 replaces (ts-modified-at and the content hash are per record)
+_PAGE_FIELDS = (K.H_RUN_ID, K.H_JOB_ID, K.H_INSTANCE, K.H_EXTRACTED_AT)
+
+
+def load_header_shape(base_headers: list[tuple[str, bytes]]) -> tuple[bytes, bytes, list[tuple[str, bytes]]] | None:
+    """The page-wide parts of the ``ts-load-v1`` value: (before the modified-at field, between it and
+    the hash, other headers to keep); None when a value cannot be carried that way.
+
+    Built once per page from the named headers the caller passes (``record_headers`` plus, for
+    parameterized jobs, ``ts-params``), so callers keep building headers as before."""
+    named: dict[str, bytes] = {}
+    extra: list[tuple[str, bytes]] = []
+    for k, v in base_headers:
+        if k in _PAGE_FIELDS or k == K.H_PARAMS:
+            named[k] = v
+        elif k not in (K.H_LOAD, K.H_MODIFIED_AT, K.H_CONTENT_HASH):
+            extra.append((k, v))
+    page = [named.get(k, b"") for k in _PAGE_FIELDS]
+    params = named.get(K.H_PARAMS, b"")
+    if not named.get(K.H_EXTRACTED_AT) or any(_UNSAFE.search(v) for v in (*page, params)):
+        return None  # the loader's direct path needs the extraction time; the named headers say it is absent
+    return b"\t".join(page) + b"\t", b"\t" + params + b"\t", extra
+
+
 def record_headers(job_id: int, run_id: int, instance_id: str, extracted_at: datetime,
                    params: Mapping[str, Any] | None) -> list[tuple[str, bytes]]:
-    """Headers every record of one page shares (ts-modified-at is added per record)."""
+    """The named headers every record of one page shares; ``publish_page`` folds them into the
+    ``ts-load-v1`` header (with the record's modified-at and content hash)."""
     h = [
         (K.H_JOB_ID, str(job_id).encode()),
         (K.H_RUN_ID, str(run_id).encode()),

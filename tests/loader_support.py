@@ -41,14 +41,56 @@ class Rec:
             return self.value
         return orjson.dumps(self.value)
 
-    def raw_headers(self) -> list[tuple[str, bytes]]:
+    def raw_headers(self, fmt: str = "named") -> list[tuple[str, bytes]]:
+        """The record's headers: ``named`` (earlier versions) or ``v1`` (one ts-load-v1 header, as
+        this version's publisher sends them; records the publisher could not put in it -- no
+        extraction time, odd header values -- keep the named ones, as the publisher does)."""
         h: dict[str, bytes] = {"ts-job-id": str(self.job_id).encode(), "ts-instance-id": b"cc1"}
         if self.run_id is not None:
             h["ts-run-id"] = str(self.run_id).encode()
         if self.extracted_at is not None:
             h["ts-extracted-at"] = self.extracted_at.isoformat().encode()
         h.update(self.headers)
-        return list(h.items())
+        named = list(h.items())
+        if fmt == "v1" and not self.headers and self.extracted_at is not None:
+            return load_header(named, self.raw_value())
+        return named
+
+
+def load_header(named: list[tuple[str, bytes]], value: bytes | None) -> list[tuple[str, bytes]]:
+    """``named`` headers as this version's publisher sends them: one ts-load-v1 header (with the
+    content hash of ``value``), via the publisher's own builder."""
+    from binascii import hexlify
+    from hashlib import sha256
+
+    from common.kafka import H_LOAD, H_MODIFIED_AT
+    from producers.publisher import load_header_shape
+
+    shape = load_header_shape(named)
+    assert shape is not None, named
+    pre, post, extra = shape
+    mod = dict(named).get(H_MODIFIED_AT, b"")
+    digest = hexlify(sha256(value).digest()[:16]) if value is not None else b""
+    return [(H_LOAD, pre + mod + post + digest), *extra]
+
+
+class ServerLog:
+    """The embedded PostgreSQL's log (postgres.log) from the moment this object was made."""
+
+    def __init__(self, stack: dict[str, str]):
+        self.path = Path(stack["state_dir"]) / "pg" / "postgres.log"
+        self.available = self.path.exists()  # not with testcontainers
+        self.offset = self.path.stat().st_size if self.available else 0
+
+    def new_text(self) -> str:
+        """What the server logged since the last call (or since creation)."""
+        if not self.available:
+            return ""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        return data.decode(errors="replace")
 
 
 def ts(i: int) -> datetime:
@@ -65,8 +107,10 @@ def drop_table(conn: psycopg.Connection, name: str) -> None:
 
 
 def publish(settings: Any, table: str, recs: Iterable[Rec], partitions: int = 3,
-            topic: str | None = None) -> dict[int, int]:
-    """Publish in order (idempotent producer); returns {partition: last offset} from delivery reports."""
+            topic: str | None = None, fmt: str = "named") -> dict[int, int]:
+    """Publish in order (idempotent producer); returns {partition: last offset} from delivery reports.
+    ``fmt``: the header format (``Rec.raw_headers``), or ``mixed`` (alternating, as a topic holding
+    records of an earlier version and of this one)."""
     from confluent_kafka import Producer
 
     from common.kafka import bronze_topic, ensure_topics, producer_config
@@ -87,7 +131,7 @@ def publish(settings: Any, table: str, recs: Iterable[Rec], partitions: int = 3,
         while True:
             try:
                 p.produce(topic, key=r.key.encode() if r.key is not None else None, value=r.raw_value(),
-                          headers=r.raw_headers(), on_delivery=cb)
+                          headers=r.raw_headers(("named", "v1")[i % 2] if fmt == "mixed" else fmt), on_delivery=cb)
                 break
             except BufferError:
                 p.poll(0.05)

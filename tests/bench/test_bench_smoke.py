@@ -54,7 +54,8 @@ def test_machine_facts_and_no_errors(result: dict[str, Any]) -> None:
     assert m["postgresql"].startswith("16")
     positive(m, "cores", "ram_gib")
     assert result["scales"] == [float(SCALE)]
-    for heading in ("## End-to-end", "## Limit", "## Peer", "## Incremental", "## Fan-out", "## Scaling", "## Targets"):
+    for heading in ("## End-to-end", "## Limit", "## Peer", "## Incremental", "## Fan-out", "## Scaling",
+                    "## Paged tables", "## Loader vs plain COPY", "## Targets"):
         assert heading in result["_markdown"], heading
 
 
@@ -137,3 +138,27 @@ def test_targets_are_reported(result: dict[str, Any]) -> None:
         assert what in names, what
     for t in result["targets"].values():
         assert t["value"] is not None and isinstance(t["met"], bool)
+
+
+def test_paged_compares_trialsync_and_dlt_on_the_same_records_empty_and_populated(result: dict[str, Any]) -> None:
+    x = result["paged"][SCALE]
+    assert x["jobs"] == [2, 3, 9, 25] and len(x["rounds"]) == 1
+    rd = x["rounds"][0]
+    for state in ("empty", "populated"):
+        t, d = rd[f"trialsync_{state}"], rd[f"dlt_{state}"]
+        assert t["status"] == "success" and t["runs_succeeded"] == 4
+        assert t["records_loaded"] == d["records"] > 0  # both sides loaded every record
+        positive(t, "cli_wall_s")
+        positive(d, "process_wall_s")
+        positive(rd, f"ratio_{state}")
+    # the second TrialSync run found every record already there, unchanged
+    assert rd["trialsync_populated"]["staging_rows"] == rd["trialsync_empty"]["staging_rows"]
+
+
+def test_loader_section_measures_first_load_and_reload_of_the_same_rows(result: dict[str, Any]) -> None:
+    x = result["loader"][SCALE]
+    rd = x["rounds"][0]
+    assert rd["copy"]["rows"] == rd["published"] == rd["republished"] == rd["first_load"]["records"] \
+        == rd["reload_1pct_changed"]["records"] > 0
+    for k in ("first_load", "reload_1pct_changed"):
+        positive(rd[k], "records_per_s", "ratio_to_copy")

@@ -56,7 +56,7 @@ def read_topic(settings: Settings, topic: str, timeout: float = 60.0) -> list[Ms
                     raise RuntimeError(str(m.error()))
                 key = m.key().decode() if m.key() is not None else None
                 val = orjson.loads(m.value()) if m.value() is not None else None
-                hdrs = {k: (v.decode() if v is not None else None) for k, v in (m.headers() or [])}
+                hdrs = {k: v.decode() for k, v in K.named_headers(m.headers())}  # ts-load-v1 expanded
                 out.append(Msg(m.topic(), m.partition(), m.offset(), key, val, hdrs))
         return out
     finally:

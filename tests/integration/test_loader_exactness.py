@@ -47,10 +47,13 @@ def _workload(run_id: int, n_keys: int = 400, n_msgs: int = 3000, seed: int = 7)
     return recs
 
 
-def test_exact_final_state_and_run_accounting(ctx: Ctx) -> None:
+@pytest.mark.parametrize("fmt", ["v1", "named", "mixed"])
+def test_exact_final_state_and_run_accounting(ctx: Ctx, fmt: str) -> None:
+    """Headers as this version publishes them (ts-load-v1), as earlier versions did (named), and a
+    topic holding both."""
     run_id = new_run(ctx.conn, topic=ctx.topic)
     recs = _workload(run_id)
-    ends = publish(ctx.settings, ctx.table, recs)
+    ends = publish(ctx.settings, ctx.table, recs, fmt=fmt)
     assert len(ends) == 3  # spread over every partition
     finish_run(ctx.conn, run_id, ctx.topic, ends, published=len(recs))
     assert run_progress.run_loaded(ctx.conn, run_id) is False
@@ -197,8 +200,11 @@ def test_two_jobs_feeding_one_table_keep_separate_counts(ctx: Ctx) -> None:
     assert jobs == {2: 500, 164: 250}
 
 
-def test_values_that_need_copy_escaping(ctx: Ctx) -> None:
-    """Raw tabs/newlines (pretty-printed JSON), backslashes, non-ASCII, odd keys: stored exactly."""
+@pytest.mark.parametrize("fmt", ["v1", "named"])
+def test_values_that_need_copy_escaping(ctx: Ctx, fmt: str) -> None:
+    """Raw tabs/newlines (pretty-printed JSON), backslashes, non-ASCII, odd keys: stored exactly --
+    with ts-load-v1 headers the database refuses the unchecked payload and the batch is loaded
+    checked."""
     pretty = b'{\n\t"name": "Jos\xc3\xa9 \\"Pepe\\" O\'Neil",\r\n  "path": "C:\\\\temp\\\\x",\n  "n": 1\n}'
     recs = [
         Rec("cc1:pretty", pretty, extracted_at=ts(1)),
@@ -207,7 +213,7 @@ def test_values_that_need_copy_escaping(ctx: Ctx) -> None:
         Rec("cc1:emoji", {"e": "\U0001f9ea", "z": "\u00e9"}, extracted_at=ts(4),
             headers={"ts-params": b'{\n "studyId": 7\n}'}),
     ]
-    publish(ctx.settings, ctx.table, recs)
+    publish(ctx.settings, ctx.table, recs, fmt=fmt)
     load_once(ctx.settings, ctx.group, [ctx.table])
     assert ctx.state() == expected_state(recs)
     assert ctx.state()["cc1:pretty"][0] == {"name": 'José "Pepe" O\'Neil', "path": "C:\\temp\\x", "n": 1}

@@ -35,7 +35,8 @@ def _rejected(table: str, reason: str) -> float:
     return RECORDS_REJECTED.labels(table, "load", reason)._value.get()
 
 
-def test_poison_messages_go_to_dlq_and_rejects_and_the_rest_loads(ctx: Ctx) -> None:
+@pytest.mark.parametrize("fmt", ["v1", "named"])
+def test_poison_messages_go_to_dlq_and_rejects_and_the_rest_loads(ctx: Ctx, fmt: str) -> None:
     run_id = new_run(ctx.conn, topic=ctx.topic)
     good = [Rec(f"cc1:{i}", {"i": i}, run_id, extracted_at=ts(i)) for i in range(200)]
     poison = [
@@ -49,7 +50,7 @@ def test_poison_messages_go_to_dlq_and_rejects_and_the_rest_loads(ctx: Ctx) -> N
     ]
     recs = good[:100] + poison + good[100:]
     before = {r: _rejected(ctx.table, r) for r in ("NoRecordId", "InvalidJson", "KeyTooLong", "InvalidText")}
-    ends = publish(ctx.settings, ctx.table, recs)
+    ends = publish(ctx.settings, ctx.table, recs, fmt=fmt)
     finish_run(ctx.conn, run_id, ctx.topic, ends, published=len(recs))
 
     stats = load_once(ctx.settings, ctx.group, [ctx.table], batch_size=1000)

@@ -10,14 +10,17 @@ One embedded stack and simulator (bench.harness), a loader service, then:
 1. ``trialsync doctor --sources``: the cheaper list sources the simulator can be trusted with are
    switched on (``source: list`` in a generated jobs file), as an operator would after the check;
 2. ``trialsync run --all --full``: the first load;
-3. one night per change model, each after its own ~1 % change (``/_sim/mutate``): ``uniform``
+3. a first night after a 1 % uniform change: the ``changed`` fan-out policy trusts its assumption only
+   on evidence, so this night asks every parent (``verify``) and checks that the child changes it
+   finds were announced on their parents -- reported separately, it is paid once per job;
+4. one night per change model, each after its own ~1 % change (``/_sim/mutate``): ``uniform``
    (1 % of every entity's records, anywhere) and ``realistic`` (days of site activity on active
    studies until 1 % of all records changed), CC moving a parent's timestamp when a child changes
    (the assumption the ``changed`` fan-out policy relies on, checked by its sweep);
-4. the realistic night again with the parents *not* touched (the assumption fails): the sweep finds
+5. the realistic night again with the parents *not* touched (the assumption fails): the sweep finds
    the changes it was not told about and the guard makes the next night ask every parent -- what
    that costs, and that nothing is lost;
-5. every run reconciled; the calls per job projected to scale 1.0 (calls scale with the records)
+6. every run reconciled; the calls per job projected to scale 1.0 (calls scale with the records)
    at 10, 50 and 200 requests/s, and the nights a first load takes in an 8-hour window.
 
 Targets (issue 15): realistic night <= 0.05 of the full run's calls and <= 0.10 of its time;
@@ -94,7 +97,12 @@ def reconcile(h: Harness) -> dict[str, Any]:
     catalog = load_catalog()
     with h.connect() as conn:
         r = rec(conn, h.sim_admin, catalog, [j.id for j in catalog.runnable])
-    return {**r.totals, "exact": r.exact, "problems": r.problems()}
+    t = r.totals
+    # rows whose own timestamp is current but which embed a preview of another record that changed
+    # (a staff member's name inside a query): no timestamp filter can see them; the fan-out sweep
+    # and full runs refresh them (docs/extraction.md). Everything else must be exact every night.
+    changes_lost = t["missing"] + t["duplicated"] + t["extra"] + t["stale"] - t["stale_refs"]
+    return {**t, "exact": r.exact, "exact_but_embedded_refs": changes_lost == 0, "problems": r.problems()}
 
 
 def change(h: Harness, model: str, touch: bool) -> dict[str, Any]:
@@ -151,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         full = night(h, ["--all", "--full"])
         res["full"] = full
         nights: dict[str, dict[str, Any]] = {}
-        for name, model, touch in (("uniform", "uniform", True), ("realistic", "realistic", True),
+        for name, model, touch in (("verify", "uniform", True),
+                                   ("uniform", "uniform", True), ("realistic", "realistic", True),
                                    ("realistic_untouched", "realistic", False),
                                    ("after_guard", "realistic", True)):
             ch = change(h, model, touch)
@@ -165,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             n["guard_jobs"] = sorted(j for j, v in n["per_job"].items() if (v["fanout"] or {}).get("guard_after"))
             nights[name] = n
             log(f"  {n['api_calls']} calls ({n['calls_ratio']} of full), {n['wall_s']} s "
-                f"({n['wall_ratio']} of full), exact: {n['reconciliation']['exact']}, guard: {n['guard_jobs']}")
+                f"({n['wall_ratio']} of full), exact: {n['reconciliation']['exact']} (but embedded refs: "
+                f"{n['reconciliation']['exact_but_embedded_refs']}), not ok: {sorted(n['not_ok'])}, guard: {n['guard_jobs']}")
         res["nights"] = nights
         res["projection"] = projection(full, {k: v for k, v in nights.items() if k in ("uniform", "realistic")},
                                        ns.scale)
@@ -173,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             "realistic_calls_ratio<=0.05": nights["realistic"]["calls_ratio"],
             "realistic_time_ratio<=0.10": nights["realistic"]["wall_ratio"],
             "uniform_calls_ratio<=0.15": nights["uniform"]["calls_ratio"],
-            "all_exact": all(n["reconciliation"]["exact"] for n in [full, *nights.values()]),
+            "full_exact": full["reconciliation"]["exact"],
+            # the untouched night is the assumption failing: what it misses waits for the sweep
+            "nights_exact_but_embedded_refs": {k: n["reconciliation"]["exact_but_embedded_refs"]
+                                               for k, n in nights.items()},
+            "nights_not_ok_jobs": {k: sorted(n["not_ok"]) for k, n in nights.items()},
         }
     finally:
         res["wall_s"] = round(time.monotonic() - t0, 1)

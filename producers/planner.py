@@ -228,9 +228,10 @@ def plan_run(conn: psycopg.Connection, job: Job, settings: Settings, *, incremen
     if job.reads_list:
         wms = {"": wms[""]} if "" in wms else {}
     if wms:
-        if values is None or only_parents is not None:
-            used = [wms[pk] for pk in (parent_key(dict(zip(names, v, strict=True))) for v in (values or [()]))
-                    if pk in wms]
+        if values is None:  # one stream: a plain job, or a fan-out job reading its list ('' key)
+            used = [wms[""]] if "" in wms else []
+        elif only_parents is not None:
+            used = [wms[pk] for pk in (parent_key(dict(zip(names, v, strict=True))) for v in values) if pk in wms]
         else:
             used = list(wms.values())
         plan.watermark_from = min(used) if used else None

@@ -489,6 +489,10 @@ WHERE run_id !~ '^[0-9]{{0,18}}$' OR job_id !~ '^[0-9]{{0,9}}$'
 #     INSERT ... ON CONFLICT, which also settles a key a concurrent writer inserted meanwhile;
 #   * an existing key with the same hash is left alone: no JSON parse, no row lock, no WAL -- what
 #     makes a re-load of unchanged records cheap (bench/RESULTS.md);
+#   * a different hash is not yet a change: the same record serialized otherwise (another endpoint
+#     of the same model, e.g. jobs 2 and 164 both writing studies, with keys in another order) is
+#     compared by its data and only gets the new hash (``fill``), so ``updated_at`` -- what the
+#     fan-out planner reads as "this parent changed" -- moves only when the content does;
 #   * a stored row without a hash (loaded before migration 0610) is compared by its data once and
 #     gets its hash (``fill``: no other column changes, not counted as an update); so is every row
 #     when the writer verifies data ({verify}: replays, which must also undo hand edits that left
@@ -502,7 +506,8 @@ cur AS (
     FROM src LEFT JOIN LATERAL (
         SELECT s.id AS sid, s.content_hash AS old_hash, s.is_deleted AS old_deleted, s.extracted_at AS old_ext,
                s.kafka_offset AS old_off,
-               CASE WHEN (s.content_hash IS NULL OR {verify}) AND NOT src.tomb
+               CASE WHEN (s.content_hash IS NULL OR s.content_hash IS DISTINCT FROM src.hash OR {verify})
+                         AND NOT src.tomb
                     THEN s.data IS DISTINCT FROM src.data::jsonb END AS data_changed
         FROM {target} s WHERE s.source_id = src.source_id LIMIT 1) s ON true),
 todo AS (

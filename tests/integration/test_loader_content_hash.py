@@ -10,6 +10,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from consumers.replay import ReplayOptions, replay
@@ -69,6 +70,36 @@ def test_a_reload_rewrites_only_the_records_that_changed(ctx: Ctx, fmt: str) -> 
             assert row["data"]["rev"] == 2 and row["run"] == second and row["updated_at"] > before[key]["updated_at"]
         else:  # not touched at all: same run, same updated_at (the transformer sees no change)
             assert row == before[key]
+
+
+def test_the_same_record_serialized_otherwise_is_not_a_change(ctx: Ctx) -> None:
+    """Two endpoints of one model (jobs 2 and 164 both write studies) may send the same record with
+    its keys in another order: other bytes, other hash, same content. The row keeps its data, run
+    and ``updated_at`` (the fan-out planner reads a moved ``updated_at`` as a changed parent) and
+    takes the new hash; a real change still moves it."""
+    first = new_run(ctx.conn, topic=ctx.topic)
+    recs = _night(first, 50, set(), 0)
+    publish(ctx.settings, ctx.table, recs, fmt="v1")
+    load_once(ctx.settings, ctx.group, [ctx.table])
+    before = _rows(ctx)
+
+    second = new_run(ctx.conn, topic=ctx.topic)
+    reordered = [Rec(r.key, orjson.dumps(dict(reversed(list(r.value.items())))), second,  # type: ignore[union-attr]
+                     job_id=164, extracted_at=ts(1000 + i)) for i, r in enumerate(recs)]
+    reordered[7] = Rec(recs[7].key, orjson.dumps({"rev": 2, "name": "patient 7", "id": 7}), second, job_id=164,
+                       extracted_at=ts(1007))
+    assert all(a.raw_value() != b.raw_value() for a, b in zip(recs, reordered, strict=True))
+    publish(ctx.settings, ctx.table, reordered, fmt="v1")
+    stats = load_once(ctx.settings, ctx.group, [ctx.table])
+    assert (stats.inserted, stats.updated, stats.unchanged) == (0, 1, 49)
+    after = _rows(ctx)
+    for rec in reordered:
+        row, old = after[rec.key], before[rec.key]  # type: ignore[index]
+        assert row["hash"].bytes == sha256(rec.raw_value()).digest()[:16]  # type: ignore[arg-type]
+        if rec.key == "cc1:7":
+            assert row["data"]["rev"] == 2 and row["run"] == second and row["updated_at"] > old["updated_at"]
+        else:
+            assert (row["data"], row["run"], row["updated_at"]) == (old["data"], first, old["updated_at"])
 
 
 def test_rows_stored_without_a_hash_are_compared_by_data_once(ctx: Ctx) -> None:

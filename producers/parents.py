@@ -97,7 +97,10 @@ def load_parents(conn: psycopg.Connection, job: Job) -> list[dict[str, str]]:
 class ParentSelection:
     """The parents a run of a fan-out job may ask, by why -- in the order a budget spends calls.
 
-    ``changed``: the parent's staging row changed since the reference (new parents included);
+    ``changed``: the parent's staging row changed since the reference (new parents included) and
+    its own timestamp moved (``content_only`` counts rows whose content changed without it: an
+    embedded preview of another record, e.g. a renamed sponsor inside every study -- under the
+    assumption no child change hides behind those, and the sweep still reaches them);
     ``swept``: this run's sweep slice (unchanged parents asked to check the change-propagation
     assumption and refresh embedded previews); ``unfinished``: not yet reached by the job's first
     complete pass over its parents (keyset order); ``rest``: every other parent (asked under the
@@ -110,6 +113,11 @@ class ParentSelection:
     rest: list[tuple[str, ...]] = field(default_factory=list)
     parent_rows: int = 0
     as_of: datetime | None = None
+    #: the newest parent timestamp (``source_modified_at``) among the rows this read saw: the next
+    #: run's reference for "the parent's own timestamp moved"
+    ts_as_of: datetime | None = None
+    #: parents whose row changed since the reference while their own timestamp did not move
+    content_only: int = 0
     #: count_only: how many parents fall in each list (the lists stay empty)
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -120,6 +128,13 @@ class ParentSelection:
 #: when other sessions' transaction start times are hidden (another role without pg_read_all_stats),
 #: assume none of them ran longer than this
 HIDDEN_TRANSACTION_MARGIN = timedelta(minutes=10)
+
+#: "the parent's own timestamp moved" = newer than the newest parent timestamp the previous read saw,
+#: less this margin: a parent row that reached staging only after that read (a loader lagging this
+#: long) with an older timestamp still counts as changed within the margin; beyond it the sweep
+#: asks it. Parents whose timestamps moved within the margin and whose content changed again are
+#: asked once more (harmless).
+PARENT_CLOCK_MARGIN = timedelta(hours=24)
 
 
 def read_point(conn: psycopg.Connection) -> datetime:
@@ -142,13 +157,28 @@ def read_point(conn: psycopg.Connection) -> datetime:
     return t - HIDDEN_TRANSACTION_MARGIN if hidden else t
 
 
+def newest_parent_ts(conn: psycopg.Connection, job: Job, as_of: datetime) -> datetime | None:
+    """The newest parent timestamp among the rows stamped no later than ``as_of`` (a read point):
+    what a run that asked every parent records as its ``parents_ts_as_of``."""
+    q = sql.SQL("SELECT max(source_modified_at) FROM {} WHERE NOT is_deleted AND updated_at <= %s").format(
+        _parent_sql(job).table)
+    try:
+        row = conn.execute(q, (as_of,)).fetchone()
+    except psycopg.errors.UndefinedTable:
+        raise _missing_table(job) from None
+    return row[0] if row else None
+
+
 def select_parents(conn: psycopg.Connection, job: Job, *, since: datetime | None, sweep_runs: int = 0,
                    sweep_slice: int = 0, after: tuple[str, ...] | None = None, first_pass_done: bool = True,
-                   everything: bool = False, count_only: bool = False) -> ParentSelection:
+                   everything: bool = False, count_only: bool = False,
+                   ts_since: datetime | None = None) -> ParentSelection:
     """Read the parents a run may ask, each once, sorted into :class:`ParentSelection`'s lists.
 
     * changed: ``updated_at > since`` (``updated_at`` moves only when a row's content changes or
-      it is new; no reference = none);
+      it is new; no reference = none) and, given ``ts_since`` (the newest parent timestamp the
+      previous read saw), the row is new or its own timestamp is unknown or newer than ``ts_since``
+      less :data:`PARENT_CLOCK_MARGIN`;
     * swept: the parameter values' hash falls in slice ``sweep_slice`` of ``sweep_runs`` (so a
       parent stays in its slice run after run, and every parent is asked once every
       ``sweep_runs`` runs); ``sweep_runs = 0``: no sweep;
@@ -161,7 +191,14 @@ def select_parents(conn: psycopg.Connection, job: Job, *, since: datetime | None
     ps = _parent_sql(job)
     n = len(ps.exprs)
     params: dict[str, Any] = {**ps.params, "since": since, "n": max(1, sweep_runs), "slice": sweep_slice % max(1, sweep_runs)}
-    changed = sql.SQL("updated_at > %(since)s") if since is not None else sql.SQL("false")
+    touched = sql.SQL("updated_at > %(since)s") if since is not None else sql.SQL("false")
+    if since is not None and ts_since is not None:
+        params["ts_since"] = ts_since - PARENT_CLOCK_MARGIN
+        changed: sql.Composable = sql.SQL(
+            "(updated_at > %(since)s AND (created_at > %(since)s OR source_modified_at IS NULL "
+            "OR source_modified_at > %(ts_since)s))")
+    else:
+        changed = touched
     swept = sql.SQL("(hashtext(concat_ws(chr(31), {})) & 2147483647) %% %(n)s = %(slice)s").format(
         sql.SQL(", ").join(ps.exprs)) if sweep_runs > 0 else sql.SQL("false")
     if first_pass_done:
@@ -172,21 +209,24 @@ def select_parents(conn: psycopg.Connection, job: Job, *, since: datetime | None
         params.update({f"a{i}": v for i, v in enumerate(after)})
         unfinished = sql.SQL("ROW({}) > ROW({})").format(
             sql.SQL(", ").join(ps.exprs), sql.SQL(", ").join(sql.Placeholder(f"a{i}") for i in range(n)))
-    wanted = sql.SQL("true") if everything else sql.SQL("({}) OR ({}) OR ({})").format(changed, swept, unfinished)
+    wanted = sql.SQL("true") if everything else sql.SQL("({}) OR ({}) OR ({}) OR ({})").format(
+        changed, swept, unfinished, touched)
     q = sql.SQL(
-        "SELECT {cols}, bool_or({changed}), bool_or({swept}), bool_or({unfinished}) FROM {table} "
+        "SELECT {cols}, bool_or({changed}), bool_or({swept}), bool_or({unfinished}), bool_or({touched}) FROM {table} "
         "WHERE NOT is_deleted AND {conds} AND ({wanted}) GROUP BY {group} ORDER BY {group}"
-    ).format(cols=ps.cols, changed=changed, swept=swept, unfinished=unfinished, table=ps.table, conds=ps.conds,
-             wanted=wanted, group=ps.positions)
-    count = sql.SQL("SELECT count(*) FROM {table} WHERE NOT is_deleted").format(table=ps.table)
+    ).format(cols=ps.cols, changed=changed, swept=swept, unfinished=unfinished, touched=touched, table=ps.table,
+             conds=ps.conds, wanted=wanted, group=ps.positions)
+    # the newest parent timestamp among the rows this read sees (stamped no later than its read point)
+    count = sql.SQL("SELECT count(*), max(source_modified_at) FILTER (WHERE updated_at <= %(as_of)s) "
+                    "FROM {table} WHERE NOT is_deleted").format(table=ps.table)
     sel = ParentSelection()
     if count_only:  # how many of each, without transferring the parents (trialsync run --dry-run)
         q = sql.SQL("SELECT count(*) FILTER (WHERE c), count(*) FILTER (WHERE s AND NOT c), "
-                    "count(*) FILTER (WHERE u AND NOT c AND NOT s), count(*) FILTER (WHERE NOT (c OR s OR u)) "
-                    "FROM ({}) AS p(" + ", ".join(f"p{i}" for i in range(n)) + ", c, s, u)").format(q)
+                    "count(*) FILTER (WHERE u AND NOT c AND NOT s), count(*) FILTER (WHERE NOT (c OR s OR u) AND {}) "
+                    "FROM ({}) AS p(" + ", ".join(f"p{i}" for i in range(n)) + ", c, s, u, t)").format(sql.Literal(everything), q)
         try:
             row = conn.execute(q, params).fetchone()
-            total = conn.execute(count).fetchone()
+            total = conn.execute(count, {"as_of": None}).fetchone()
         except psycopg.errors.UndefinedTable:
             raise _missing_table(job) from None
         assert row is not None and total is not None
@@ -196,18 +236,21 @@ def select_parents(conn: psycopg.Connection, job: Job, *, since: datetime | None
     try:
         with conn.cursor() as cur:
             sel.as_of = read_point(conn)
-            for *values, is_changed, is_swept, is_unfinished in cur.execute(q, params):
+            for *values, is_changed, is_swept, is_unfinished, is_touched in cur.execute(q, params):
                 v = tuple(values)
+                if is_touched and not is_changed:
+                    sel.content_only += 1
                 if is_changed:
                     sel.changed.append(v)
                 elif is_swept:
                     sel.swept.append(v)
                 elif is_unfinished:
                     sel.unfinished.append(v)
-                else:
+                elif everything:
                     sel.rest.append(v)
-            row = cur.execute(count).fetchone()
+            row = cur.execute(count, {"as_of": sel.as_of}).fetchone()
             sel.parent_rows = int(row[0]) if row else 0
+            sel.ts_as_of = row[1] if row else None
     except psycopg.errors.UndefinedTable:
         raise _missing_table(job) from None
     return sel

@@ -107,6 +107,8 @@ class FanoutHistory:
 
     #: read point of the last successful run that asked every changed parent ("changed since")
     since: datetime | None = None
+    #: the newest parent timestamp that run saw ("the parent's own timestamp moved since")
+    ts_since: datetime | None = None
     #: the sweep slice the latest run used, and whether it asked all of it
     last_slice: int | None = None
     slice_done: bool = True
@@ -125,7 +127,8 @@ class FanoutHistory:
     def load(cls, conn: psycopg.Connection, job_id: int) -> FanoutHistory:
         row = conn.execute(
             """SELECT
-                 (SELECT (run_context->>'parents_as_of')::timestamptz FROM etl.dw_etl_runs
+                 (SELECT array[(run_context->>'parents_as_of')::timestamptz,
+                               (run_context->>'parents_ts_as_of')::timestamptz] FROM etl.dw_etl_runs
                    WHERE job_id = %(j)s AND run_status = 'success' AND run_context ? 'parents_as_of'
                    ORDER BY id DESC LIMIT 1),
                  (SELECT run_context->'fanout' FROM etl.dw_etl_runs
@@ -140,8 +143,9 @@ class FanoutHistory:
                           AND mode <> 'retry' AND coalesce(run_context->>'limit', '') = '')""",
             {"j": job_id}).fetchone()
         assert row is not None
-        since, sweep, first_pass, assumption, cpp, any_success = row
-        h = cls(since=since, assumption=assumption or "unverified", calls_per_parent=max(1.0, float(cpp or 1.0)))
+        since_pair, sweep, first_pass, assumption, cpp, any_success = row
+        since, ts_since = since_pair if since_pair else (None, None)
+        h = cls(since=since, ts_since=ts_since, assumption=assumption or "unverified", calls_per_parent=max(1.0, float(cpp or 1.0)))
         if sweep:
             h.last_slice = int(sweep["sweep_slice"])
             h.slice_done = bool(sweep.get("sweep_done", True))
@@ -170,6 +174,8 @@ class RunPlan:
     #: parameterized runs: the database clock when the parents were read, recorded when the run
     #: asked every changed parent (the next run's "changed since")
     parents_as_of: datetime | None = None
+    #: ... and the newest parent timestamp that read saw
+    parents_ts_as_of: datetime | None = None
     #: the fan-out selection (recorded in run_context and logged)
     fanout: dict[str, Any] = field(default_factory=dict)
     #: streams [0, marked) are parents marked changed; the others are checked for changes the
@@ -220,6 +226,7 @@ def plan_run(conn: psycopg.Connection, job: Job, settings: Settings, *, incremen
             values, swept = _select_parents(conn, job, settings, plan, budget=budget)
         else:  # --full, --limit: every parent, in order
             plan.parents_as_of = parents_mod.read_point(conn)
+            plan.parents_ts_as_of = parents_mod.newest_parent_ts(conn, job, plan.parents_as_of)
             values = parents_mod.load_parent_values(conn, job)
             plan.fanout = {"policy": fanout_policy(job, settings), "asked": "all", "reason": requested_mode
                            if limit is None else "--limit"}
@@ -299,6 +306,7 @@ class SelectionRule:
     """
 
     since: datetime | None
+    ts_since: datetime | None
     use_sweep: bool
     sweep_slice: int
     sweep_runs: int
@@ -313,13 +321,13 @@ class SelectionRule:
         use_sweep = policy == "changed" and h.first_pass_done and h.assumption == "holds" and h.since is not None
         slice_ = 0 if h.last_slice is None else ((h.last_slice + 1) % n if h.slice_done else h.last_slice % n)
         everything = (policy == "all" or h.assumption != "holds" or h.since is None) and h.first_pass_done
-        return cls(h.since, use_sweep, slice_, n, everything, h.first_pass_done, h.first_pass_after)
+        return cls(h.since, h.ts_since, use_sweep, slice_, n, everything, h.first_pass_done, h.first_pass_after)
 
     def select(self, conn: psycopg.Connection, job: Job, count_only: bool = False) -> parents_mod.ParentSelection:
         return parents_mod.select_parents(
             conn, job, since=self.since, sweep_runs=self.sweep_runs if self.use_sweep else 0,
             sweep_slice=self.sweep_slice, after=self.first_pass_after, first_pass_done=self.first_pass_done,
-            everything=self.everything, count_only=count_only)
+            everything=self.everything, count_only=count_only, ts_since=self.ts_since)
 
 
 class CallBudget(Protocol):
@@ -384,6 +392,8 @@ def _select_parents(conn: psycopg.Connection, job: Job, settings: Settings, plan
         "policy": policy, "asked": asked, "since": h.since.isoformat() if h.since else None,
         "parents_changed": len(sel.changed), "parents_swept": len(sel.swept),
         "parents_unfinished": len(sel.unfinished), "parents_rest": len(sel.rest), "parent_rows": sel.parent_rows,
+        # changed content without a moved parent timestamp (an embedded preview): not asked for it
+        "parents_content_only": sel.content_only,
         "assumption": h.assumption, "changed_complete": left["changed"] == 0,
         "first_pass": {"done": h.first_pass_done, "after": list(h.first_pass_after) if h.first_pass_after else None},
     }
@@ -393,7 +403,7 @@ def _select_parents(conn: psycopg.Connection, job: Job, settings: Settings, plan
         plan.fanout["budget"] = {"max_calls": max_calls, "calls_per_parent": round(h.calls_per_parent, 3),
                                  "parents_left": left}
     if left["changed"] == 0:
-        plan.parents_as_of = sel.as_of
+        plan.parents_as_of, plan.parents_ts_as_of = sel.as_of, sel.ts_as_of
     log.info("fanout_parents_selected", job_id=job.id, asked=asked, parents=len(ordered),
              **{k: v for k, v in plan.fanout.items() if k.startswith("parents_")},
              **({"parents_left": left} if any(left.values()) else {}))

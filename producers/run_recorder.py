@@ -111,6 +111,8 @@ class RunRecorder:
             if plan.parents_as_of is not None:
                 # the next `changed`-policy run starts from here if this one succeeds
                 context["parents_as_of"] = plan.parents_as_of.isoformat()
+                if plan.parents_ts_as_of is not None:
+                    context["parents_ts_as_of"] = plan.parents_ts_as_of.isoformat()
             if plan.fanout:
                 context["fanout"] = self._fanout_outcome(plan, driver, tracker, status)
         if pages.records_missing_parent:
@@ -237,8 +239,14 @@ class RunRecorder:
         before = fan.get("assumption", "unverified")
         if pages.missed_changes:
             after = "broken"
-        elif before != "holds" and complete_all and pages.announced_changes:
-            after = "holds"  # every parent asked; changes seen, each under a parent marked changed
+        elif before == "broken" and complete_all and pages.announced_changes:
+            after = "holds"  # the guard saw changes announced again (a quiet night proves nothing here)
+        elif before == "unverified" and complete_all:
+            # every parent asked, nothing unannounced: changes seen each under a parent marked
+            # changed, or none at all -- a child collection that rarely changes must not pay a full
+            # night every night; the sweep keeps checking (a wrong trust costs one sweep cycle)
+            after = "holds"
+            fan["assumption_evidence"] = "announced" if pages.announced_changes else "no counter-evidence"
         else:
             after = before
         fan["assumption_after"] = after

@@ -198,3 +198,63 @@ def test_changes_cc_does_not_announce_are_never_lost(sim: SimulatorProcess, fres
         assert f["asked"] == "guard" and r.parents_total == all_parents
         assert set(expected_by_key(sim, subjects)) == {m.key for m in read_topic(
             env, K.bronze_topic("dim_subjects_staging", env))}
+
+
+def test_a_quiet_verification_night_trusts_and_the_sweep_still_catches_a_wrong_trust(
+        sim: SimulatorProcess, fresh_db: str, unique: str) -> None:
+    """A child collection that did not change during its verification night is trusted on no
+    counter-evidence (asking every parent every night for nothing is what made nights cost a full
+    load); if CC then turns out not to announce, the sweep (two slices here) brings every change
+    within one cycle and the job goes back to asking every parent."""
+    migrate()
+    sync(load_catalog())
+    with _env(sim, f"fq{unique}", 2) as env:
+        subjects = load_catalog(env).get(10)
+        parents_night(env)
+        assert run_job(subjects, mode="incremental", settings=env).status == "success"  # first pass
+        quiet = run_job(subjects, mode="incremental", settings=env)
+        f = fanout(env, quiet)
+        assert f["asked"] == "verify" and f["announced_changes"] == f["unannounced_changes"] == 0
+        assert f["assumption_after"] == "holds" and f["assumption_evidence"] == "no counter-evidence"
+
+        got = sim.mutate("subjects", modify_count=6, touch_parents=False)
+        changed = {f"cc1:{i}" for i in got["modified"]}
+        parents_night(env)
+        r1 = run_job(subjects, mode="incremental", settings=env)
+        f1 = fanout(env, r1)
+        assert f1["asked"] == "changed" and f1["parents_changed"] == 0
+        r2 = run_job(subjects, mode="incremental", settings=env)
+        f2 = fanout(env, r2)
+        assert changed <= published(env, r1) | published(env, r2)  # late by at most one cycle, never lost
+        assert "broken" in (f1["assumption_after"], f2["assumption_after"])
+        r3 = run_job(subjects, mode="incremental", settings=env)
+        assert fanout(env, r3)["asked"] == "guard"
+
+
+def test_a_parent_whose_content_changed_without_its_timestamp_is_not_a_changed_parent(
+        env: Settings, sim: SimulatorProcess) -> None:
+    """A renamed organization changes the preview embedded in its studies, and the unfiltered study list
+    (job 164) brings that into every such study's row -- but no study's own timestamp moved, so no
+    child change is announced there: those parents are counted (``parents_content_only``), not asked."""
+    subjects, study_list = load_catalog(env).get(10), load_catalog(env).get(164)
+    parents_night(env)
+    assert run_job(subjects, mode="incremental", settings=env).status == "success"  # first pass
+    assert run_job(subjects, mode="incremental", settings=env).status == "success"  # verification
+
+    sim.mutate("organizations", modify_count=1)
+    r = run_job(study_list, mode="incremental", settings=env)
+    assert r.status == "success", r.error
+    load_once(env, "fc-loader", [study_list.target_table], batch_size=5000)
+    got = sim.mutate("subjects", modify_count=3, touch_parents=True)
+    changed = {f"cc1:{i}" for i in got["modified"]}
+    parents_night(env)
+    inc = run_job(subjects, mode="incremental", settings=env)
+    f = fanout(env, inc)
+    assert inc.status == "success" and f["asked"] == "changed"
+    truth = expected_by_key(sim, subjects)
+    studies = {str(truth[k][-1]["study"]["id"]) for k in changed}
+    # (a study whose own timestamp moved within parents.PARENT_CLOCK_MARGIN of the newest one the
+    # last read saw counts as changed either way)
+    assert f["parents_content_only"] > 0, f
+    assert len(studies) <= f["parents_changed"] <= len(studies) + 2, f
+    assert published(env, inc) == changed

@@ -520,7 +520,7 @@ def paged_dlt_spec(h: Harness, dsn: str, pipelines_dir: str) -> dict[str, Any]:
             "dsn": dsn.replace("postgres@", "postgres:unused@"), "dataset": "dlt_paged", "workers": 4,
             "extract_workers": 4, "normalize_workers": 2, "load_workers": 4, "page_size": 1000,
             "file_format": "csv", "write_disposition": "merge", "pipelines_dir": pipelines_dir,
-            "jobs": [{"id": j.id, "name": j.name, "endpoint": j.endpoint, "odata": j.is_odata,
+            "jobs": [{"id": j.id, "name": j.name, "endpoint": j.endpoint, "odata": j.paging == "odata",
                       "primary_key": list(j.primary_key)} for j in jobs]}
 
 

@@ -241,10 +241,13 @@ class RunRecorder:
             after = "broken"
         elif before == "broken" and complete_all and pages.announced_changes:
             after = "holds"  # the guard saw changes announced again (a quiet night proves nothing here)
-        elif before == "unverified" and complete_all:
-            # every parent asked, nothing unannounced: changes seen each under a parent marked
-            # changed, or none at all -- a child collection that rarely changes must not pay a full
-            # night every night; the sweep keeps checking (a wrong trust costs one sweep cycle)
+        elif before == "unverified" and (complete_all or (fan.get("asked") == "first_pass" and status == "success"
+                                                          and fan["first_pass"]["done"])):
+            # a complete read of every parent (a full run, the first pass, a verification run) with
+            # nothing unannounced: the policy is trusted from here, and its sweep is its test -- a
+            # night that asks every parent again only to look costs as much as a full load (days at
+            # production volume), and a child collection that rarely changes would pay it every night;
+            # a wrong trust costs at most one sweep cycle, then the guard takes over
             after = "holds"
             fan["assumption_evidence"] = "announced" if pages.announced_changes else "no counter-evidence"
         else:

@@ -71,6 +71,8 @@ def test_only_changed_parents_are_asked_once_cc_is_seen_to_touch_them(env: Setti
     # the first run is the first pass: every parent, in order, none "changed" (no reference yet)
     assert f0["policy"] == "changed" and f0["asked"] == "first_pass" and f0["first_pass"]["done"]
     assert f0["parents_unfinished"] == first.parents_total and f0["parents_changed"] == 0
+    # a complete read of every parent with nothing unannounced: trusted from here, the sweep checks
+    assert f0["assumption_after"] == "holds" and f0["assumption_evidence"] == "no counter-evidence"
     all_parents = first.parents_total
     assert all_parents and all_parents > 100
 
@@ -85,23 +87,17 @@ def test_only_changed_parents_are_asked_once_cc_is_seen_to_touch_them(env: Setti
         assert run.status == "success"
         return run, fanout(env, run), changed, studies
 
-    # not yet shown to hold: the job asks every parent, each with its own filter, and looks whether
-    # each change came under a parent marked changed -- all did (CC touched the studies)
-    verify, f, changed, studies = night()
-    assert f["asked"] == "verify" and verify.parents_total == all_parents
-    # (the 4 modified subjects at least: a new subject under a study never read before has no
-    # watermark to be newer than)
-    assert f["parents_changed"] == len(studies) and 4 <= f["announced_changes"] <= len(changed)
-    assert f["unannounced_changes"] == 0 and f["assumption_after"] == "holds"
-    assert published(env, verify) == changed
-
-    # shown to hold: only the changed studies and one sweep slice are asked
+    # only the changed studies and one sweep slice are asked; each change came under a parent
+    # marked changed (CC touched the studies)
     inc, f, changed, studies = night()
     assert f["asked"] == "changed" and f["parents_changed"] == len(studies)
     assert f["sweep_slice"] == 0 and f["sweep_runs"] == 1000
     assert inc.parents_total == f["parents_changed"] + f["parents_swept"] < all_parents // 10
     assert sim.requests_to(SUBJECTS_ENDPOINT) == inc.api_calls == inc.parents_total
     assert published(env, inc) == changed  # exactly the changed records, nothing missed
+    # (the 4 modified subjects at least: a new subject under a study never read before has no
+    # watermark to be newer than)
+    assert 4 <= f["announced_changes"] <= len(changed)
     assert f["unannounced_changes"] == 0 and f["assumption_after"] == "holds" and not f["guard_after"]
 
     # nothing changed since: only the next sweep slice is asked (the sweep reads unfiltered)
@@ -138,9 +134,9 @@ def test_a_partial_runs_failed_parent_is_asked_again(env: Settings, sim: Simulat
 
 
 def test_changes_cc_does_not_announce_are_never_lost(sim: SimulatorProcess, fresh_db: str, unique: str) -> None:
-    """The assumption is checked from the first incremental night on: a job asks every parent until a
-    complete run shows each change under a parent marked changed; a change that comes unannounced
-    (found then, or later by the sweep) breaks it again -- and every change arrives."""
+    """The assumption is trusted after a complete read of every parent and checked by the sweep: a
+    change that comes unannounced breaks it within one sweep cycle, the guard then asks every parent
+    until a complete run shows changes announced again -- and every change arrives."""
     from prometheus_client import REGISTRY
 
     def counted() -> float:
@@ -165,14 +161,20 @@ def test_changes_cc_does_not_announce_are_never_lost(sim: SimulatorProcess, fres
             assert r.status == "success", r.error
             return r, fanout(env, r)
 
-        # A. CC does not touch the studies: the first incremental night asks every parent and brings
-        #    every change -- each counted as unannounced and exported; the assumption is broken
+        # A. CC does not touch the studies. The first pass read every parent and found nothing
+        #    against the policy, so it is trusted: the changed runs miss the changes, but the sweep
+        #    (two slices here) brings every one within one cycle -- each counted as unannounced and
+        #    exported -- and the run that finds them breaks the assumption
+        assert fanout(env, first)["assumption_after"] == "holds"
         before = counted()
         changed = change(touch=False)
-        r, f = run()
-        assert f["asked"] == "verify" and r.parents_total == all_parents and published(env, r) >= changed
-        assert f["unannounced_changes"] == len(changed) == counted() - before and f["announced_changes"] == 0
-        assert f["assumption_after"] == "broken" and f["guard_after"]
+        r1, f1 = run()
+        assert f1["asked"] == "changed" and f1["parents_changed"] == 0
+        r2, f2 = (r1, f1) if f1["unannounced_changes"] == len(changed) else run()
+        assert changed <= published(env, r1) | published(env, r2)
+        assert f1["unannounced_changes"] + (f2["unannounced_changes"] if r2 is not r1 else 0) \
+            == len(changed) == counted() - before
+        assert f2["assumption_after"] == "broken" and f2["guard_after"]
         # a quiet night proves nothing: the guard holds, every parent is asked
         r, f = run()
         assert f["asked"] == "guard" and r.parents_total == all_parents and f["assumption_after"] == "broken"
@@ -200,37 +202,6 @@ def test_changes_cc_does_not_announce_are_never_lost(sim: SimulatorProcess, fres
             env, K.bronze_topic("dim_subjects_staging", env))}
 
 
-def test_a_quiet_verification_night_trusts_and_the_sweep_still_catches_a_wrong_trust(
-        sim: SimulatorProcess, fresh_db: str, unique: str) -> None:
-    """A child collection that did not change during its verification night is trusted on no
-    counter-evidence (asking every parent every night for nothing is what made nights cost a full
-    load); if CC then turns out not to announce, the sweep (two slices here) brings every change
-    within one cycle and the job goes back to asking every parent."""
-    migrate()
-    sync(load_catalog())
-    with _env(sim, f"fq{unique}", 2) as env:
-        subjects = load_catalog(env).get(10)
-        parents_night(env)
-        assert run_job(subjects, mode="incremental", settings=env).status == "success"  # first pass
-        quiet = run_job(subjects, mode="incremental", settings=env)
-        f = fanout(env, quiet)
-        assert f["asked"] == "verify" and f["announced_changes"] == f["unannounced_changes"] == 0
-        assert f["assumption_after"] == "holds" and f["assumption_evidence"] == "no counter-evidence"
-
-        got = sim.mutate("subjects", modify_count=6, touch_parents=False)
-        changed = {f"cc1:{i}" for i in got["modified"]}
-        parents_night(env)
-        r1 = run_job(subjects, mode="incremental", settings=env)
-        f1 = fanout(env, r1)
-        assert f1["asked"] == "changed" and f1["parents_changed"] == 0
-        r2 = run_job(subjects, mode="incremental", settings=env)
-        f2 = fanout(env, r2)
-        assert changed <= published(env, r1) | published(env, r2)  # late by at most one cycle, never lost
-        assert "broken" in (f1["assumption_after"], f2["assumption_after"])
-        r3 = run_job(subjects, mode="incremental", settings=env)
-        assert fanout(env, r3)["asked"] == "guard"
-
-
 def test_a_parent_whose_content_changed_without_its_timestamp_is_not_a_changed_parent(
         env: Settings, sim: SimulatorProcess) -> None:
     """A renamed organization changes the preview embedded in its studies, and the unfiltered study list
@@ -239,7 +210,6 @@ def test_a_parent_whose_content_changed_without_its_timestamp_is_not_a_changed_p
     subjects, study_list = load_catalog(env).get(10), load_catalog(env).get(164)
     parents_night(env)
     assert run_job(subjects, mode="incremental", settings=env).status == "success"  # first pass
-    assert run_job(subjects, mode="incremental", settings=env).status == "success"  # verification
 
     sim.mutate("organizations", modify_count=1)
     r = run_job(study_list, mode="incremental", settings=env)

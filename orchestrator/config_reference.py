@@ -69,11 +69,12 @@ EXPLAIN: dict[str, str] = {
                            "its timeout is stopped and marked failed.",
     "etl_request_timeout_seconds": "Timeout of one HTTP request to Clinical Conductor.",
     "etl_fanout_incremental": "Incremental runs of parameterized (fan-out) jobs: `changed` (default) asks only the "
-                              "parents whose staging row changed since the job's last complete run, plus a "
+                              "parents whose own timestamp moved since the job's last complete run, plus a "
                               "rotating sweep slice that also checks the assumption behind it (Clinical Conductor "
-                              "moves a parent's timestamp when a child changes): a job asks every parent until a "
-                              "complete run has seen its changes announced, and a change found under an unmarked "
-                              "parent is counted, alerted on, and sends it back to asking every parent. `all` "
+                              "moves a parent's timestamp when a child changes): trusted after a complete read of "
+                              "every parent (the full run, the first pass) found nothing against it; a change the "
+                              "sweep finds under an unmarked parent is counted, alerted on, and sends the job back "
+                              "to asking every parent until a complete run sees changes announced again. `all` "
                               "asks every parent every night (one call each). Per job: "
                               "`fanout_incremental` in config/jobs.yaml; docs/extraction.md.",
     "etl_fanout_sweep_runs": "With `changed`: the parents are split into N hash slices and each run also asks "

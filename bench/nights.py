@@ -10,8 +10,11 @@ One embedded stack and simulator (bench.harness), a loader service, then:
 1. ``trialsync doctor --sources``: the cheaper list sources the simulator can be trusted with are
    switched on (``source: list`` in a generated jobs file), as an operator would after the check;
 2. ``trialsync run --all --full``: the first load;
-3. a first night after a 1 % uniform change (``first_night``: the full run left every fan-out job
-   trusting the ``changed`` policy, so this is already an ordinary night -- reported on its own);
+3. a first night after a 1 % uniform change (``verify``): the ``changed`` fan-out policy trusts its
+   assumption only on evidence, so this night asks every parent and checks that the child changes
+   it finds were announced on their parents -- reported on its own, it is paid once;
+   Fan-out jobs whose records carry no timestamp cannot show the assumption (their runs say so and
+   name ``fanout_incremental: assumed``): the bench sets it for them, as an operator would;
 4. one night per change model, each after its own ~1 % change (``/_sim/mutate``): ``uniform``
    (1 % of every entity's records, anywhere) and ``realistic`` (days of site activity on active
    studies until 1 % of all records changed), CC moving a parent's timestamp when a child changes
@@ -57,12 +60,27 @@ def trusted_sources(h: Harness) -> dict[str, Any]:
     run = h.trialsync(["doctor", "--sources", "--sample", "10"])
     verdicts = (run.result or {}).get("jobs", [])
     trusted = [v["job_id"] for v in verdicts if v.get("trusted")]
-    jobs_file = h.state / "jobs.yaml"
-    jobs_file.write_text("jobs:\n" + "".join(f"  {j}: {{source: list}}\n" for j in trusted) if trusted else "")
-    os.environ["ETL_JOBS_FILE"] = str(jobs_file)
+    write_jobs_file(h, {j: {"source": "list"} for j in trusted})
     return {"checked": [v["job_id"] for v in verdicts], "trusted": trusted,
             "untrusted": {str(v["job_id"]): v.get("error") or v.get("differences") for v in verdicts
                           if not v.get("trusted")}}
+
+
+def write_jobs_file(h: Harness, overrides: dict[int, dict[str, str]]) -> None:
+    jobs_file = h.state / "jobs.yaml"
+    lines = "".join(f"  {j}: {{{', '.join(f'{k}: {v}' for k, v in o.items())}}}\n" for j, o in sorted(overrides.items()))
+    jobs_file.write_text("jobs:\n" + lines if lines else "")
+    os.environ["ETL_JOBS_FILE"] = str(jobs_file)
+
+
+def unverifiable(h: Harness, orchestration_id: str) -> list[int]:
+    """Fan-out jobs whose runs warned that their records carry no timestamp, so the `changed`
+    policy's assumption cannot be checked on them (the warning names ``fanout_incremental: assumed``)."""
+    with h.connect() as conn:
+        return [int(r[0]) for r in conn.execute(
+            """SELECT DISTINCT job_id FROM etl.dw_etl_runs WHERE orchestration_id = %s
+                AND run_context->>'warnings' LIKE '%%fanout_incremental: assumed%%' ORDER BY 1""",
+            (orchestration_id,)).fetchall()]
 
 
 def night(h: Harness, args: list[str]) -> dict[str, Any]:
@@ -81,7 +99,7 @@ def night(h: Harness, args: list[str]) -> dict[str, Any]:
                       (array_agg(r.run_context->'fanout' ORDER BY r.id DESC))[1]
                  FROM etl.dw_etl_runs r JOIN etl.dw_etl_jobs j ON j.id = r.job_id
                 WHERE r.orchestration_id = %s GROUP BY r.job_id""", (oid,)).fetchall()}
-    return {"status": run.result["status"], "api_calls": h.sim_api_calls(), "wall_s": round(wall, 1),
+    return {"orchestration_id": oid, "status": run.result["status"], "api_calls": h.sim_api_calls(), "wall_s": round(wall, 1),
             "first_request_to_last_commit_s": stats["first_request_to_last_commit_s"],
             "records_extracted": stats["records_extracted"], "records_loaded": stats["records_loaded"],
             "not_ok": {str(j["job_id"]): j.get("error") or j.get("reason") or j["status"]
@@ -158,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         full = night(h, ["--all", "--full"])
         res["full"] = full
         nights: dict[str, dict[str, Any]] = {}
-        for name, model, touch in (("first_night", "uniform", True),
+        for name, model, touch in (("verify", "uniform", True),
                                    ("uniform", "uniform", True), ("realistic", "realistic", True),
                                    ("realistic_untouched", "realistic", False),
                                    ("after_guard", "realistic", True)):
@@ -172,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             n["wall_ratio"] = round(n["wall_s"] / full["wall_s"], 4) if full["wall_s"] else None
             n["guard_jobs"] = sorted(j for j, v in n["per_job"].items() if (v["fanout"] or {}).get("guard_after"))
             nights[name] = n
+            if name == "verify":
+                # as an operator would after reading the warning: trust the jobs whose records cannot
+                # show the assumption (their child models have no timestamp) on CC's behaviour
+                res["assumed"] = unverifiable(h, n["orchestration_id"])
+                write_jobs_file(h, {**{j: {"source": "list"} for j in res["sources"]["trusted"]},
+                                    **{j: {"fanout_incremental": "assumed"} for j in res["assumed"]}})
+                log(f"fanout_incremental: assumed for {res['assumed']}")
             log(f"  {n['api_calls']} calls ({n['calls_ratio']} of full), {n['wall_s']} s "
                 f"({n['wall_ratio']} of full), exact: {n['reconciliation']['exact']} (but embedded refs: "
                 f"{n['reconciliation']['exact_but_embedded_refs']}), not ok: {sorted(n['not_ok'])}, guard: {n['guard_jobs']}")

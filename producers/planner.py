@@ -318,9 +318,11 @@ class SelectionRule:
     def of(cls, job: Job, settings: Settings, h: FanoutHistory) -> SelectionRule:
         policy = fanout_policy(job, settings)
         n = settings.etl_fanout_sweep_runs
-        use_sweep = policy == "changed" and h.first_pass_done and h.assumption == "holds" and h.since is not None
+        # `assumed`: the operator vouches for the assumption (records without a timestamp cannot show it)
+        trusted = h.assumption == "holds" or (policy == "assumed" and h.assumption != "broken")
+        use_sweep = policy != "all" and h.first_pass_done and trusted and h.since is not None
         slice_ = 0 if h.last_slice is None else ((h.last_slice + 1) % n if h.slice_done else h.last_slice % n)
-        everything = (policy == "all" or h.assumption != "holds" or h.since is None) and h.first_pass_done
+        everything = (policy == "all" or not trusted or h.since is None) and h.first_pass_done
         return cls(h.since, h.ts_since, use_sweep, slice_, n, everything, h.first_pass_done, h.first_pass_after)
 
     def select(self, conn: psycopg.Connection, job: Job, count_only: bool = False) -> parents_mod.ParentSelection:
@@ -384,7 +386,7 @@ def _select_parents(conn: psycopg.Connection, job: Job, settings: Settings, plan
         asked = "first_pass"
     elif use_sweep:
         asked = "changed"
-    elif policy == "changed" and h.since is not None:
+    elif policy != "all" and h.since is not None:
         asked = "guard" if h.assumption == "broken" else "verify"
     else:
         asked = "all"

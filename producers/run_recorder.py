@@ -114,7 +114,7 @@ class RunRecorder:
                 if plan.parents_ts_as_of is not None:
                     context["parents_ts_as_of"] = plan.parents_ts_as_of.isoformat()
             if plan.fanout:
-                context["fanout"] = self._fanout_outcome(plan, driver, tracker, status)
+                context["fanout"] = self._fanout_outcome(conn, plan, driver, tracker, status)
         if pages.records_missing_parent:
             context["records_missing_parent"] = pages.records_missing_parent
         if counters.get("resume"):
@@ -198,12 +198,35 @@ class RunRecorder:
         text = (f"none of the {pages.records} records carries `{self.job.timestamp_field}`: no watermark can be kept, "
                 f"so every incremental run of job {self.job.id} reads everything (falls back to full) -- set the "
                 f"job's `timestamp_field` in config/jobs.yaml to a field its records have, or `incremental: false`")
+        if self.job.requires_parameters and not self.job.reads_list:
+            text += (" -- nor can the `changed` fan-out policy check on them that CC moves the parent when a child "
+                     "changes, so the job asks every parent every night; `fanout_incremental: assumed` in "
+                     "config/jobs.yaml trusts it on your word (docs/extraction.md)")
         self.log.warning("incremental_fallback_to_full", field=self.job.timestamp_field, records=pages.records,
                          detail=text)
         return text
 
-    def _fanout_outcome(self, plan: RunPlan, driver: FetchDriver, tracker: DeliveryTracker,
-                        status: str) -> dict[str, Any]:
+    def _sibling_evidence(self, conn: psycopg.Connection) -> int | None:
+        """Another fan-out job on the same parent table whose latest run holds the assumption on its
+        own announced changes (its id), else None."""
+        from common.catalog import load_catalog
+
+        table = self.job.parameter_source_table
+        siblings = [j.id for j in load_catalog(self.s)
+                    if j.id != self.job.id and j.requires_parameters and j.parameter_source_table == table]
+        if not siblings:
+            return None
+        row = conn.execute(
+            """SELECT job_id FROM (
+                 SELECT DISTINCT ON (job_id) job_id, run_context->'fanout' AS f FROM etl.dw_etl_runs
+                  WHERE job_id = ANY(%s) AND run_context->'fanout' ? 'assumption_after'
+                  ORDER BY job_id, id DESC) latest
+                WHERE f->>'assumption_after' = 'holds' AND f->>'assumption_evidence' = 'announced'
+                ORDER BY job_id LIMIT 1""", (siblings,)).fetchone()
+        return int(row[0]) if row else None
+
+    def _fanout_outcome(self, conn: psycopg.Connection, plan: RunPlan, driver: FetchDriver,
+                        tracker: DeliveryTracker, status: str) -> dict[str, Any]:
         """The run's fan-out record, completed with what happened: how far the first pass got, the
         changes found under parents marked changed and not, and what that shows of the assumption
         the `changed` policy relies on (``assumption_after``)."""
@@ -227,7 +250,7 @@ class RunRecorder:
         fan["unannounced_changes"] = pages.missed_changes
         if pages.missed_parents:
             fan["unannounced_parents"] = pages.missed_parents
-        changed_policy = fan.get("policy") == "changed"
+        changed_policy = fan.get("policy") in ("changed", "assumed")
         if pages.missed_changes and changed_policy:
             FANOUT_UNANNOUNCED.labels(job_id).inc(pages.missed_changes)
             self.log.warning("fanout_unannounced_changes", changes=pages.missed_changes,
@@ -239,17 +262,19 @@ class RunRecorder:
         before = fan.get("assumption", "unverified")
         if pages.missed_changes:
             after = "broken"
-        elif before == "broken" and complete_all and pages.announced_changes:
-            after = "holds"  # the guard saw changes announced again (a quiet night proves nothing here)
-        elif before == "unverified" and (complete_all or (fan.get("asked") == "first_pass" and status == "success"
-                                                          and fan["first_pass"]["done"])):
-            # a complete read of every parent (a full run, the first pass, a verification run) with
-            # nothing unannounced: the policy is trusted from here, and its sweep is its test -- a
-            # night that asks every parent again only to look costs as much as a full load (days at
-            # production volume), and a child collection that rarely changes would pay it every night;
-            # a wrong trust costs at most one sweep cycle, then the guard takes over
+        elif before != "holds" and complete_all and pages.announced_changes:
+            # every parent asked with its own filter; changes seen, each under a parent marked changed
             after = "holds"
-            fan["assumption_evidence"] = "announced" if pages.announced_changes else "no counter-evidence"
+            fan["assumption_evidence"] = "announced"
+        elif before == "unverified" and complete_all and fan.get("asked") == "verify" \
+                and (sibling := self._sibling_evidence(conn)) is not None:
+            # a verification run that saw no change of its own, nothing unannounced, and another
+            # job on the same parents has seen CC announce its children's changes there: trusted on
+            # that evidence (a child collection that rarely changes would otherwise pay a full read
+            # every night); its own sweep keeps checking. A full run or the first pass (no filter:
+            # they cannot tell announced from not) and a quiet guard night prove nothing.
+            after = "holds"
+            fan["assumption_evidence"] = f"announced on job {sibling} (same parents)"
         else:
             after = before
         fan["assumption_after"] = after

@@ -129,8 +129,10 @@ class Job(BaseModel):
     primary_key: tuple[str, ...] = ("id",)
     timestamp_field: str = "modifiedDate"
     incremental: bool | None = None
-    #: incremental runs of a parameterized job: ask every parent, or only the changed ones (None = setting)
-    fanout_incremental: Literal["all", "changed"] | None = None
+    #: incremental runs of a parameterized job: ask every parent, or only the changed ones (None = setting);
+    #: ``assumed``: as ``changed``, trusted from the start on the operator's word (for jobs whose records
+    #: carry no timestamp, on which the assumption cannot be checked) -- evidence against still breaks it
+    fanout_incremental: Literal["all", "changed", "assumed"] | None = None
     #: fan-out jobs: the declared cheaper source, and whether this installation reads it
     list_source: ListSource | None = None
     source: Literal["parents", "list"] = "parents"
@@ -269,7 +271,7 @@ class JobOverride(BaseModel):
     depends_on: list[int | str] = Field(default_factory=list)
     timeout_seconds: int | None = Field(default=None, gt=0)
     incremental: bool | None = None
-    fanout_incremental: Literal["all", "changed"] | None = None
+    fanout_incremental: Literal["all", "changed", "assumed"] | None = None
     paging: Paging | None = None
     #: the record field incremental runs filter on (``modifiedDate``, ``lastUpdatedOn``, ...)
     timestamp_field: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")

@@ -71,8 +71,6 @@ def test_only_changed_parents_are_asked_once_cc_is_seen_to_touch_them(env: Setti
     # the first run is the first pass: every parent, in order, none "changed" (no reference yet)
     assert f0["policy"] == "changed" and f0["asked"] == "first_pass" and f0["first_pass"]["done"]
     assert f0["parents_unfinished"] == first.parents_total and f0["parents_changed"] == 0
-    # a complete read of every parent with nothing unannounced: trusted from here, the sweep checks
-    assert f0["assumption_after"] == "holds" and f0["assumption_evidence"] == "no counter-evidence"
     all_parents = first.parents_total
     assert all_parents and all_parents > 100
 
@@ -87,17 +85,23 @@ def test_only_changed_parents_are_asked_once_cc_is_seen_to_touch_them(env: Setti
         assert run.status == "success"
         return run, fanout(env, run), changed, studies
 
-    # only the changed studies and one sweep slice are asked; each change came under a parent
-    # marked changed (CC touched the studies)
+    # not yet shown to hold: the job asks every parent, each with its own filter, and looks whether
+    # each change came under a parent marked changed -- all did (CC touched the studies)
+    verify, f, changed, studies = night()
+    assert f["asked"] == "verify" and verify.parents_total == all_parents
+    # (the 4 modified subjects at least: a new subject under a study never read before has no
+    # watermark to be newer than)
+    assert f["parents_changed"] == len(studies) and 4 <= f["announced_changes"] <= len(changed)
+    assert f["unannounced_changes"] == 0 and f["assumption_after"] == "holds"
+    assert published(env, verify) == changed
+
+    # shown to hold: only the changed studies and one sweep slice are asked
     inc, f, changed, studies = night()
     assert f["asked"] == "changed" and f["parents_changed"] == len(studies)
     assert f["sweep_slice"] == 0 and f["sweep_runs"] == 1000
     assert inc.parents_total == f["parents_changed"] + f["parents_swept"] < all_parents // 10
     assert sim.requests_to(SUBJECTS_ENDPOINT) == inc.api_calls == inc.parents_total
     assert published(env, inc) == changed  # exactly the changed records, nothing missed
-    # (the 4 modified subjects at least: a new subject under a study never read before has no
-    # watermark to be newer than)
-    assert 4 <= f["announced_changes"] <= len(changed)
     assert f["unannounced_changes"] == 0 and f["assumption_after"] == "holds" and not f["guard_after"]
 
     # nothing changed since: only the next sweep slice is asked (the sweep reads unfiltered)
@@ -134,9 +138,9 @@ def test_a_partial_runs_failed_parent_is_asked_again(env: Settings, sim: Simulat
 
 
 def test_changes_cc_does_not_announce_are_never_lost(sim: SimulatorProcess, fresh_db: str, unique: str) -> None:
-    """The assumption is trusted after a complete read of every parent and checked by the sweep: a
-    change that comes unannounced breaks it within one sweep cycle, the guard then asks every parent
-    until a complete run shows changes announced again -- and every change arrives."""
+    """The assumption is checked from the first incremental night on: a job asks every parent until a
+    complete run shows each change under a parent marked changed; a change that comes unannounced
+    (found then, or later by the sweep) breaks it again -- and every change arrives."""
     from prometheus_client import REGISTRY
 
     def counted() -> float:
@@ -161,20 +165,14 @@ def test_changes_cc_does_not_announce_are_never_lost(sim: SimulatorProcess, fres
             assert r.status == "success", r.error
             return r, fanout(env, r)
 
-        # A. CC does not touch the studies. The first pass read every parent and found nothing
-        #    against the policy, so it is trusted: the changed runs miss the changes, but the sweep
-        #    (two slices here) brings every one within one cycle -- each counted as unannounced and
-        #    exported -- and the run that finds them breaks the assumption
-        assert fanout(env, first)["assumption_after"] == "holds"
+        # A. CC does not touch the studies: the first incremental night asks every parent and brings
+        #    every change -- each counted as unannounced and exported; the assumption is broken
         before = counted()
         changed = change(touch=False)
-        r1, f1 = run()
-        assert f1["asked"] == "changed" and f1["parents_changed"] == 0
-        r2, f2 = (r1, f1) if f1["unannounced_changes"] == len(changed) else run()
-        assert changed <= published(env, r1) | published(env, r2)
-        assert f1["unannounced_changes"] + (f2["unannounced_changes"] if r2 is not r1 else 0) \
-            == len(changed) == counted() - before
-        assert f2["assumption_after"] == "broken" and f2["guard_after"]
+        r, f = run()
+        assert f["asked"] == "verify" and r.parents_total == all_parents and published(env, r) >= changed
+        assert f["unannounced_changes"] == len(changed) == counted() - before and f["announced_changes"] == 0
+        assert f["assumption_after"] == "broken" and f["guard_after"]
         # a quiet night proves nothing: the guard holds, every parent is asked
         r, f = run()
         assert f["asked"] == "guard" and r.parents_total == all_parents and f["assumption_after"] == "broken"
@@ -202,14 +200,48 @@ def test_changes_cc_does_not_announce_are_never_lost(sim: SimulatorProcess, fres
             env, K.bronze_topic("dim_subjects_staging", env))}
 
 
+def test_a_quiet_job_trusts_on_a_sibling_that_saw_cc_announce_on_the_same_parents(
+        env: Settings, sim: SimulatorProcess) -> None:
+    """Subjects (10) and visits (11) are both read per study. A verification night in which only
+    subjects changed, each announced on its study, trusts job 10 on its own evidence; job 11 saw no
+    change of its own -- a quiet night proves nothing by itself, but CC has just been seen to move
+    these very parents when a child changes, so it is trusted on job 10's evidence (otherwise a
+    rarely changing child collection would pay a full read every night). Without that evidence (a
+    first verification before any sibling has any) it keeps verifying."""
+    catalog = load_catalog(env)
+    subjects, visits = catalog.get(10), catalog.get(11)
+    parents_night(env)
+    for job in (visits, subjects):  # first passes
+        assert run_job(job, mode="incremental", settings=env).status == "success"
+    lone = run_job(visits, mode="incremental", settings=env)  # quiet, and no sibling evidence yet
+    f = fanout(env, lone)
+    assert f["asked"] == "verify" and f["announced_changes"] == 0 and f["assumption_after"] == "unverified"
+
+    sim.mutate("subjects", modify_count=4, touch_parents=True)
+    parents_night(env)
+    r10 = run_job(subjects, mode="incremental", settings=env)
+    f10 = fanout(env, r10)
+    assert f10["asked"] == "verify" and f10["announced_changes"] >= 4 and f10["assumption_after"] == "holds"
+    assert f10["assumption_evidence"] == "announced"
+    r11 = run_job(visits, mode="incremental", settings=env)
+    f11 = fanout(env, r11)
+    assert f11["asked"] == "verify" and f11["announced_changes"] == f11["unannounced_changes"] == 0
+    assert f11["assumption_after"] == "holds" and f11["assumption_evidence"] == "announced on job 10 (same parents)"
+    assert fanout(env, run_job(visits, mode="incremental", settings=env))["asked"] == "changed"
+
+
 def test_a_parent_whose_content_changed_without_its_timestamp_is_not_a_changed_parent(
         env: Settings, sim: SimulatorProcess) -> None:
-    """A renamed organization changes the preview embedded in its studies, and the unfiltered study list
-    (job 164) brings that into every such study's row -- but no study's own timestamp moved, so no
-    child change is announced there: those parents are counted (``parents_content_only``), not asked."""
+    """A renamed organization changes the preview embedded in its studies, and the unfiltered study
+    list (job 164) brings that into every such study's row -- but no study's own timestamp moved, so
+    no child change is announced there: those parents are counted (``parents_content_only``), not asked."""
     subjects, study_list = load_catalog(env).get(10), load_catalog(env).get(164)
     parents_night(env)
     assert run_job(subjects, mode="incremental", settings=env).status == "success"  # first pass
+    sim.mutate("subjects", modify_count=3, touch_parents=True)
+    parents_night(env)
+    verify = run_job(subjects, mode="incremental", settings=env)
+    assert fanout(env, verify)["assumption_after"] == "holds"
 
     sim.mutate("organizations", modify_count=1)
     r = run_job(study_list, mode="incremental", settings=env)
@@ -224,7 +256,35 @@ def test_a_parent_whose_content_changed_without_its_timestamp_is_not_a_changed_p
     truth = expected_by_key(sim, subjects)
     studies = {str(truth[k][-1]["study"]["id"]) for k in changed}
     # (a study whose own timestamp moved within parents.PARENT_CLOCK_MARGIN of the newest one the
-    # last read saw counts as changed either way)
+    # last read saw -- the ones touched last night -- counts as changed either way)
     assert f["parents_content_only"] > 0, f
-    assert len(studies) <= f["parents_changed"] <= len(studies) + 2, f
+    assert len(studies) <= f["parents_changed"] <= len(studies) + 3 + 3, f
     assert published(env, inc) == changed
+
+
+def test_assumed_trusts_from_the_first_pass_and_evidence_against_still_breaks_it(
+        sim: SimulatorProcess, fresh_db: str, unique: str) -> None:
+    """``fanout_incremental: assumed`` (for jobs whose records carry no timestamp, where the
+    assumption cannot be checked): changed parents + the sweep from the night after the first pass,
+    no verification night; an unannounced change the sweep finds still sends it to the guard."""
+    migrate()
+    sync(load_catalog())
+    with _env(sim, f"fa{unique}", 2) as env:
+        subjects = load_catalog(env).get(10).model_copy(update={"fanout_incremental": "assumed"})
+        parents_night(env)
+        first = run_job(subjects, mode="incremental", settings=env)
+        assert fanout(env, first)["asked"] == "first_pass"
+        got = sim.mutate("subjects", modify_count=4, touch_parents=True)
+        changed = {f"cc1:{i}" for i in got["modified"]}
+        parents_night(env)
+        r = run_job(subjects, mode="incremental", settings=env)
+        f = fanout(env, r)
+        assert f["policy"] == "assumed" and f["asked"] == "changed" and r.parents_total < first.parents_total
+        assert published(env, r) >= changed  # (and the swept half's subjects, read unfiltered)
+        got = sim.mutate("subjects", modify_count=4, touch_parents=False)
+        parents_night(env)
+        runs = [run_job(subjects, mode="incremental", settings=env) for _ in range(2)]  # one sweep cycle
+        fans = [fanout(env, x) for x in runs]
+        assert {f"cc1:{i}" for i in got["modified"]} <= published(env, runs[0]) | published(env, runs[1])
+        assert "broken" in {x["assumption_after"] for x in fans}
+        assert fanout(env, run_job(subjects, mode="incremental", settings=env))["asked"] == "guard"

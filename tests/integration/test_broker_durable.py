@@ -45,6 +45,7 @@ def _topic_bytes(ps: PrivateStack, topic: str) -> tuple[int, int]:
     return sum(b.size for b in mine), len(mine)
 
 
+@pytest.mark.heavy  # its own durable stack, stopped and started: ~25 s, in `make test-heavy`
 def test_topics_survive_stack_down_and_replay_rebuilds_exactly() -> None:
     from simulator.testing import SimulatorProcess
 
@@ -136,6 +137,7 @@ def test_retention_bounds_the_topic_over_repeated_runs_and_keeps_unloaded_record
         assert '"broker_retention_sweep"' in (ps.dir / "kafka" / "retention.log").read_text()
 
 
+@pytest.mark.heavy  # kills the durable broker: in `make test-heavy`
 def test_concurrent_producers_and_a_broker_kill_lose_nothing() -> None:
     """Eight idempotent producers at once (the orchestrator's parallel jobs), then kill -9 of the
     broker and more records: every acknowledged record is there exactly once, offsets continue.

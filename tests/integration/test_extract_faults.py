@@ -62,7 +62,9 @@ def run_keys(settings: Settings, table: str, run_id: int) -> Counter:
 STORM = ("429,p=0.03;503,p=0.01;500,p=0.12;502,p=0.05;reset,p=0.05;truncate,p=0.05;malformed,p=0.05")
 
 
-@pytest.mark.parametrize("engine", ["async", "threads"])
+# the threads engine drives the same fetch core as async (producers/fetch.py): its storm runs in
+# `make test-heavy` to keep `make test` under 25 minutes on two cores
+@pytest.mark.parametrize("engine", ["async", pytest.param("threads", marks=pytest.mark.heavy)])
 def test_storm_of_429_and_5xx_still_gives_complete_data(env: Settings, sim: SimulatorProcess, engine: str) -> None:
     catalog = load_catalog(env)
     truncate(env, "dim_studies_staging")

@@ -44,6 +44,7 @@ def test_console_errors_are_seen(tmp_path: Path) -> None:
     assert any("boom-123" in line for line in look.console), look.console
 
 
+@pytest.mark.heavy  # a run, then headless Chromium: ~35 s, in `make test-heavy`
 def test_report_of_a_real_run_renders_in_chromium(pipeline: Pipeline, tmp_path: Path) -> None:  # noqa: F811
     chromium_binary()
     pipeline.sim.set_faults("500@/api/v1/studies/odata")

@@ -390,12 +390,30 @@ class SchedulerService:
             if fire is not None:
                 self.on_fire(job_id, fire, "catch_up")
 
+    def export_fanout_state(self) -> None:
+        """The fan-out jobs' guard and budget standing, and the per-job counters at 0, as metrics
+        from the start: a dashboard panel shows 0 rather than nothing before the first event."""
+        from common.catalog import load_catalog
+        from common.db import connect
+        from common.metrics import INCREMENTAL_FALLBACK
+        from producers.planner import export_fanout_state
+
+        jobs = list(load_catalog(self.s))
+        for job in jobs:
+            INCREMENTAL_FALLBACK.labels(str(job.id))
+        with connect(self.s, autocommit=True) as conn:
+            export_fanout_state(conn, jobs)
+
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         try:
             self.close_abandoned_fires()
         except Exception as e:  # noqa: BLE001 - bookkeeping: scheduling goes on without it
             log.warning("abandoned_fire_check_failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        try:
+            self.export_fanout_state()
+        except Exception as e:  # noqa: BLE001 - metrics only: scheduling goes on without them
+            log.warning("fanout_state_export_failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
         schedules, refs = self.load_schedules()
         self.scheduler.start()
         changes = self.book.sync(schedules)

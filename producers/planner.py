@@ -410,3 +410,28 @@ def _select_parents(conn: psycopg.Connection, job: Job, settings: Settings, plan
              **{k: v for k, v in plan.fanout.items() if k.startswith("parents_")},
              **({"parents_left": left} if any(left.values()) else {}))
     return ordered, sel.swept
+
+
+def export_fanout_state(conn: psycopg.Connection, jobs: Sequence[Job]) -> int:
+    """Export every fan-out job's standing from its latest run -- guard on or off, parents the call
+    budget left, the unannounced-change counter (at 0 until one is found) -- so a long-running
+    service shows them from its start (a restarted scheduler, a night whose fan-out jobs were
+    skipped) instead of the dashboard's panels staying empty. Returns how many jobs it exported."""
+    from common.metrics import CALLS_BUDGET_LEFT, FANOUT_GUARD, FANOUT_UNANNOUNCED
+
+    fan_out = [j for j in jobs if j.requires_parameters and not j.reads_list]
+    if not fan_out:
+        return 0
+    latest: dict[int, dict[str, Any]] = dict(conn.execute(
+        """SELECT DISTINCT ON (job_id) job_id, run_context->'fanout' FROM etl.dw_etl_runs
+            WHERE job_id = ANY(%s) AND run_context ? 'fanout' ORDER BY job_id, id DESC""",
+        ([j.id for j in fan_out],)).fetchall())
+    for job in fan_out:
+        f = latest.get(job.id) or {}
+        jid = str(job.id)
+        FANOUT_UNANNOUNCED.labels(jid)
+        FANOUT_GUARD.labels(jid).set(1 if f.get("guard_after") else 0)
+        left = f.get("budget", {}).get("parents_left", {})
+        for reason in ("changed", "swept", "unfinished", "rest"):
+            CALLS_BUDGET_LEFT.labels(jid, reason).set(int(left.get(reason, 0)))
+    return len(fan_out)

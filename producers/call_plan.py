@@ -94,7 +94,8 @@ def estimate(conn: psycopg.Connection, job: Job, settings: Settings) -> CallEsti
         return CallEstimate(job.id, job.name, "fan-out", 0, 0, parents=0, note=str(e).splitlines()[0])
     cpp = h.calls_per_parent
     by_reason = {k: round(v * cpp) for k, v in sel.counts.items()}
-    note = f"{fanout_policy(job, settings)} policy" + (f", assumption {h.assumption}" if fanout_policy(job, settings) != "all" else "") + \
+    policy = fanout_policy(job, settings)
+    note = f"{policy} policy" + (f", assumption {h.assumption}" if policy != "all" else "") + \
         ("" if h.first_pass_done else ", first pass not done")
     return CallEstimate(job.id, job.name, "fan-out", round(sel.parent_rows * cpp), sum(by_reason.values()),
                         parents=sel.parent_rows, calls_per_parent=round(cpp, 3), by_reason=by_reason, note=note)

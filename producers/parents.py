@@ -116,7 +116,7 @@ class ParentSelection:
     #: the newest parent timestamp (``source_modified_at``) among the rows this read saw: the next
     #: run's reference for "the parent's own timestamp moved"
     ts_as_of: datetime | None = None
-    #: parents whose row changed since the reference while their own timestamp did not move
+    #: parent rows that changed since the reference while their own timestamp did not move
     content_only: int = 0
     #: count_only: how many parents fall in each list (the lists stay empty)
     counts: dict[str, int] = field(default_factory=dict)
@@ -209,24 +209,26 @@ def select_parents(conn: psycopg.Connection, job: Job, *, since: datetime | None
         params.update({f"a{i}": v for i, v in enumerate(after)})
         unfinished = sql.SQL("ROW({}) > ROW({})").format(
             sql.SQL(", ").join(ps.exprs), sql.SQL(", ").join(sql.Placeholder(f"a{i}") for i in range(n)))
-    wanted = sql.SQL("true") if everything else sql.SQL("({}) OR ({}) OR ({}) OR ({})").format(
-        changed, swept, unfinished, touched)
+    wanted = sql.SQL("true") if everything else sql.SQL("({}) OR ({}) OR ({})").format(changed, swept, unfinished)
     q = sql.SQL(
-        "SELECT {cols}, bool_or({changed}), bool_or({swept}), bool_or({unfinished}), bool_or({touched}) FROM {table} "
+        "SELECT {cols}, bool_or({changed}), bool_or({swept}), bool_or({unfinished}) FROM {table} "
         "WHERE NOT is_deleted AND {conds} AND ({wanted}) GROUP BY {group} ORDER BY {group}"
-    ).format(cols=ps.cols, changed=changed, swept=swept, unfinished=unfinished, touched=touched, table=ps.table,
-             conds=ps.conds, wanted=wanted, group=ps.positions)
-    # the newest parent timestamp among the rows this read sees (stamped no later than its read point)
-    count = sql.SQL("SELECT count(*), max(source_modified_at) FILTER (WHERE updated_at <= %(as_of)s) "
-                    "FROM {table} WHERE NOT is_deleted").format(table=ps.table)
+    ).format(cols=ps.cols, changed=changed, swept=swept, unfinished=unfinished, table=ps.table, conds=ps.conds,
+             wanted=wanted, group=ps.positions)
+    # in the same scan: the rows whose content changed without their own timestamp (counted, never
+    # transferred), and the newest parent timestamp among the rows this read sees (stamped no later
+    # than its read point)
+    count = sql.SQL("SELECT count(*), count(*) FILTER (WHERE ({touched}) AND NOT ({changed})), "
+                    "max(source_modified_at) FILTER (WHERE updated_at <= %(as_of)s) "
+                    "FROM {table} WHERE NOT is_deleted").format(touched=touched, changed=changed, table=ps.table)
     sel = ParentSelection()
     if count_only:  # how many of each, without transferring the parents (trialsync run --dry-run)
         q = sql.SQL("SELECT count(*) FILTER (WHERE c), count(*) FILTER (WHERE s AND NOT c), "
-                    "count(*) FILTER (WHERE u AND NOT c AND NOT s), count(*) FILTER (WHERE NOT (c OR s OR u) AND {}) "
-                    "FROM ({}) AS p(" + ", ".join(f"p{i}" for i in range(n)) + ", c, s, u, t)").format(sql.Literal(everything), q)
+                    "count(*) FILTER (WHERE u AND NOT c AND NOT s), count(*) FILTER (WHERE NOT (c OR s OR u)) "
+                    "FROM ({}) AS p(" + ", ".join(f"p{i}" for i in range(n)) + ", c, s, u)").format(q)
         try:
             row = conn.execute(q, params).fetchone()
-            total = conn.execute(count, {"as_of": None}).fetchone()
+            total = conn.execute(count, {**params, "as_of": None}).fetchone()
         except psycopg.errors.UndefinedTable:
             raise _missing_table(job) from None
         assert row is not None and total is not None
@@ -236,21 +238,19 @@ def select_parents(conn: psycopg.Connection, job: Job, *, since: datetime | None
     try:
         with conn.cursor() as cur:
             sel.as_of = read_point(conn)
-            for *values, is_changed, is_swept, is_unfinished, is_touched in cur.execute(q, params):
+            for *values, is_changed, is_swept, is_unfinished in cur.execute(q, params):
                 v = tuple(values)
-                if is_touched and not is_changed:
-                    sel.content_only += 1
                 if is_changed:
                     sel.changed.append(v)
                 elif is_swept:
                     sel.swept.append(v)
                 elif is_unfinished:
                     sel.unfinished.append(v)
-                elif everything:
+                else:
                     sel.rest.append(v)
-            row = cur.execute(count, {"as_of": sel.as_of}).fetchone()
-            sel.parent_rows = int(row[0]) if row else 0
-            sel.ts_as_of = row[1] if row else None
+            row = cur.execute(count, {**params, "as_of": sel.as_of}).fetchone()
+            if row:
+                sel.parent_rows, sel.content_only, sel.ts_as_of = int(row[0]), int(row[1]), row[2]
     except psycopg.errors.UndefinedTable:
         raise _missing_table(job) from None
     return sel

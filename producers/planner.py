@@ -209,7 +209,7 @@ def plan_run(conn: psycopg.Connection, job: Job, settings: Settings, *, incremen
     values: list[tuple[str, ...]] | None = None
     plan = RunPlan(streams=[])
     swept: list[tuple[str, ...]] = []
-    per_parent = job.requires_parameters and not job.reads_list
+    per_parent = job.asks_per_parent
     if track_watermarks:
         plan.previous_watermarks = wm_mod.load(conn, settings, job.id)
     if job.reads_list:
@@ -265,7 +265,7 @@ def resumable(job: Job) -> str | None:
     ordered by a single top-level key), else None."""
     from producers.paging import stable_orderby
 
-    if job.requires_parameters and not job.reads_list:
+    if job.asks_per_parent:
         return None
     return stable_orderby(job)
 
@@ -419,7 +419,7 @@ def export_fanout_state(conn: psycopg.Connection, jobs: Sequence[Job]) -> int:
     skipped) instead of the dashboard's panels staying empty. Returns how many jobs it exported."""
     from common.metrics import CALLS_BUDGET_LEFT, FANOUT_GUARD, FANOUT_UNANNOUNCED
 
-    fan_out = [j for j in jobs if j.requires_parameters and not j.reads_list]
+    fan_out = [j for j in jobs if j.asks_per_parent]
     if not fan_out:
         return 0
     latest: dict[int, dict[str, Any]] = dict(conn.execute(

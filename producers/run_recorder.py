@@ -198,7 +198,7 @@ class RunRecorder:
         text = (f"none of the {pages.records} records carries `{self.job.timestamp_field}`: no watermark can be kept, "
                 f"so every incremental run of job {self.job.id} reads everything (falls back to full) -- set the "
                 f"job's `timestamp_field` in config/jobs.yaml to a field its records have, or `incremental: false`")
-        if self.job.requires_parameters and not self.job.reads_list:
+        if self.job.asks_per_parent:
             text += (" -- nor can the `changed` fan-out policy check on them that CC moves the parent when a child "
                      "changes, so the job asks every parent every night; `fanout_incremental: assumed` in "
                      "config/jobs.yaml trusts it on your word (docs/extraction.md)")
@@ -213,7 +213,7 @@ class RunRecorder:
 
         table = self.job.parameter_source_table
         siblings = [j.id for j in load_catalog(self.s)
-                    if j.id != self.job.id and j.requires_parameters and j.parameter_source_table == table]
+                    if j.id != self.job.id and j.asks_per_parent and j.parameter_source_table == table]
         if not siblings:
             return None
         row = conn.execute(

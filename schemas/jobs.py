@@ -213,6 +213,11 @@ class Job(BaseModel):
         return self.source == "list" and self.list_source is not None and self.requires_parameters
 
     @property
+    def asks_per_parent(self) -> bool:
+        """One request (or paged stream) per parent: the fan-out policies, sweep and budget apply."""
+        return self.requires_parameters and not self.reads_list
+
+    @property
     def fetch_endpoint(self) -> str:
         """The path the run asks (with placeholders when it asks per parent)."""
         return self.list_source.endpoint if self.reads_list and self.list_source else self.endpoint

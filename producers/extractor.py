@@ -64,7 +64,15 @@ from producers import runs as runs_mod
 from producers.call_plan import LedgerBudget
 from producers.fetch_driver import FetchDriver, Interrupted, describe
 from producers.page_publisher import PagePublisher, ResumePoint
-from producers.planner import CallBudget, FixedBudget, RunPlan, describe_filter, plan_run, resumable
+from producers.planner import (
+    CallBudget,
+    FixedBudget,
+    RunPlan,
+    change_watch,
+    describe_filter,
+    plan_run,
+    resumable,
+)
 from producers.publisher import DeliveryTracker, Publisher, get_publisher
 from producers.run_recorder import RunFacts, RunRecorder, publish_control
 from schemas.jobs import Job
@@ -254,10 +262,9 @@ class Extraction:
                 key = resumable(job)
                 if key is not None and self.limit is None and job.source_type == "cc_api":
                     self.pages.resume = ResumePoint(key, job.page_size, after=self.plan.resume.get("after"))
-                if self.incremental and self.plan.fanout.get("asked"):
-                    # the guard: parents not marked changed are checked against their watermarks
-                    self.pages.watch_from = self.plan.marked
-                    self.pages.watch_watermarks = self.plan.previous_watermarks
+                if self.requested_mode == "incremental":  # (also fan-out jobs that keep no watermark)
+                    # the guard: parents not marked changed are checked for changes they did not announce
+                    self.pages.watch = change_watch(conn, job, self.plan)
                 # -- 4. run_started ------------------------------------------------------------------
                 publish_control(publisher, self.s, RunStarted(
                     run_id=self.run_id, job_id=job.id, target_table=self.table, topic=self.topic,

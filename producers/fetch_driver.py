@@ -173,7 +173,8 @@ class FetchDriver:
 
         pe = ProcessEngine(self.s, self.job, run_id, self.streams, processes=self.processes,
                            concurrency=max(1, self.workers // self.processes),
-                           track_timestamps=self.pages.track_timestamps, engine=self.engine).start()
+                           track_timestamps=self.pages.track_timestamps, engine=self.engine,
+                           watch=self.pages.watch).start()
         self._proc = pe
         extracted = RECORDS_EXTRACTED.labels(self.job.target_table)
         seen = 0
@@ -191,6 +192,8 @@ class FetchDriver:
                     self.pages.tracker.merge(d["per_partition"], d["last_offset"], d["delivered"], d["failed"],
                                              d["first_error"])
                     self.pages.records_missing_key += msg.records_missing_key
+                    if msg.changes is not None:
+                        self.pages.changes.add(msg.changes)
                     self.retries += msg.retries
                 elif isinstance(msg, WorkerDied) and self.fatal is None:
                     self.fatal = RuntimeError(f"extract worker process {msg.worker} died (exit code {msg.exitcode})")

@@ -14,10 +14,13 @@ A job that reads its list across parents (``Job.reads_list``) takes each record'
 ``ts-params`` header, stored as the row's ``source_params`` -- from the record itself, so its rows
 are the rows the per-parent read would have written.
 
-The evidence for the ``changed`` fan-out policy: every record newer than its parent's watermark is
-a change since the parent was last read; under a parent marked changed it was *announced*, under
-one not marked changed it was not (the policy would have missed it but for the sweep). Both are
-counted per run (``announced_changes``, ``missed_changes``) for the planner's assumption state.
+The evidence for the ``changed`` fan-out policy (:class:`ChangeWatch`): every record newer than its
+parent's watermark is a change since the parent was last read; under a parent marked changed it
+was *announced*, under one not marked changed it was not (the policy would have missed it but for
+the sweep). A job that keeps no watermark (its endpoint takes no filter, or its records carry no
+timestamp) has its records compared by content instead -- a record whose key is not in staging, or whose content hash differs from the
+stored one, changed since the last read. Both are counted per run (``announced_changes``,
+``missed_changes``) for the planner's assumption state.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from hashlib import sha256
 from typing import Any
 
 import orjson
@@ -41,6 +46,37 @@ from schemas.jobs import Job
 
 #: ``ts-extracted-at`` is rebuilt at most this often (seconds): per-page work adds up on fan-out jobs
 HEADER_TICK = 0.25
+
+
+@dataclass
+class ChangeWatch:
+    """What an incremental fan-out run judges its records against: streams ``[0, marked)`` are
+    parents marked changed; each parent's previous watermark (parent key -> timestamp); for a job
+    that keeps no watermarks, staging's content hash per ``source_id`` (None: not loaded; b"": a
+    row without one)."""
+
+    marked: int
+    watermarks: dict[str, datetime] = field(default_factory=dict)
+    hashes: dict[str, bytes] | None = None
+
+    @property
+    def can_judge(self) -> bool:
+        """Whether a change could be seen at all (a run that cannot see one proves nothing quiet)."""
+        return bool(self.watermarks) or self.hashes is not None
+
+
+@dataclass
+class ChangeTally:
+    """What a run saw of its changes: announced (under parents marked changed) and not."""
+
+    announced: int = 0
+    missed: int = 0
+    missed_parents: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, other: ChangeTally) -> None:
+        self.announced += other.announced
+        self.missed += other.missed
+        self.missed_parents.extend(other.missed_parents[:max(0, 10 - len(self.missed_parents))])
 
 
 class PagePublisher:
@@ -69,13 +105,9 @@ class PagePublisher:
         #: stream index -> records published / largest record timestamp
         self.stream_records: dict[int, int] = {}
         self.stream_max: dict[int, datetime] = {}
-        #: the policy's evidence: streams from ``watch_from`` on are parents not marked changed; every
-        #: stream is judged against its parent's previous watermark (parent key -> timestamp)
-        self.watch_from: int | None = None
-        self.watch_watermarks: dict[str, datetime] = {}
-        self.announced_changes = 0
-        self.missed_changes = 0
-        self.missed_parents: list[dict[str, str]] = []
+        #: the policy's evidence: what records are judged against (None: not judged), and the tally
+        self.watch: ChangeWatch | None = None
+        self.changes = ChangeTally()
         #: resumable runs (a plain OData stream ordered by its key): how far every page is acknowledged
         self.resume: ResumePoint | None = None
         #: list sources: each record's parent comes from the record
@@ -112,8 +144,8 @@ class PagePublisher:
             self.records_without_timestamp += n - len(stamps)
         if isinstance(ack, _PageAck):
             ack.published(n, wm_mod.max_timestamp(stamps) if stamps else None)
-        if stamps and self.watch_from is not None:
-            self._judge(stream, stamps, announced=stream.idx < self.watch_from)
+        if self.watch is not None:
+            self._judge(self.watch, stream, recs, stamps)
         read = n + repeats
         self.records += read
         self.records_missing_key += missing
@@ -147,19 +179,39 @@ class PagePublisher:
             stamps.extend(g[2])
         return n, missing, stamps, repeats
 
-    def _judge(self, stream: Stream, stamps: list[Any], announced: bool) -> None:
-        """Records newer than the parent's watermark: changes since the parent was last read, under a
-        parent marked changed (announced) or not (missed but for this read)."""
-        wm = self.watch_watermarks.get(stream.parent_key)
-        if wm is None:
+    def _judge(self, watch: ChangeWatch, stream: Stream, recs: list[Any], stamps: list[Any]) -> None:
+        """Records changed since the parent was last read -- newer than its watermark, or (no
+        watermark kept) not in staging with this content -- under a parent marked changed
+        (announced) or not (missed but for this read)."""
+        wm = watch.watermarks.get(stream.parent_key)
+        if wm is not None:
+            newer = sum(1 for ts in stamps if (t := wm_mod.parse_timestamp(ts)) is not None and t > wm)
+        elif watch.hashes is not None:
+            newer = self._changed_content(watch.hashes, stream, recs)
+        else:
             return  # never read before: nothing to compare with
-        newer = sum(1 for ts in stamps if (t := wm_mod.parse_timestamp(ts)) is not None and t > wm)
-        if announced:
-            self.announced_changes += newer
+        tally = self.changes
+        if stream.idx < watch.marked:
+            tally.announced += newer
         elif newer:
-            self.missed_changes += newer
-            if len(self.missed_parents) < 10 and stream.params:
-                self.missed_parents.append(dict(stream.params))
+            tally.missed += newer
+            if len(tally.missed_parents) < 10 and stream.params:
+                tally.missed_parents.append(dict(stream.params))
+
+    def _changed_content(self, hashes: dict[str, bytes], stream: Stream, recs: list[Any]) -> int:
+        """Records of a page whose key staging does not have, or has with another content hash (the
+        loader's: the first 128 bits of SHA-256 of the value as published)."""
+        dumps, keyfn, params = orjson.dumps, self.keyfn, stream.params
+        changed = 0
+        for rec in recs:
+            key = keyfn(rec, params)
+            if key is None:
+                continue
+            old = hashes.get(key)
+            # (b"": a row loaded before content hashes were kept -- unknown, not a change)
+            if old is None or (old and old != sha256(dumps(rec)).digest()[:16]):
+                changed += 1
+        return changed
 
     def _headers(self, params: dict[str, str] | None) -> list[tuple[str, bytes]]:
         """The run-wide headers, rebuilt once per tick (``ts-extracted-at`` to 0.25 s), plus the

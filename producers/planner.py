@@ -19,12 +19,14 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import psycopg
+from psycopg import sql
 
 from common.config import ConfigError, Settings
 from common.logging import get_logger
 from producers import parents as parents_mod
 from producers import watermarks as wm_mod
 from producers.keys import parent_key
+from producers.page_publisher import ChangeWatch
 from producers.paging import Stream
 from schemas.jobs import PLACEHOLDER_RE, Job
 
@@ -258,6 +260,26 @@ def plan_run(conn: psycopg.Connection, job: Job, settings: Settings, *, incremen
             log.info("run_resumes", job_id=job.id, from_run=resume_from, after=plan.resume["after"],
                      records_before=plan.resume.get("records"))
     return plan
+
+
+def change_watch(conn: psycopg.Connection, job: Job, plan: RunPlan) -> ChangeWatch | None:
+    """What an incremental fan-out run judges its records against (the ``changed`` policy's
+    evidence), or None for a run that judges nothing (not a fan-out run, or its first pass: every
+    record is new there). A job that keeps no watermarks (its endpoint takes no filter, or its records
+    carry no timestamp) is judged by content: staging's hash per record of this job -- one read of
+    its rows, which for such jobs (the patient sub-resources) are few."""
+    asked = plan.fanout.get("asked")
+    if asked in (None, "first_pass"):
+        return None
+    watch = ChangeWatch(plan.marked, plan.previous_watermarks)
+    if not plan.previous_watermarks:
+        from common.db import staging_table
+
+        rows = conn.execute(sql.SQL(
+            "SELECT source_id, content_hash FROM {} WHERE NOT is_deleted AND etl_job_id = %s").format(
+            staging_table(job.target_table)), (job.id,)).fetchall()
+        watch.hashes = {sid: (h.bytes if h is not None else b"") for sid, h in rows}
+    return watch
 
 
 def resumable(job: Job) -> str | None:

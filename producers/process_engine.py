@@ -32,6 +32,7 @@ from producers.paging import Stream
 from schemas.jobs import Job
 
 if TYPE_CHECKING:
+    from producers.page_publisher import ChangeTally, ChangeWatch
     from producers.pages import Page
 
 
@@ -63,6 +64,8 @@ class WorkerFinal:
     delivery: dict[str, Any]  # DeliveryTracker.snapshot()
     records_missing_key: int
     retries: int
+    #: what the worker's records showed of the `changed` policy's assumption
+    changes: ChangeTally | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +87,7 @@ def _picklable(err: BaseException) -> BaseException:
 
 def worker_main(worker: int, settings: Settings, job: Job, run_id: int, streams: Sequence[Stream], counter: Any,
                 results: Any, limiter: Any, concurrency: int, stop_evt: Any, track_timestamps: bool,
-                engine: str = "async") -> None:
+                engine: str = "async", watch: ChangeWatch | None = None) -> None:
     """Body of one worker process (spawned): fetch claimed streams, publish, report."""
     from common import kafka as K
     from common.logging import setup_logging
@@ -103,6 +106,7 @@ def worker_main(worker: int, settings: Settings, job: Job, run_id: int, streams:
     client = CCClient.from_settings(settings, limiter=limiter, pool_size=concurrency + 2, cancel=stop)
     pages = PagePublisher(job, run_id=run_id, instance_id=settings.cc_instance_id, publisher=publisher,
                           tracker=tracker, topic=topic, track_timestamps=track_timestamps, stop=stop)
+    pages.watch = watch
 
     def claim() -> int | None:
         if stop_evt.is_set():
@@ -135,14 +139,15 @@ def worker_main(worker: int, settings: Settings, job: Job, run_id: int, streams:
     finally:
         stop.set()
         client.close()
-        results.put(WorkerFinal(progress(), tracker.snapshot(), pages.records_missing_key, fetch.retries))
+        results.put(WorkerFinal(progress(), tracker.snapshot(), pages.records_missing_key, fetch.retries,
+                                pages.changes))
 
 
 class ProcessEngine:
     """Starts the workers and yields their messages to the extracting process."""
 
     def __init__(self, settings: Settings, job: Job, run_id: int, streams: Sequence[Stream], *, processes: int,
-                 concurrency: int, track_timestamps: bool, engine: str = "async"):
+                 concurrency: int, track_timestamps: bool, engine: str = "async", watch: ChangeWatch | None = None):
         from producers.rate_limit import SharedRateLimiter
 
         self.ctx = mp.get_context("spawn")
@@ -153,7 +158,7 @@ class ProcessEngine:
         self.procs = [
             self.ctx.Process(target=worker_main, name=f"extract-worker-{k}", daemon=True,
                              args=(k, settings, job, run_id, streams, self.counter, self.results, self.limiter,
-                                   concurrency, self.stop, track_timestamps, engine))
+                                   concurrency, self.stop, track_timestamps, engine, watch))
             for k in range(max(1, processes))
         ]
         self._progress: dict[int, WorkerProgress] = {}

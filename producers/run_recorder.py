@@ -199,9 +199,9 @@ class RunRecorder:
                 f"so every incremental run of job {self.job.id} reads everything (falls back to full) -- set the "
                 f"job's `timestamp_field` in config/jobs.yaml to a field its records have, or `incremental: false`")
         if self.job.asks_per_parent:
-            text += (" -- nor can the `changed` fan-out policy check on them that CC moves the parent when a child "
-                     "changes, so the job asks every parent every night; `fanout_incremental: assumed` in "
-                     "config/jobs.yaml trusts it on your word (docs/extraction.md)")
+            text += (" -- under the `changed` fan-out policy it still asks only changed parents and a sweep slice: "
+                     "its records are compared with staging by content to check that CC moves the parent when "
+                     "a child changes (docs/extraction.md)")
         self.log.warning("incremental_fallback_to_full", field=self.job.timestamp_field, records=pages.records,
                          detail=text)
         return text
@@ -246,35 +246,40 @@ class RunRecorder:
             fan["first_pass"] = {"done": reached == len(vals) and left == 0,
                                  "after": list(vals[reached - 1]) if reached else fan["first_pass"]["after"]}
         pages = driver.pages
-        fan["announced_changes"] = pages.announced_changes
-        fan["unannounced_changes"] = pages.missed_changes
-        if pages.missed_parents:
-            fan["unannounced_parents"] = pages.missed_parents
+        seen = pages.changes
+        fan["announced_changes"] = seen.announced
+        fan["unannounced_changes"] = seen.missed
+        if seen.missed_parents:
+            fan["unannounced_parents"] = seen.missed_parents
         changed_policy = fan.get("policy") in ("changed", "assumed")
-        if pages.missed_changes and changed_policy:
-            FANOUT_UNANNOUNCED.labels(job_id).inc(pages.missed_changes)
-            self.log.warning("fanout_unannounced_changes", changes=pages.missed_changes,
-                             parents=pages.missed_parents, note="changes under parents whose own timestamp did not "
+        if seen.missed and changed_policy:
+            FANOUT_UNANNOUNCED.labels(job_id).inc(seen.missed)
+            self.log.warning("fanout_unannounced_changes", changes=seen.missed,
+                             parents=seen.missed_parents, note="changes under parents whose own timestamp did not "
                              "move: the job asks every parent until a complete run shows CC announces them")
         left = fan.get("budget", {}).get("parents_left", {})
         complete_all = fan.get("asked") in ("all", "guard", "verify") and status == "success" \
             and not any(left.values())
         before = fan.get("assumption", "unverified")
-        if pages.missed_changes:
+        judged = pages.watch is not None and pages.watch.can_judge
+        if seen.missed:
             after = "broken"
-        elif before != "holds" and complete_all and pages.announced_changes:
+        elif before != "holds" and complete_all and seen.announced:
             # every parent asked with its own filter; changes seen, each under a parent marked changed
             after = "holds"
             fan["assumption_evidence"] = "announced"
-        elif before == "unverified" and complete_all and fan.get("asked") == "verify" \
-                and (sibling := self._sibling_evidence(conn)) is not None:
-            # a verification run that saw no change of its own, nothing unannounced, and another
-            # job on the same parents has seen CC announce its children's changes there: trusted on
-            # that evidence (a child collection that rarely changes would otherwise pay a full read
-            # every night); its own sweep keeps checking. A full run or the first pass (no filter:
-            # they cannot tell announced from not) and a quiet guard night prove nothing.
+        elif before == "unverified" and complete_all and fan.get("asked") == "verify" and judged:
+            # a complete verification that saw no change at all: nothing against the assumption, and
+            # nothing for it. Trusted -- its sweep keeps checking every parent once per cycle, and the
+            # first unannounced change it finds sends the job to the guard (a change waits at most
+            # one cycle); otherwise a child collection that rarely changes would pay a full read
+            # every night. Named after a sibling on the same parents that saw CC announce, if any.
+            # A full run or the first pass (no filter: they cannot tell announced from not) and a
+            # quiet guard night (CC was seen not to announce) prove nothing.
             after = "holds"
-            fan["assumption_evidence"] = f"announced on job {sibling} (same parents)"
+            sibling = self._sibling_evidence(conn)
+            fan["assumption_evidence"] = f"announced on job {sibling} (same parents)" if sibling is not None \
+                else "quiet (no change seen on the verification night)"
         else:
             after = before
         fan["assumption_after"] = after

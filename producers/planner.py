@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import quote
 
+import numpy as np
 import psycopg
 from psycopg import sql
 
@@ -26,7 +27,7 @@ from common.logging import get_logger
 from producers import parents as parents_mod
 from producers import watermarks as wm_mod
 from producers.keys import parent_key
-from producers.page_publisher import ChangeWatch
+from producers.page_publisher import ChangeWatch, StagingContent
 from producers.paging import Stream
 from schemas.jobs import PLACEHOLDER_RE, Job
 
@@ -266,20 +267,31 @@ def change_watch(conn: psycopg.Connection, job: Job, plan: RunPlan) -> ChangeWat
     """What an incremental fan-out run judges its records against (the ``changed`` policy's
     evidence), or None for a run that judges nothing (not a fan-out run, or its first pass: every
     record is new there). A job that keeps no watermarks (its endpoint takes no filter, or its records
-    carry no timestamp) is judged by content: staging's hash per record of this job -- one read of
-    its rows, which for such jobs (the patient sub-resources) are few."""
+    carry no timestamp) is judged by content: what staging holds of its records, as fingerprints
+    (:func:`staging_content`)."""
     asked = plan.fanout.get("asked")
     if asked in (None, "first_pass"):
         return None
     watch = ChangeWatch(plan.marked, plan.previous_watermarks)
     if not plan.previous_watermarks:
-        from common.db import staging_table
-
-        rows = conn.execute(sql.SQL(
-            "SELECT source_id, content_hash FROM {} WHERE NOT is_deleted AND etl_job_id = %s").format(
-            staging_table(job.target_table)), (job.id,)).fetchall()
-        watch.hashes = {sid: (h.bytes if h is not None else b"") for sid, h in rows}
+        watch.content = staging_content(conn, job)
     return watch
+
+
+def staging_content(conn: psycopg.Connection, job: Job) -> StagingContent:
+    """Fingerprints of what ``job``'s staging table holds (:class:`StagingContent`), computed by
+    the database: one row scan, 8 bytes a row back."""
+    from common.db import staging_table
+
+    q = sql.SQL("""
+        SELECT coalesce(array_agg(('x' || left(md5(source_id || ':' || content_hash::text), 16))::bit(64)::bigint)
+                          FILTER (WHERE etl_job_id = %(job)s AND content_hash IS NOT NULL), '{{}}'),
+               coalesce(array_agg(('x' || left(md5(source_id), 16))::bit(64)::bigint)
+                          FILTER (WHERE etl_job_id IS DISTINCT FROM %(job)s OR content_hash IS NULL), '{{}}')
+          FROM {} WHERE NOT is_deleted""").format(staging_table(job.target_table))
+    row = conn.execute(q, {"job": job.id}, binary=True).fetchone()
+    assert row is not None
+    return StagingContent(np.sort(np.array(row[0], dtype=np.int64)), np.sort(np.array(row[1], dtype=np.int64)))
 
 
 def resumable(job: Job) -> str | None:

@@ -130,8 +130,8 @@ class Job(BaseModel):
     timestamp_field: str = "modifiedDate"
     incremental: bool | None = None
     #: incremental runs of a parameterized job: ask every parent, or only the changed ones (None = setting);
-    #: ``assumed``: as ``changed``, trusted from the start on the operator's word (for jobs whose records
-    #: carry no timestamp, on which the assumption cannot be checked) -- evidence against still breaks it
+    #: ``assumed``: as ``changed``, trusted from the start on the operator's word (no verification
+    #: night) -- evidence against still breaks it
     fanout_incremental: Literal["all", "changed", "assumed"] | None = None
     #: fan-out jobs: the declared cheaper source, and whether this installation reads it
     list_source: ListSource | None = None

@@ -10,11 +10,11 @@ One embedded stack and simulator (bench.harness), a loader service, then:
 1. ``trialsync doctor --sources``: the cheaper list sources the simulator can be trusted with are
    switched on (``source: list`` in a generated jobs file), as an operator would after the check;
 2. ``trialsync run --all --full``: the first load;
-3. a first night after a 1 % uniform change (``verify``): the ``changed`` fan-out policy trusts its
-   assumption only on evidence, so this night asks every parent and checks that the child changes
-   it finds were announced on their parents -- reported on its own, it is paid once;
-   Fan-out jobs whose records carry no timestamp cannot show the assumption (their runs say so and
-   name ``fanout_incremental: assumed``): the bench sets it for them, as an operator would;
+3. a first night after a 1 % uniform change (``verify``): the ``changed`` fan-out policy checks
+   its assumption before trusting it, so this night asks every parent and sorts the child changes
+   it finds into announced on their parents or not (by timestamp, or by content for jobs without
+   a watermark); a job with nothing unannounced is trusted from then on -- reported on its own,
+   it is paid once;
 4. one night per change model, each after its own ~1 % change (``/_sim/mutate``): ``uniform``
    (1 % of every entity's records, anywhere) and ``realistic`` (days of site activity on active
    studies until 1 % of all records changed), CC moving a parent's timestamp when a child changes
@@ -71,16 +71,6 @@ def write_jobs_file(h: Harness, overrides: dict[int, dict[str, str]]) -> None:
     lines = "".join(f"  {j}: {{{', '.join(f'{k}: {v}' for k, v in o.items())}}}\n" for j, o in sorted(overrides.items()))
     jobs_file.write_text("jobs:\n" + lines if lines else "")
     os.environ["ETL_JOBS_FILE"] = str(jobs_file)
-
-
-def unverifiable(h: Harness, orchestration_id: str) -> list[int]:
-    """Fan-out jobs whose runs warned that their records carry no timestamp, so the `changed`
-    policy's assumption cannot be checked on them (the warning names ``fanout_incremental: assumed``)."""
-    with h.connect() as conn:
-        return [int(r[0]) for r in conn.execute(
-            """SELECT DISTINCT job_id FROM etl.dw_etl_runs WHERE orchestration_id = %s
-                AND run_context->>'warnings' LIKE '%%fanout_incremental: assumed%%' ORDER BY 1""",
-            (orchestration_id,)).fetchall()]
 
 
 def night(h: Harness, args: list[str]) -> dict[str, Any]:
@@ -191,12 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             n["guard_jobs"] = sorted(j for j, v in n["per_job"].items() if (v["fanout"] or {}).get("guard_after"))
             nights[name] = n
             if name == "verify":
-                # as an operator would after reading the warning: trust the jobs whose records cannot
-                # show the assumption (their child models have no timestamp) on CC's behaviour
-                res["assumed"] = unverifiable(h, n["orchestration_id"])
-                write_jobs_file(h, {**{j: {"source": "list"} for j in res["sources"]["trusted"]},
-                                    **{j: {"fanout_incremental": "assumed"} for j in res["assumed"]}})
-                log(f"fanout_incremental: assumed for {res['assumed']}")
+                res["not_trusted_after_verify"] = sorted(
+                    j for j, v in n["per_job"].items() if (v["fanout"] or {}).get("assumption_after") not in
+                    (None, "holds"))
             log(f"  {n['api_calls']} calls ({n['calls_ratio']} of full), {n['wall_s']} s "
                 f"({n['wall_ratio']} of full), exact: {n['reconciliation']['exact']} (but embedded refs: "
                 f"{n['reconciliation']['exact_but_embedded_refs']}), not ok: {sorted(n['not_ok'])}, guard: {n['guard_jobs']}")

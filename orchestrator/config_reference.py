@@ -71,13 +71,15 @@ EXPLAIN: dict[str, str] = {
     "etl_fanout_incremental": "Incremental runs of parameterized (fan-out) jobs: `changed` (default) asks only the "
                               "parents whose own timestamp moved since the job's last complete run, plus a "
                               "rotating sweep slice that also checks the assumption behind it (Clinical Conductor "
-                              "moves a parent's timestamp when a child changes): a job asks every parent until a "
-                              "complete run has seen changes announced (its own, or a job's on the same parents), "
-                              "and a change found under an unmarked parent is counted, alerted on, and sends it "
-                              "back to asking every parent. `all` "
-                              "asks every parent every night (one call each). Per job: "
-                              "`fanout_incremental` in config/jobs.yaml (also `assumed`: trusted without "
-                              "evidence, for jobs whose records carry no timestamp); docs/extraction.md.",
+                              "moves a parent's timestamp when a child changes): a job's first incremental night "
+                              "asks every parent to check it (a change under an unmarked parent -- newer than the "
+                              "parent's watermark, or for jobs without one a different content hash than "
+                              "staging's -- is counted), and a job that saw nothing unannounced is trusted from "
+                              "then on; a change the sweep finds under an unmarked parent is counted, alerted on, "
+                              "and sends the job back to asking every parent until a complete run sees changes "
+                              "announced again. `all` asks every parent every night (one call each). Per job: "
+                              "`fanout_incremental` in config/jobs.yaml (also `assumed`: trusted without the "
+                              "verification night); docs/extraction.md.",
     "etl_fanout_sweep_runs": "With `changed`: the parents are split into N hash slices and each run also asks "
                              "one slice, so a child change the parent did not show is picked up within N runs.",
     "etl_stall_seconds": "A run with no progress for this long (no record read or acknowledged, no API answer) is "

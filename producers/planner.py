@@ -119,9 +119,10 @@ class FanoutHistory:
     first_pass_done: bool = False
     first_pass_after: tuple[str, ...] | None = None
     #: what the job's runs have shown of the assumption the `changed` policy relies on (CC moves a
-    #: parent's timestamp when a child changes): ``unverified`` until a complete run saw child changes
-    #: and every one under a parent marked changed; ``holds``; ``broken`` once a change was found
-    #: under a parent not marked changed (the guard) -- until a complete run shows it holds again
+    #: parent's timestamp when a child changes): ``unverified`` until a complete verification run
+    #: saw nothing unannounced (its changes announced, or none at all); ``holds``; ``broken`` once a
+    #: change was found under a parent not marked changed (the guard) -- until a complete run sees
+    #: changes announced again
     assumption: str = "unverified"
     #: API calls per parent of the last run that asked parents (a parent with many pages costs more)
     calls_per_parent: float = 1.0

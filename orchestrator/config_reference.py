@@ -76,8 +76,8 @@ EXPLAIN: dict[str, str] = {
                               "parent's watermark, or for jobs without one a different content hash than "
                               "staging's -- is counted), and a job that saw nothing unannounced is trusted from "
                               "then on; a change the sweep finds under an unmarked parent is counted, alerted on, "
-                              "and sends the job back to asking every parent until a complete run sees changes "
-                              "announced again. `all` asks every parent every night (one call each). Per job: "
+                              "and sends the job back to asking every parent until a complete run finds nothing "
+                              "unannounced. `all` asks every parent every night (one call each). Per job: "
                               "`fanout_incremental` in config/jobs.yaml (also `assumed`: trusted without the "
                               "verification night); docs/extraction.md.",
     "etl_fanout_sweep_runs": "With `changed`: the parents are split into N hash slices and each run also asks "

@@ -121,8 +121,8 @@ class FanoutHistory:
     #: what the job's runs have shown of the assumption the `changed` policy relies on (CC moves a
     #: parent's timestamp when a child changes): ``unverified`` until a complete verification run
     #: saw nothing unannounced (its changes announced, or none at all); ``holds``; ``broken`` once a
-    #: change was found under a parent not marked changed (the guard) -- until a complete run sees
-    #: changes announced again
+    #: change was found under a parent not marked changed (the guard) -- until a complete run of the
+    #: guard finds nothing unannounced
     assumption: str = "unverified"
     #: API calls per parent of the last run that asked parents (a parent with many pages costs more)
     calls_per_parent: float = 1.0

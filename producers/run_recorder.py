@@ -274,12 +274,18 @@ class RunRecorder:
             # first unannounced change it finds sends the job to the guard (a change waits at most
             # one cycle); otherwise a child collection that rarely changes would pay a full read
             # every night. Named after a sibling on the same parents that saw CC announce, if any.
-            # A full run or the first pass (no filter: they cannot tell announced from not) and a
-            # quiet guard night (CC was seen not to announce) prove nothing.
+            # A full run or the first pass (no filter: they cannot tell announced from not) prove nothing.
             after = "holds"
             sibling = self._sibling_evidence(conn)
             fan["assumption_evidence"] = f"announced on job {sibling} (same parents)" if sibling is not None \
                 else "quiet (no change seen on the verification night)"
+        elif before == "broken" and complete_all and fan.get("asked") == "guard" and judged:
+            # the guard's complete clean sweep: every parent asked, nothing unannounced -- it lifts
+            # (a job that stayed in the guard until CC was seen announcing would, for a child that
+            # rarely changes, pay a full read every night after one stray change). If CC really does
+            # not announce for this job, the sweep finds the next change within one cycle again.
+            after = "holds"
+            fan["assumption_evidence"] = "clean guard night (no change seen)"
         else:
             after = before
         fan["assumption_after"] = after

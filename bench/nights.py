@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             nights[name] = n
             if name == "verify":
                 res["not_trusted_after_verify"] = sorted(
-                    j for j, v in n["per_job"].items() if (v["fanout"] or {}).get("assumption_after") not in
-                    (None, "holds"))
+                    j for j, v in n["per_job"].items() if (v["fanout"] or {}).get("asked")
+                    and v["fanout"].get("assumption_after") != "holds")
             log(f"  {n['api_calls']} calls ({n['calls_ratio']} of full), {n['wall_s']} s "
                 f"({n['wall_ratio']} of full), exact: {n['reconciliation']['exact']} (but embedded refs: "
                 f"{n['reconciliation']['exact_but_embedded_refs']}), not ok: {sorted(n['not_ok'])}, guard: {n['guard_jobs']}")

@@ -18,9 +18,9 @@ The evidence for the ``changed`` fan-out policy (:class:`ChangeWatch`): every re
 parent's watermark is a change since the parent was last read; under a parent marked changed it
 was *announced*, under one not marked changed it was not (the policy would have missed it but for
 the sweep). A job that keeps no watermark (its endpoint takes no filter, or its records carry no
-timestamp) has its records compared by content instead -- a record whose key is not in staging, or whose content hash differs from the
-stored one, changed since the last read. Both are counted per run (``announced_changes``,
-``missed_changes``) for the planner's assumption state.
+timestamp) has its records compared by content instead -- a record whose key is not in staging,
+or whose content hash differs from the stored one, changed since the last read. Both are counted
+per run (``announced_changes``, ``missed_changes``) for the planner's assumption state.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from hashlib import md5, sha256
+from hashlib import md5
 from typing import Any
-from uuid import UUID
 
 import numpy as np
 import orjson
@@ -52,8 +51,13 @@ HEADER_TICK = 0.25
 
 def fingerprint(text: str) -> int:
     """The first 64 bits of MD5 of ``text`` as a signed big-endian integer -- what PostgreSQL's
-    ``('x' || left(md5(text), 16))::bit(64)::bigint`` computes (:func:`StagingContent.load`)."""
+    ``('x' || left(md5(text), 16))::bit(64)::bigint`` computes (``producers.planner.staging_content``)."""
     return int.from_bytes(md5(text.encode(), usedforsecurity=False).digest()[:8], "big", signed=True)
+
+
+def pair_fingerprint(key: str, digest: bytes) -> int:
+    """The fingerprint of a record's key and content hash: ``md5(source_id || ':' || hex)`` in SQL."""
+    return fingerprint(f"{key}:{digest.hex()}")
 
 
 @dataclass
@@ -70,7 +74,7 @@ class StagingContent:
         """How many of these records staging does not hold with this content (new or changed)."""
         if not keys:
             return 0
-        pair = np.fromiter((fingerprint(f"{k}:{UUID(bytes=h)}") for k, h in zip(keys, hashes, strict=True)),
+        pair = np.fromiter((pair_fingerprint(k, h) for k, h in zip(keys, hashes, strict=True)),
                            dtype=np.int64, count=len(keys))
         other = np.fromiter((fingerprint(k) for k in keys), dtype=np.int64, count=len(keys))
         same = _member(self.pairs, pair) | _member(self.others, other)
@@ -170,17 +174,20 @@ class PagePublisher:
         ack: DeliveryTracker | _PageAck = self.tracker
         if self.resume is not None:
             ack = self.resume.page(self.tracker, url, recs)
+        # a run judged by content: the publisher hands out the hashes it computes anyway
+        digests: list[tuple[str, bytes]] | None = [] if self.watch is not None and self.watch.content else None
         if self._parent_of is not None:
             n, missing, stamps, repeats = self._publish_by_parent(recs, ack)
         else:
             n, missing, stamps, repeats = self.publisher.publish_page(
-                self.topic, recs, self.keyfn, stream.params, self._headers(stream.params), ack, self.ts_field)
+                self.topic, recs, self.keyfn, stream.params, self._headers(stream.params), ack, self.ts_field,
+                digests)
         if self.track_timestamps:
             self.records_without_timestamp += n - len(stamps)
         if isinstance(ack, _PageAck):
             ack.published(n, wm_mod.max_timestamp(stamps) if stamps else None)
         if self.watch is not None:
-            self._judge(self.watch, stream, recs, stamps)
+            self._judge(self.watch, stream, stamps, digests)
         read = n + repeats
         self.records += read
         self.records_missing_key += missing
@@ -214,15 +221,16 @@ class PagePublisher:
             stamps.extend(g[2])
         return n, missing, stamps, repeats
 
-    def _judge(self, watch: ChangeWatch, stream: Stream, recs: list[Any], stamps: list[Any]) -> None:
+    def _judge(self, watch: ChangeWatch, stream: Stream, stamps: list[Any],
+               digests: list[tuple[str, bytes]] | None) -> None:
         """Records changed since the parent was last read -- newer than its watermark, or (no
         watermark kept) not in staging with this content -- under a parent marked changed
         (announced) or not (missed but for this read)."""
         wm = watch.watermarks.get(stream.parent_key)
         if wm is not None:
             newer = sum(1 for ts in stamps if (t := wm_mod.parse_timestamp(ts)) is not None and t > wm)
-        elif watch.content is not None:
-            newer = self._changed_content(watch.content, stream, recs)
+        elif watch.content is not None and digests is not None:
+            newer = watch.content.changed([k for k, _ in digests], [h for _, h in digests])
         else:
             return  # never read before: nothing to compare with
         tally = self.changes
@@ -232,19 +240,6 @@ class PagePublisher:
             tally.missed += newer
             if len(tally.missed_parents) < 10 and stream.params:
                 tally.missed_parents.append(dict(stream.params))
-
-    def _changed_content(self, content: StagingContent, stream: Stream, recs: list[Any]) -> int:
-        """Records of a page that staging does not hold with this content: a new key, or another
-        content hash (the loader's: the first 128 bits of SHA-256 of the value as published)."""
-        dumps, keyfn, params = orjson.dumps, self.keyfn, stream.params
-        keys: list[str] = []
-        hashes: list[bytes] = []
-        for rec in recs:
-            key = keyfn(rec, params)
-            if key is not None:
-                keys.append(key)
-                hashes.append(sha256(dumps(rec)).digest()[:16])
-        return content.changed(keys, hashes)
 
     def _headers(self, params: dict[str, str] | None) -> list[tuple[str, bytes]]:
         """The run-wide headers, rebuilt once per tick (``ts-extracted-at`` to 0.25 s), plus the

@@ -285,7 +285,8 @@ def staging_content(conn: psycopg.Connection, job: Job) -> StagingContent:
     from common.db import staging_table
 
     q = sql.SQL("""
-        SELECT coalesce(array_agg(('x' || left(md5(source_id || ':' || content_hash::text), 16))::bit(64)::bigint)
+        SELECT coalesce(array_agg(('x' || left(md5(source_id || ':' || replace(content_hash::text, '-', '')),
+                                             16))::bit(64)::bigint)
                           FILTER (WHERE etl_job_id = %(job)s AND content_hash IS NOT NULL), '{{}}'),
                coalesce(array_agg(('x' || left(md5(source_id), 16))::bit(64)::bigint)
                           FILTER (WHERE etl_job_id IS DISTINCT FROM %(job)s OR content_hash IS NULL), '{{}}')

@@ -202,7 +202,8 @@ class Publisher:
     # -- records ---------------------------------------------------------------------------------
     def publish_page(self, topic: str, records: list[Any], keyfn: KeyFn, params: Mapping[str, Any] | None,
                      base_headers: list[tuple[str, bytes]], tracker: Tracker,
-                     ts_field: str | None = None) -> tuple[int, int, list[Any], int]:
+                     ts_field: str | None = None,
+                     digests: list[tuple[str, bytes]] | None = None) -> tuple[int, int, list[Any], int]:
         """Produce one page of records in a single pass; return (produced, without key, timestamps,
         repeats skipped).
 
@@ -212,8 +213,9 @@ class Publisher:
 
         Value = ``orjson.dumps(record)`` (the raw record); key = ``keyfn(record, params)`` (None =
         null key, the loader dead-letters it); the record's ``ts_field`` value, when present,
-        becomes the ``ts-modified-at`` header and is returned for the watermark. Blocks (polling)
-        while the local queue is full.
+        becomes the ``ts-modified-at`` header and is returned for the watermark. ``digests``, when
+        given, receives (key, content hash) of each keyed record -- the hash the header carries,
+        computed once. Blocks (polling) while the local queue is full.
         """
         produce: Any = self.producer.produce  # (librdkafka types a header list invariantly)
         poll = self.producer.poll
@@ -242,13 +244,17 @@ class Publisher:
                         stamps.append(ts)
                         mod = ts.encode() if type(ts) is str else str(ts).encode()
                 value = dumps(rec)
+                digest = None
                 if shape is not None and (not mod or (b"\t" not in mod and b"\n" not in mod and b"\r" not in mod)):
                     pre, post, extra = shape
-                    headers = [(h_load, pre + mod + post + hexlify(sha256(value).digest()[:16])), *extra]
+                    digest = sha256(value).digest()[:16]
+                    headers = [(h_load, pre + mod + post + hexlify(digest)), *extra]
                 elif mod:
                     headers = [*base_headers, (h_mod, mod)]
                 else:
                     headers = base_headers
+                if digests is not None and key is not None:
+                    digests.append((key, digest if digest is not None else sha256(value).digest()[:16]))
                 while True:
                     try:
                         produce(topic, value, key, headers=headers, on_delivery=tracker)

@@ -268,24 +268,21 @@ class RunRecorder:
             # every parent asked with its own filter; changes seen, each under a parent marked changed
             after = "holds"
             fan["assumption_evidence"] = "announced"
-        elif before == "unverified" and complete_all and fan.get("asked") == "verify" and judged:
-            # a complete verification that saw no change at all: nothing against the assumption, and
-            # nothing for it. Trusted -- its sweep keeps checking every parent once per cycle, and the
-            # first unannounced change it finds sends the job to the guard (a change waits at most
-            # one cycle); otherwise a child collection that rarely changes would pay a full read
-            # every night. Named after a sibling on the same parents that saw CC announce, if any.
-            # A full run or the first pass (no filter: they cannot tell announced from not) prove nothing.
+        elif before != "holds" and complete_all and judged and fan.get("asked") != "all":
+            # a complete clean night -- a verification or the guard, every parent asked, no change
+            # seen at all: nothing against the assumption, nothing for it. Trusted: the sweep keeps
+            # checking every parent once per cycle and the first unannounced change it finds sends
+            # the job back to the guard (a change waits at most one cycle); otherwise a child that
+            # rarely changes would pay a full read every night (after its first pass, or after one
+            # stray change). A full run or the first pass (no filter: they cannot tell announced
+            # from not) prove nothing.
             after = "holds"
-            sibling = self._sibling_evidence(conn)
-            fan["assumption_evidence"] = f"announced on job {sibling} (same parents)" if sibling is not None \
-                else "quiet (no change seen on the verification night)"
-        elif before == "broken" and complete_all and fan.get("asked") == "guard" and judged:
-            # the guard's complete clean sweep: every parent asked, nothing unannounced -- it lifts
-            # (a job that stayed in the guard until CC was seen announcing would, for a child that
-            # rarely changes, pay a full read every night after one stray change). If CC really does
-            # not announce for this job, the sweep finds the next change within one cycle again.
-            after = "holds"
-            fan["assumption_evidence"] = "clean guard night (no change seen)"
+            if before == "broken":
+                fan["assumption_evidence"] = "clean guard night (no change seen)"
+            elif (sibling := self._sibling_evidence(conn)) is not None:
+                fan["assumption_evidence"] = f"announced on job {sibling} (same parents)"
+            else:
+                fan["assumption_evidence"] = "quiet (no change seen on the verification night)"
         else:
             after = before
         fan["assumption_after"] = after

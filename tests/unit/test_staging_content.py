@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from hashlib import sha256
-from uuid import UUID
 
 import numpy as np
 
-from producers.page_publisher import StagingContent, fingerprint
+from producers.page_publisher import StagingContent, fingerprint, pair_fingerprint
 
 
 def _h(text: str) -> bytes:
@@ -15,7 +14,7 @@ def _h(text: str) -> bytes:
 
 
 def _content(mine: dict[str, bytes], others: list[str]) -> StagingContent:
-    pairs = np.sort(np.array([fingerprint(f"{k}:{UUID(bytes=h)}") for k, h in mine.items()], dtype=np.int64))
+    pairs = np.sort(np.array([pair_fingerprint(k, h) for k, h in mine.items()], dtype=np.int64))
     return StagingContent(pairs, np.sort(np.array([fingerprint(k) for k in others], dtype=np.int64)))
 
 
